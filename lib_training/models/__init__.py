@@ -1,0 +1,1 @@
+"""Our own Stable Diffusion model code, in the original (LDM) layout, used without a WebUI."""
