@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny checkpoints of every family, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Paths of tiny random checkpoints: "sd1", "sd2", "sdxl" (seed 0), written on first use."""
+    from lib_training.tiny import make_tiny
+
+    folder = tmp_path_factory.mktemp("tiny")
+    paths: dict[str, Path] = {}
+    for arch in ("sd1", "sd2", "sdxl"):
+        path = folder / f"tiny-{arch}.safetensors"
+        make_tiny(arch, seed=0).save(path)
+        paths[arch] = path
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tiny_checkpoints: dict[str, Path]):
+    from lib_training.standalone import load_model
+
+    return load_model(tiny_checkpoints["sd1"])
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_checkpoints: dict[str, Path]):
+    from lib_training.standalone import load_model
+
+    return load_model(tiny_checkpoints["sdxl"])
