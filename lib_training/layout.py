@@ -29,10 +29,11 @@ class TextEncoderSlot:
     key: str  # "clip_l", "clip_h", "clip_g"
     prefix: str  # where its keys live in the checkpoint
     layout: Literal["hf", "open_clip"]  # how its keys are spelled there
+    position_ids: bool = False  # SD1 files carry HF's int64 `position_ids` buffer [1, 77]; we write it too
 
 
 TEXT_ENCODERS: dict[Arch, tuple[TextEncoderSlot, ...]] = {
-    Arch.SD1: (TextEncoderSlot("clip_l", "cond_stage_model.transformer.", "hf"),),
+    Arch.SD1: (TextEncoderSlot("clip_l", "cond_stage_model.transformer.", "hf", position_ids=True),),
     Arch.SD2: (TextEncoderSlot("clip_h", "cond_stage_model.model.", "open_clip"),),
     Arch.SDXL: (
         TextEncoderSlot("clip_l", "conditioner.embedders.0.transformer.", "hf"),

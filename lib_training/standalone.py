@@ -71,6 +71,9 @@ class StandaloneModel(DiffusionModel):
         for slot, encoder in zip(TEXT_ENCODERS[self.family.arch], self.text_encoders):
             state = encoder.checkpoint_state_dict()  # type: ignore[attr-defined]
             tensors.update({slot.prefix + k: v for k, v in state.items()})
+            if slot.position_ids:
+                positions = torch.arange(encoder.config.context_length, device=self.device)[None]  # type: ignore[attr-defined]
+                tensors[slot.prefix + "text_model.embeddings.position_ids"] = positions
         tensors.update(self.extras)
         if dtype is not None:
             tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}

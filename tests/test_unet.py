@@ -281,3 +281,13 @@ def test_sdxl_unet_requires_vector_conditioning() -> None:
     model = tiny_unet(Arch.SDXL)
     with pytest.raises(ValueError, match="y"):
         model(torch.randn(1, 4, 8, 8), torch.tensor([1]), torch.randn(1, 77, model.config.context_dim))
+
+
+@pytest.mark.parametrize("arch", [Arch.SD1, Arch.SDXL])
+def test_latent_sides_not_divisible_by_the_downsampling_work(arch: Arch) -> None:
+    """Any multiple of 8 pixels is a valid image side: a 6x10 latent comes back as 6x10."""
+    config = UNetConfig.tiny(arch)
+    model = UNetModel(config)
+    y = torch.zeros(1, config.adm_in_channels) if config.adm_in_channels else None
+    out = model(torch.randn(1, 4, 6, 10), torch.tensor([10]), torch.randn(1, 77, config.context_dim), y)
+    assert out.shape == (1, 4, 6, 10)

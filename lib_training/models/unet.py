@@ -221,25 +221,35 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double the resolution (nearest neighbour), then a 3x3 convolution."""
+    """Double the resolution (nearest neighbour), then a 3x3 convolution.
+
+    `size` overrides the doubling, so that a latent whose side is not divisible by the UNet's
+    total downsampling (any multiple of 8 pixels) comes back to the size of its skip connection.
+    """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class TimestepSequential(nn.Sequential):
     """A sequence of layers that hands the time embedding to ResBlocks and the context to transformers."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: Tensor, emb: Tensor, context: Tensor | None = None, size: tuple[int, int] | None = None
+    ) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -343,7 +353,8 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
         return self.out(h)
 
 

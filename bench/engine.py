@@ -1,0 +1,174 @@
+"""UNet forward+backward: our LDM-layout UNet against diffusers' UNet2DConditionModel, same weights.
+
+Each implementation runs in its own subprocess so that peak memory is measured cleanly: on the
+CPU the growth of the peak resident set during the timed steps (VmHWM, reset before them), on a
+GPU torch's peak allocated memory. Prints time per step, peak memory and the ratio ours/diffusers.
+
+    python bench/engine.py                    # SD1.5 structure at width 128, 64x64 latent, CPU
+    python bench/engine.py --device cuda --full --dtype fp16   # full-size SD1.5 on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def worker(args: argparse.Namespace) -> dict[str, float]:
+    import torch
+
+    from lib_training.models.unet import UNetConfig, UNetModel
+    from lib_training.tiny import randomize_weights
+
+    torch.manual_seed(0)
+    config = UNetConfig.sd15() if args.full else replace(UNetConfig.sd15(), model_channels=args.width)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    device = torch.device(args.device)
+
+    ours = UNetModel(config)
+    randomize_weights(ours, torch.Generator().manual_seed(0))
+    if args.impl == "ours":
+        model = ours
+        forward = lambda x, t, c: model(x, t, c)  # noqa: E731
+    else:
+        from diffusers import UNet2DConditionModel
+        from diffusers.loaders.single_file_utils import (
+            convert_ldm_unet_checkpoint,
+            create_unet_diffusers_config_from_ldm,
+        )
+
+        state = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
+        original = {
+            "model": {"params": {"unet_config": {"params": config.ldm_params()}}},
+        }
+        original["model"]["params"]["first_stage_config"] = {
+            "params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}
+        }
+        diffusers_config = create_unet_diffusers_config_from_ldm(original, state)
+        model = UNet2DConditionModel(**diffusers_config)
+        model.load_state_dict(convert_ldm_unet_checkpoint(state, diffusers_config), strict=True)
+        del ours
+        forward = lambda x, t, c: model(x, t, encoder_hidden_states=c).sample  # noqa: E731
+
+    model.to(device=device, dtype=dtype).train()
+    side = args.latent
+    x = torch.randn(args.batch, 4, side, side, device=device, dtype=dtype)
+    c = torch.randn(args.batch, 77, config.context_dim, device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (args.batch,), device=device)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        forward(x, t, c).float().pow(2).mean().backward()
+
+    def saved_for_backward() -> float:
+        return saved_for_backward_bytes(lambda: forward(x, t, c)) / 2**20
+
+    for _ in range(args.warmup):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        model.zero_grad(set_to_none=True)
+        _reset_peak_rss()
+        base = _rss_kib("VmRSS") * 1024
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    return {
+        "step_s": statistics.median(times),
+        "peak_mb": (peak - base) / 2**20,
+        "saved_mb": saved_for_backward(),
+    }
+
+
+def saved_for_backward_bytes(run) -> int:
+    """Bytes of distinct tensors autograd keeps for the backward pass of `run()` (activation memory)."""
+    import torch
+
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(tensor):
+        if tensor.numel() and not isinstance(tensor, torch.nn.Parameter):
+            storage = tensor.untyped_storage()
+            seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(seen.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--full", action="store_true", help="full-size SD1.5 (model_channels 320)")
+    parser.add_argument("--width", type=int, default=128, help="model_channels when not --full (default 128)")
+    parser.add_argument("--latent", type=int, default=32, help="latent side (default 32 = 256 px)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.impl:
+        print(json.dumps(worker(args)))
+        return
+
+    results = {}
+    for impl in ("ours", "diffusers"):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl]
+        # Large allocations through mmap, so that freed memory leaves the resident set at once.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+        results[impl] = json.loads(out.strip().splitlines()[-1])
+    shape = "SD1.5 full size" if args.full else f"SD1.5 structure, width {args.width}"
+    print(
+        f"UNet forward+backward, {shape}, batch {args.batch}, latent {args.latent}x{args.latent}, "
+        f"{args.dtype} on {args.device}, median of {args.iters}"
+    )
+    for impl, r in results.items():
+        print(
+            f"  {impl:9s} {r['step_s'] * 1000:9.1f} ms/step   peak +{r['peak_mb']:8.1f} MiB   "
+            f"saved for backward {r['saved_mb']:8.1f} MiB"
+        )
+    ours, ref = results["ours"], results["diffusers"]
+    print(
+        f"  ratio ours/diffusers: time {ours['step_s'] / ref['step_s']:.3f}, "
+        f"peak memory {ours['peak_mb'] / max(ref['peak_mb'], 1e-9):.3f}, "
+        f"saved for backward {ours['saved_mb'] / ref['saved_mb']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The command line: make-tiny and generate, and how errors reach the user."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lib_training.cli import main
+from lib_training.standalone import load_model
+
+
+def test_make_tiny_writes_a_loadable_checkpoint_of_the_family(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "t.safetensors"
+    assert main(["make-tiny", "--arch", "sdxl", str(out), "--seed", "3"]) == 0
+    assert "tiny random sdxl" in capsys.readouterr().out
+    assert load_model(out).family.name == "sdxl"
+
+
+def test_make_tiny_is_deterministic_in_the_seed(tmp_path: Path) -> None:
+    a, b, c = (tmp_path / f"{n}.safetensors" for n in "abc")
+    main(["make-tiny", "--arch", "sd1", str(a), "--seed", "1"])
+    main(["make-tiny", "--arch", "sd1", str(b), "--seed", "1"])
+    main(["make-tiny", "--arch", "sd1", str(c), "--seed", "2"])
+    tensors = [load_model(p).checkpoint_state_dict() for p in (a, b, c)]
+    assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+    assert not torch.equal(
+        tensors[0]["model.diffusion_model.out.2.weight"], tensors[2]["model.diffusion_model.out.2.weight"]
+    )
+
+
+def test_generate_writes_a_png_of_the_requested_size(tiny_checkpoints, tmp_path: Path) -> None:
+    out = tmp_path / "img.png"
+    code = main(
+        ["generate", "--ckpt", str(tiny_checkpoints["sd1"]), "--prompt", "a cat", "--out", str(out),
+         "--steps", "2", "--width", "64", "--height", "96", "--device", "cpu"]
+    )  # fmt: skip
+    assert code == 0
+    assert Image.open(out).size == (64, 96)
+
+
+def test_user_errors_are_one_line_on_stderr_with_exit_status_2(tmp_path: Path, capsys) -> None:
+    code = main(
+        ["generate", "--ckpt", str(tmp_path / "missing.safetensors"), "--prompt", "x", "--out", "o.png"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: file not found") and "missing.safetensors" in err
+
+
+def test_help_describes_every_option(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--ckpt", "--prompt", "--negative", "--seed", "--steps", "--cfg", "--sampler", "--device"):
+        assert option in text
