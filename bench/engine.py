@@ -63,9 +63,7 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
         original = {
             "model": {"params": {"unet_config": {"params": config.ldm_params()}}},
         }
-        original["model"]["params"]["first_stage_config"] = {
-            "params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}
-        }
+        original["model"]["params"]["first_stage_config"] = {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}
         diffusers_config = create_unet_diffusers_config_from_ldm(original, state)
         model = UNet2DConditionModel(**diffusers_config)
         model.load_state_dict(convert_ldm_unet_checkpoint(state, diffusers_config), strict=True)
@@ -128,9 +126,7 @@ def saved_for_backward_bytes(run) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     parser.add_argument("--full", action="store_true", help="full-size SD1.5 (model_channels 320)")

@@ -104,9 +104,7 @@ class SafetensorsSource(TensorSource):
     def dtype(self, key: str) -> torch.dtype:
         name = self._header[key]["dtype"]
         if name not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(
-                f"{self.path.name}: tensor {key!r} has dtype {name}, which is not supported"
-            )
+            raise CheckpointError(f"{self.path.name}: tensor {key!r} has dtype {name}, which is not supported")
         return _SAFETENSORS_DTYPES[name]
 
     def get(self, key: str) -> Tensor:
@@ -162,9 +160,7 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(
-            f"{path.name} is not a valid safetensors file: its header is not JSON"
-        ) from error
+        raise CheckpointError(f"{path.name} is not a valid safetensors file: its header is not JSON") from error
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name} is not a valid safetensors file: its header is not a JSON object")
     end = 0
@@ -200,7 +196,8 @@ def _harmless_globals() -> list[Any]:
     import numpy as np
 
     scalar = (getattr(np, "_core", None) or np.core).multiarray.scalar
-    allowed: list[Any] = [_LightningCheckpointStub, np.dtype]
+    # nn.ParameterDict: how the original textual-inversion code stored `string_to_param`.
+    allowed: list[Any] = [_LightningCheckpointStub, np.dtype, torch.nn.ParameterDict]
     # numpy 1 pickles name it numpy.core..., numpy 2 pickles numpy._core...
     allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
     allowed += [type(np.dtype(name)) for name in ("float16", "float32", "float64", "int32", "int64", "bool")]
@@ -221,7 +218,7 @@ def _torch_load_safely(path: Path) -> Any:
 def _flatten(obj: Any, prefix: str, tensors: dict[str, Tensor], extras: dict[str, Any]) -> None:
     if isinstance(obj, Tensor):
         tensors[prefix] = obj
-    elif isinstance(obj, Mapping):
+    elif isinstance(obj, (Mapping, torch.nn.ParameterDict)):
         for key, value in obj.items():
             _flatten(value, f"{prefix}.{key}" if prefix else str(key), tensors, extras)
     elif isinstance(obj, (list, tuple)) and any(isinstance(v, (Tensor, Mapping)) for v in obj):

@@ -54,6 +54,74 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
+def _add_train_parsers(commands: argparse._SubParsersAction) -> None:
+    from lib_training.dataset import DatasetConfig
+    from lib_training.methods.embedding import EmbeddingConfig
+    from lib_training.options import add_arguments
+    from lib_training.training.config import LoopConfig
+
+    train = commands.add_parser("train", help="train an embedding (more methods to come)")
+    methods = train.add_subparsers(dest="method", required=True, metavar="METHOD")
+    embedding = methods.add_parser(
+        "embedding",
+        help="textual inversion (SD1, SD2, SDXL)",
+        description="Train a textual-inversion embedding on a checkpoint; writes OUT/NAME.safetensors.",
+    )
+    run = embedding.add_argument_group("model and output")
+    run.add_argument("--ckpt", type=Path, required=True, help="checkpoint to train on (.safetensors or .ckpt)")
+    run.add_argument("--out", type=Path, required=True, help="output folder")
+    run.add_argument("--resume", action="store_true", help="continue the run saved in the output folder")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    run.add_argument("--dtype", default="auto", help="weights' dtype: auto, fp32, fp16 or bf16 (default auto)")
+    add_arguments(embedding.add_argument_group("embedding"), EmbeddingConfig)
+    add_arguments(embedding.add_argument_group("dataset"), DatasetConfig)
+    add_arguments(embedding.add_argument_group("training"), LoopConfig)
+    embedding.set_defaults(run=_cmd_train_embedding)
+
+
+def _cmd_train_embedding(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from lib_training.dataset import DatasetConfig
+    from lib_training.devices import pick_device, pick_dtype
+    from lib_training.methods.embedding import EmbeddingConfig, EmbeddingMethod
+    from lib_training.options import from_namespace
+    from lib_training.standalone import load_model
+    from lib_training.training.config import LoopConfig
+    from lib_training.training.run import prepare_dataset, train
+
+    method_config = from_namespace(EmbeddingConfig, args)
+    data = from_namespace(DatasetConfig, args)
+    loop = from_namespace(LoopConfig, args)
+    method = EmbeddingMethod(method_config)
+    dataset = prepare_dataset(method, data, loop)
+    print(dataset.summary(batch_size=loop.batch_size))
+    device = pick_device(args.device)
+    model = load_model(args.ckpt, device=device, dtype=pick_dtype(args.dtype, device))
+    print(f"model: {args.ckpt} ({model.family.describe()}) on {device}")
+
+    bar = tqdm(total=loop.steps, unit="step", dynamic_ncols=True)
+
+    def on_progress(progress) -> None:
+        if progress.phase == "training":
+            bar.total = progress.total
+            bar.n = progress.step
+            bar.set_postfix(loss=f"{progress.loss:.4f}", lr=f"{progress.lr:.2g}")
+            bar.refresh()
+        else:
+            bar.set_description(progress.phase)
+
+    try:
+        result = train(
+            model, method, dataset, loop, args.out, overwrite=method_config.overwrite, resume=args.resume,
+            settings={"method": vars(method_config), "ckpt": str(args.ckpt)}, on_progress=on_progress,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    state = "interrupted" if result.interrupted else "finished"
+    print(f"{state} after {result.step} steps; wrote {result.result}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lib_training", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -87,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     gen.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16 (default auto)")
     gen.set_defaults(run=_cmd_generate)
+
+    _add_train_parsers(commands)
     return parser
 
 

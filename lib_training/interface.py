@@ -72,9 +72,7 @@ class LatentDistribution:
 
     def sample(self, generator: torch.Generator | None = None) -> Tensor:
         std = torch.exp(0.5 * self.logvar.clamp(-30.0, 20.0))
-        noise = torch.randn(
-            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
-        )
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + std * noise
 
 
@@ -147,14 +145,19 @@ class DiffusionModel:
     vae_dtype: torch.dtype | None = None  # SDXL's VAE overflows in fp16; adapters may keep it in fp32
     modules: dict[str, nn.Module] = field(default_factory=dict)  # named torch modules, for hashing/freezing
 
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute activations in the backward pass (less memory). Adapters that can, override this."""
+        if enabled:
+            from lib_training.errors import ConfigError
+
+            raise ConfigError("gradient checkpointing is not available for this model")
+
     # --- text -----------------------------------------------------------------------------
     def text_encoder(self, key: str) -> TextEncoder:
         for encoder in self.text_encoders:
             if encoder.key == key:
                 return encoder
-        raise KeyError(
-            f"this model has no text encoder {key!r} (it has {[e.key for e in self.text_encoders]})"
-        )
+        raise KeyError(f"this model has no text encoder {key!r} (it has {[e.key for e in self.text_encoders]})")
 
     def encode_prompts(
         self,
@@ -172,9 +175,7 @@ class DiffusionModel:
         from lib_training.prompt import count_chunks, encode_with_encoder
 
         embeddings = embeddings or {}
-        chunks = max(
-            min_chunks, *(count_chunks(prompts, e.tokenizer, embeddings) for e in self.text_encoders)
-        )
+        chunks = max(min_chunks, *(count_chunks(prompts, e.tokenizer, embeddings) for e in self.text_encoders))
         outputs = [encode_with_encoder(e, prompts, embeddings, chunks) for e in self.text_encoders]
         context = torch.cat([out.hidden for out in outputs], dim=-1)
         if not self.family.is_sdxl:
@@ -187,9 +188,7 @@ class DiffusionModel:
             sizes = [SizeConditioning((side, side))] * len(prompts)
         return Conditioning(context, self.size_vector(pooled, sizes), pooled)
 
-    def count_chunks(
-        self, prompts: Sequence[str], embeddings: Mapping[str, EmbeddingVectors] | None = None
-    ) -> int:
+    def count_chunks(self, prompts: Sequence[str], embeddings: Mapping[str, EmbeddingVectors] | None = None) -> int:
         """75-token chunks the longest prompt needs (to encode a prompt and its negative alike)."""
         from lib_training.prompt import count_chunks
 
@@ -197,9 +196,7 @@ class DiffusionModel:
 
     def size_vector(self, pooled: Tensor, sizes: Sequence[SizeConditioning]) -> Tensor:
         """SDXL's y: [B, P + 6 * 256] = pooled text embedding, then the embedded sizes."""
-        values = torch.tensor(
-            [s.values() for s in sizes], dtype=torch.float32, device=pooled.device
-        )  # [B, 6]
+        values = torch.tensor([s.values() for s in sizes], dtype=torch.float32, device=pooled.device)  # [B, 6]
         embedded = timestep_embedding(values.flatten(), SIZE_EMBED_DIM).reshape(len(sizes), -1)
         return torch.cat([pooled.float(), embedded], dim=-1).to(pooled.dtype)
 
@@ -225,9 +222,7 @@ class DiffusionModel:
         return images.float().clamp(-1.0, 1.0)
 
     # --- denoising ------------------------------------------------------------------------
-    def predict(
-        self, x_t: Tensor, timesteps: Tensor, cond: Conditioning, image_cond: Tensor | None = None
-    ) -> Tensor:
+    def predict(self, x_t: Tensor, timesteps: Tensor, cond: Conditioning, image_cond: Tensor | None = None) -> Tensor:
         """UNet output for x_t [B, 4, h, w] at integer timesteps [B] under `cond`.
 
         Inpainting (9-channel) and instruct-pix2pix (8-channel) UNets take `image_cond` [B, 5 or 4,

@@ -82,9 +82,7 @@ def with_text_model_prefix(part: Mapping[str, V]) -> dict[str, V]:
 
 def _looks_like(keys: list[str]) -> str | None:
     """What a file that is not a full checkpoint looks like, in words, or None."""
-    if any(
-        k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) or ".lora_down." in k for k in keys
-    ):
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) or ".lora_down." in k for k in keys):
         return (
             "a LoRA (keys like 'lora_unet_…'), not a checkpoint. Load a full model checkpoint; use the LoRA "
             "with <lora:name:weight> in a prompt, or bake it into a checkpoint in the Merge tab"
@@ -93,9 +91,7 @@ def _looks_like(keys: list[str]) -> str | None:
         return "a textual-inversion embedding, not a checkpoint. Put it in the embeddings folder"
     if any(re.match(r"^\d+\.\d\.linear\.\d+\.(weight|bias)$", k) for k in keys):
         return "a hypernetwork, not a checkpoint. Put it in the hypernetworks folder"
-    if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys) and not any(
-        k.startswith("model.") for k in keys
-    ):
+    if any(k.startswith(("down_blocks.", "conv_in.")) for k in keys) and not any(k.startswith("model.") for k in keys):
         return (
             "a diffusers-format model part (keys like 'down_blocks.0…'), not a single-file checkpoint. "
             "Use the single-file .safetensors of the model"
@@ -140,9 +136,7 @@ def detect_family(shapes: Shapes, metadata: Mapping[str, str], name: str) -> Mod
         )
 
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
-        raise CheckpointError(
-            f"{name} is an SDXL refiner; only base models (SD1, SD2, SDXL base) can be trained"
-        )
+        raise CheckpointError(f"{name} is an SDXL refiner; only base models (SD1, SD2, SDXL base) can be trained")
     arch = _arch_from_text_encoders(keys)
     if arch is None:
         raise CheckpointError(

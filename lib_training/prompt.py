@@ -55,9 +55,7 @@ class _Piece:
     embedding: str | None = None
 
 
-def _find_embeddings(
-    tokens: list[int], patterns: Mapping[str, list[int]], lengths: Mapping[str, int]
-) -> list[_Piece]:
+def _find_embeddings(tokens: list[int], patterns: Mapping[str, list[int]], lengths: Mapping[str, int]) -> list[_Piece]:
     """Split a token list into plain tokens and embedding occurrences (longest name first)."""
     by_first: dict[int, list[tuple[str, list[int]]]] = {}
     for name, pattern in patterns.items():
@@ -70,11 +68,7 @@ def _find_embeddings(
     i = 0
     while i < len(tokens):
         match = next(
-            (
-                name
-                for name, pattern in by_first.get(tokens[i], [])
-                if tokens[i : i + len(pattern)] == pattern
-            ),
+            (name for name, pattern in by_first.get(tokens[i], []) if tokens[i : i + len(pattern)] == pattern),
             None,
         )
         if match is None:
@@ -103,9 +97,7 @@ def _split_chunks(pieces: list[_Piece], comma_id: int | None) -> list[list[_Piec
             current = current[cut:]
             used = sum(p.length for p in current)
         if piece.length > CHUNK_TOKENS:
-            raise ValueError(
-                f"embedding {piece.embedding!r} has {piece.length} vectors; at most {CHUNK_TOKENS} fit"
-            )
+            raise ValueError(f"embedding {piece.embedding!r} has {piece.length} vectors; at most {CHUNK_TOKENS} fit")
         current.append(piece)
         used += piece.length
     if current or not chunks:
@@ -131,8 +123,7 @@ def tokenize(
     comma_id = comma[0] if len(comma) == 1 else None
 
     per_prompt = [
-        _split_chunks(_find_embeddings(tokenizer.encode(p), patterns, embedding_lengths), comma_id)
-        for p in prompts
+        _split_chunks(_find_embeddings(tokenizer.encode(p), patterns, embedding_lengths), comma_id) for p in prompts
     ]
     n_chunks = max([min_chunks, *(len(c) for c in per_prompt)])
     ids = torch.full((len(prompts), n_chunks, CONTEXT_TOKENS), tokenizer.pad_id, dtype=torch.long)
@@ -188,9 +179,7 @@ def encode_with_encoder(
     return TextEncoderOutput(hidden, pooled)
 
 
-def count_chunks(
-    prompts: Sequence[str], tokenizer: Tokenizer, embeddings: Mapping[str, EmbeddingVectors]
-) -> int:
+def count_chunks(prompts: Sequence[str], tokenizer: Tokenizer, embeddings: Mapping[str, EmbeddingVectors]) -> int:
     """How many chunks the longest of `prompts` needs (embedding lengths taken from any encoder)."""
     lengths = {name: next(iter(vectors.values())).shape[0] for name, vectors in embeddings.items()}
     return tokenize(prompts, tokenizer, lengths).chunks
@@ -198,7 +187,5 @@ def count_chunks(
 
 def _vector_count(vectors: EmbeddingVectors, key: str, name: str) -> int:
     if key not in vectors:
-        raise KeyError(
-            f"embedding {name!r} has no vectors for text encoder {key!r} (it has {sorted(vectors)})"
-        )
+        raise KeyError(f"embedding {name!r} has no vectors for text encoder {key!r} (it has {sorted(vectors)})")
     return int(vectors[key].shape[0])

@@ -38,9 +38,7 @@ class SampleSettings:
         if self.steps < 1:
             raise ConfigError(f"steps must be at least 1 (got {self.steps})")
         if self.width % LATENT_FACTOR or self.height % LATENT_FACTOR:
-            raise ConfigError(
-                f"width and height must be multiples of {LATENT_FACTOR} (got {self.width}x{self.height})"
-            )
+            raise ConfigError(f"width and height must be multiples of {LATENT_FACTOR} (got {self.width}x{self.height})")
 
 
 def spaced_timesteps(num_train_steps: int, steps: int) -> Tensor:

@@ -126,9 +126,7 @@ def assemble(
     )
 
 
-def _tensors(
-    source: TensorSource, prefix: str, keys: Mapping[str, object], device: torch.device, dtype: torch.dtype
-):
+def _tensors(source: TensorSource, prefix: str, keys: Mapping[str, object], device: torch.device, dtype: torch.dtype):
     """The tensors of one component, prefix stripped, floats converted to `dtype` on `device`."""
     out: dict[str, Tensor] = {}
     for key in keys:
@@ -172,9 +170,7 @@ def load_model(
                 for slot, preset in zip(TEXT_ENCODERS[family.arch], TextEncoderConfig.for_arch(family.arch))
             ]
         unet.load_state_dict(_tensors(source, UNET_PREFIX, parts["unet"], device, dtype), assign=True)
-        vae_state = normalize_vae_state_dict(
-            _tensors(source, VAE_PREFIX, parts["vae"], device, vae_dtype or dtype)
-        )
+        vae_state = normalize_vae_state_dict(_tensors(source, VAE_PREFIX, parts["vae"], device, vae_dtype or dtype))
         vae.load_state_dict(vae_state, assign=True)
         for slot, encoder in zip(TEXT_ENCODERS[family.arch], encoders):
             state = _tensors(source, slot.prefix, parts[slot.key], device, dtype)

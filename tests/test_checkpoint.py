@@ -95,9 +95,7 @@ def test_ckpt_with_nested_state_dict_is_unwrapped_and_flattened(tmp_path: Path) 
 def test_pt_embedding_flattens_to_dotted_keys_and_keeps_extras(tmp_path: Path) -> None:
     path = tmp_path / "emb.pt"
     vectors = torch.randn(2, 768)
-    torch.save(
-        {"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "emb", "step": 5}, path
-    )
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": "emb", "step": 5}, path)
     with open_tensors(path) as source:
         assert source.keys() == ["string_to_param.*"]
         assert source.extras["name"] == "emb"
@@ -196,9 +194,7 @@ def test_unknown_layout_lists_the_keys_found() -> None:
 
 def test_flux_is_refused_by_name() -> None:
     with pytest.raises(CheckpointError, match="Flux"):
-        detect_family(
-            {"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (9, 3)}, {}, "flux.safetensors"
-        )
+        detect_family({"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (9, 3)}, {}, "flux.safetensors")
 
 
 def test_checkpoint_without_vae_says_so() -> None:

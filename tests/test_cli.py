@@ -42,9 +42,7 @@ def test_generate_writes_a_png_of_the_requested_size(tiny_checkpoints, tmp_path:
 
 
 def test_user_errors_are_one_line_on_stderr_with_exit_status_2(tmp_path: Path, capsys) -> None:
-    code = main(
-        ["generate", "--ckpt", str(tmp_path / "missing.safetensors"), "--prompt", "x", "--out", "o.png"]
-    )
+    code = main(["generate", "--ckpt", str(tmp_path / "missing.safetensors"), "--prompt", "x", "--out", "o.png"])
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: file not found") and "missing.safetensors" in err

@@ -94,9 +94,7 @@ def test_non_image_files_are_ignored_but_counted(tmp_path):
 
 def test_prompt_fills_name_and_filewords(tmp_path):
     make_image(tmp_path / "a dog.png")
-    ds = dataset(
-        tmp_path, name="mytoken", template=write_template(tmp_path, "a photo of [name], [filewords]")
-    )
+    ds = dataset(tmp_path, name="mytoken", template=write_template(tmp_path, "a photo of [name], [filewords]"))
     assert ds.sample(0, epoch=0, load_image=False).prompt == "a photo of mytoken, a dog"
 
 

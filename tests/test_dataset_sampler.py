@@ -85,9 +85,7 @@ def test_resumed_sampler_continues_with_identical_batches():
 
 
 def _dataset(folder: Path) -> TrainingDataset:
-    (folder / "t.txt").write_text(
-        "[name], [filewords]\na photo of [name] with [filewords]\n", encoding="utf-8"
-    )
+    (folder / "t.txt").write_text("[name], [filewords]\na photo of [name] with [filewords]\n", encoding="utf-8")
     config = DatasetConfig(
         folder / "images",
         size=64,

@@ -68,9 +68,7 @@ def test_fill_batches_by_resolution_and_reports_progress(tmp_path):
     vae = FakeVAE()
     cache = LatentCache(vae, "vae-a")
     views = [square_view(make_image(tmp_path / f"s{i}.png", (50 * i, 0, 0)), 64) for i in range(3)]
-    views += [
-        square_view(make_image(tmp_path / f"b{i}.png", (0, 50 * i, 0), 128, 128), 128) for i in range(2)
-    ]
+    views += [square_view(make_image(tmp_path / f"b{i}.png", (0, 50 * i, 0), 128, 128), 128) for i in range(2)]
     progress = []
     cache.fill(views, load_image, batch_size=2, progress=lambda done, total: progress.append((done, total)))
     assert sorted(vae.calls) == [(1, 3, 64, 64), (2, 3, 64, 64), (2, 3, 128, 128)]
@@ -279,6 +277,4 @@ def test_random_mode_draws_fresh_reproducible_samples_each_step(filled):
     assert not torch.equal(step1, step2)
     assert torch.equal(step1, LatentSampler("random", seed=1)(cache, views, step=1))
     mean = LatentSampler("mean")(cache, views, step=1)
-    assert (
-        abs((step1 - mean).std().item() - float(torch.exp(torch.tensor(-1.0)))) < 0.1
-    )  # std = exp(logvar/2)
+    assert abs((step1 - mean).std().item() - float(torch.exp(torch.tensor(-1.0)))) < 0.1  # std = exp(logvar/2)

@@ -50,9 +50,7 @@ def test_one_ddim_step_returns_the_predicted_clean_latent(tiny_sd1) -> None:
 def test_sdxl_generation_conditions_on_the_requested_size(tiny_sdxl, monkeypatch) -> None:
     seen = []
     original = tiny_sdxl.size_vector
-    monkeypatch.setattr(
-        tiny_sdxl, "size_vector", lambda pooled, sizes: seen.extend(sizes) or original(pooled, sizes)
-    )
+    monkeypatch.setattr(tiny_sdxl, "size_vector", lambda pooled, sizes: seen.extend(sizes) or original(pooled, sizes))
     sample_latents(tiny_sdxl, SampleSettings("a cat", width=64, height=48, steps=1))
     assert {s.values() for s in seen} == {(48, 64, 0, 0, 48, 64)}
 

@@ -60,9 +60,7 @@ def test_fp16_checkpoint_loads_in_the_requested_dtype(tiny_checkpoints, tmp_path
     assert model.dtype == torch.bfloat16
 
 
-def test_ckpt_with_nested_state_dict_and_ema_loads_like_the_safetensors(
-    tiny_checkpoints, tmp_path: Path
-) -> None:
+def test_ckpt_with_nested_state_dict_and_ema_loads_like_the_safetensors(tiny_checkpoints, tmp_path: Path) -> None:
     tensors = _file_tensors(tiny_checkpoints["sd1"])
     ema = {"model_ema.decay": torch.tensor(0.999), "model_ema.num_updates": torch.tensor(10)}
     ckpt = tmp_path / "model.ckpt"
@@ -75,19 +73,14 @@ def test_ckpt_with_nested_state_dict_and_ema_loads_like_the_safetensors(
 def test_old_sd1_clip_keys_without_text_model_prefix_load(tiny_checkpoints, tmp_path: Path) -> None:
     prefix = "cond_stage_model.transformer.text_model."
     tensors = {
-        k.replace(prefix, "cond_stage_model.transformer."): v
-        for k, v in _file_tensors(tiny_checkpoints["sd1"]).items()
+        k.replace(prefix, "cond_stage_model.transformer."): v for k, v in _file_tensors(tiny_checkpoints["sd1"]).items()
     }
     old = tmp_path / "old.safetensors"
     save_safetensors(old, tensors)
     reference = load_model(tiny_checkpoints["sd1"])
     loaded = load_model(old)
     ids = torch.tensor([[49406, 320, 1125, 49407] + [49407] * 73])
-    a = (
-        reference.text_encoders[0]
-        .encode_embeddings(reference.text_encoders[0].token_embedding(ids), ids)
-        .hidden
-    )
+    a = reference.text_encoders[0].encode_embeddings(reference.text_encoders[0].token_embedding(ids), ids).hidden
     b = loaded.text_encoders[0].encode_embeddings(loaded.text_encoders[0].token_embedding(ids), ids).hidden
     assert torch.equal(a, b)
 

@@ -84,9 +84,7 @@ def meta_encoder(config: TextEncoderConfig) -> ClipTextEncoder:
         return ClipTextEncoder(config)
 
 
-def meta_reference(
-    cls: type[CLIPTextModel | CLIPTextModelWithProjection], config: CLIPTextConfig
-) -> nn.Module:
+def meta_reference(cls: type[CLIPTextModel | CLIPTextModelWithProjection], config: CLIPTextConfig) -> nn.Module:
     with torch.device("meta"):
         return cls(config)
 
@@ -265,9 +263,7 @@ def test_encode_embeddings_uses_the_given_vectors_not_the_ids() -> None:
     assert max_diff(placed, encoder(ids).hidden) < 1e-6
 
 
-@pytest.mark.parametrize(
-    "config", [TextEncoderConfig.clip_l_sd1(tiny=True), TextEncoderConfig.clip_g_sdxl(tiny=True)]
-)
+@pytest.mark.parametrize("config", [TextEncoderConfig.clip_l_sd1(tiny=True), TextEncoderConfig.clip_g_sdxl(tiny=True)])
 def test_gradients_flow_to_embeds(config: TextEncoderConfig) -> None:
     encoder = tiny_encoder(config).requires_grad_(False)
     ids = token_ids(encoder.tokenizer, PROMPTS[:2])
@@ -360,9 +356,7 @@ def test_hf_round_trip_is_the_identity() -> None:
     ],
     ids=["sd2_clip_h", "sdxl_clip_g"],
 )
-def test_open_clip_towers_have_the_parameters_of_their_structure(
-    config: TextEncoderConfig, parameters: int
-) -> None:
+def test_open_clip_towers_have_the_parameters_of_their_structure(config: TextEncoderConfig, parameters: int) -> None:
     encoder = meta_encoder(config)
     assert parameter_count(encoder) == clip_text_parameters(config) == parameters
 
@@ -376,9 +370,7 @@ def test_diffusers_consumes_every_used_key_of_full_size_sd2() -> None:
     encoder = meta_encoder(TextEncoderConfig.clip_h_sd2())
     reference = meta_reference(CLIPTextModel, hf_config(encoder.config, layers=23))
     converted = diffusers_conversion(encoder, SD2_PREFIX, reference)
-    assert {k: v.shape for k, v in converted.items()} == {
-        k: v.shape for k, v in reference.state_dict().items()
-    }
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in reference.state_dict().items()}
     ours = encoder.state_dict()
     unused = {k: v for k, v in ours.items() if k.startswith("transformer.resblocks.23.")}
     unused |= {"text_projection": ours["text_projection"], "logit_scale": ours["logit_scale"]}
@@ -389,9 +381,7 @@ def test_diffusers_consumes_every_key_of_full_size_sdxl_clip_g() -> None:
     encoder = meta_encoder(TextEncoderConfig.clip_g_sdxl())
     reference = meta_reference(CLIPTextModelWithProjection, hf_config(encoder.config))
     converted = diffusers_conversion(encoder, SDXL_G_PREFIX, reference)
-    assert {k: v.shape for k, v in converted.items()} == {
-        k: v.shape for k, v in reference.state_dict().items()
-    }
+    assert {k: v.shape for k, v in converted.items()} == {k: v.shape for k, v in reference.state_dict().items()}
     ours = encoder.state_dict()
     assert numel(converted) == numel(ours) - ours["logit_scale"].numel()  # the CLIP temperature
 
@@ -415,17 +405,13 @@ def test_for_arch_lists_each_familys_encoders_in_checkpoint_order() -> None:
 
 
 def test_config_from_shapes_rejects_keys_of_another_layout() -> None:
-    open_clip_shapes = {
-        k: tuple(v.shape) for k, v in meta_encoder(TextEncoderConfig.clip_h_sd2()).state_dict().items()
-    }
+    open_clip_shapes = {k: tuple(v.shape) for k, v in meta_encoder(TextEncoderConfig.clip_h_sd2()).state_dict().items()}
     with pytest.raises(CheckpointError, match="unexpected key"):
         text_encoder_config_from_shapes(open_clip_shapes, TextEncoderConfig.clip_l_sd1())
 
 
 def test_config_from_shapes_requires_the_projection_of_a_pooled_encoder() -> None:
-    shapes = {
-        k: tuple(v.shape) for k, v in meta_encoder(TextEncoderConfig.clip_g_sdxl()).state_dict().items()
-    }
+    shapes = {k: tuple(v.shape) for k, v in meta_encoder(TextEncoderConfig.clip_g_sdxl()).state_dict().items()}
     del shapes["text_projection"]
     with pytest.raises(CheckpointError, match="text_projection"):
         text_encoder_config_from_shapes(shapes, TextEncoderConfig.clip_g_sdxl())

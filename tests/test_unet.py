@@ -88,9 +88,7 @@ def test_unet_matches_diffusers_for_tiny_model(arch: Arch) -> None:
     added_cond_kwargs = None
     if config.adm_in_channels is not None:
         pooled = torch.randn(2, config.adm_in_channels - 6 * SIZE_EMBED_DIM, generator=gen)
-        time_ids = torch.tensor(
-            [[1024.0, 768.0, 0.0, 32.0, 1024.0, 1024.0], [512.0, 512.0, 16.0, 0.0, 640.0, 512.0]]
-        )
+        time_ids = torch.tensor([[1024.0, 768.0, 0.0, 32.0, 1024.0, 1024.0], [512.0, 512.0, 16.0, 0.0, 640.0, 512.0]])
         y = sdxl_vector(pooled, time_ids)
         added_cond_kwargs = {"text_embeds": pooled, "time_ids": time_ids}
 
@@ -146,9 +144,7 @@ def test_full_size_unet_has_real_checkpoint_key(preset: str, key: str, shape: tu
 
 def test_sdxl_unet_has_no_attention_at_full_resolution() -> None:
     state = meta_unet(UNetConfig.sdxl_base()).state_dict()
-    assert not any(
-        key.startswith(("input_blocks.1.1.", "input_blocks.2.1.", "output_blocks.8.1.")) for key in state
-    )
+    assert not any(key.startswith(("input_blocks.1.1.", "input_blocks.2.1.", "output_blocks.8.1.")) for key in state)
     assert "input_blocks.9.0.in_layers.2.weight" not in state  # three levels: 8 input blocks after conv_in
 
 
@@ -197,9 +193,7 @@ def test_config_from_shapes_rejects_unrelated_keys() -> None:
 
 
 def test_config_from_shapes_rejects_truncated_unet() -> None:
-    shapes = {
-        k: v for k, v in shapes_of(UNetConfig.tiny(Arch.SD1)).items() if not k.startswith("output_blocks")
-    }
+    shapes = {k: v for k, v in shapes_of(UNetConfig.tiny(Arch.SD1)).items() if not k.startswith("output_blocks")}
     with pytest.raises(CheckpointError, match="output_blocks"):
         unet_config_from_shapes(shapes, Arch.SD1)
 
@@ -239,9 +233,7 @@ def test_gradient_checkpointing_recomputes_blocks_in_backward() -> None:
     res_block, transformer = block[0], block[1]
     assert isinstance(res_block, ResBlock)
     res_block.in_layers.register_forward_hook(lambda *_: calls.__setitem__("res", calls["res"] + 1))
-    transformer.norm.register_forward_hook(
-        lambda *_: calls.__setitem__("transformer", calls["transformer"] + 1)
-    )
+    transformer.norm.register_forward_hook(lambda *_: calls.__setitem__("transformer", calls["transformer"] + 1))
 
     model.set_gradient_checkpointing(True)
     loss_and_grads(model)

@@ -183,9 +183,7 @@ def test_config_from_shapes_rejects_a_wrong_shape() -> None:
 def test_normalized_linear_attention_weights_load_and_give_the_same_output() -> None:
     model = tiny_vae()
     linear = {
-        key: value.flatten(1)
-        if ".attn_1." in key and key.endswith(("q.weight", "k.weight", "v.weight"))
-        else value
+        key: value.flatten(1) if ".attn_1." in key and key.endswith(("q.weight", "k.weight", "v.weight")) else value
         for key, value in model.state_dict().items()
     }
     linear["encoder.mid.attn_1.proj_out.weight"] = linear["encoder.mid.attn_1.proj_out.weight"].flatten(1)

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 BUCKET_STEP = 64
 
 
-def bucket_resolutions(
-    size: int, min_side: int, max_side: int, step: int = BUCKET_STEP
-) -> list[tuple[int, int]]:
+def bucket_resolutions(size: int, min_side: int, max_side: int, step: int = BUCKET_STEP) -> list[tuple[int, int]]:
     """All buckets (h, w) for area size*size, sorted by aspect ratio w/h (tall first).
 
     For every side length the other side is the largest multiple of `step` keeping the area within

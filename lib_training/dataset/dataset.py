@@ -24,9 +24,8 @@ image at or below its own size instead.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,58 +43,56 @@ from lib_training.dataset.images import (
     scan_folder,
 )
 from lib_training.dataset.sampler import BatchPlan, BatchSampler
-from lib_training.dataset.seeding import rng_for
 from lib_training.dataset.summary import DatasetSummary, summarize
 from lib_training.dataset.templates import fill_template, load_template
 from lib_training.errors import ConfigError
+from lib_training.options import option
+from lib_training.seeding import rng_for
 
 MAX_UPSCALE = 2.0  # images that would need more enlargement than this are refused
 
 
-def _option(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class DatasetConfig:
-    """Where the training images are and how they become training samples.
+    """Where the training images are and how they become training samples."""
 
-    Each field's `metadata["help"]` is its one-line help text.
-    """
-
-    path: str | Path = field(
-        metadata={"help": "Folder of training images (png, jpg, webp); subfolders included."}
+    path: str = option(help="Folder of training images (png, jpg, webp); subfolders included.", flag="--data")
+    size: int = option(
+        512,
+        "Training resolution in pixels: the square's side, or the side of the bucket area.",
+        min=64,
+        max=4096,
     )
-    size: int = _option(
-        512, "Training resolution in pixels: the square's side, or the side of the bucket area."
-    )
-    buckets: bool = _option(False, "Group images into aspect-ratio buckets instead of cropping them square.")
-    no_upscale: bool = _option(False, "Never enlarge an image; smaller images train at their own size.")
-    min_bucket: int = _option(256, "Shortest side a bucket may have, in pixels (multiple of 64).")
-    max_bucket: int = _option(2048, "Longest side a bucket may have, in pixels (multiple of 64).")
-    repeats: int = _option(1, "How many times each image appears per epoch.")
-    flip: bool = _option(False, "Mirror images left-right at random (half of the samples).")
-    caption_extension: str = _option(".txt", "Extension of the caption file beside each image.")
-    template: str = _option(
+    buckets: bool = option(False, "Group images into aspect-ratio buckets instead of cropping them square.")
+    no_upscale: bool = option(False, "Never enlarge an image; smaller images train at their own size.", advanced=True)
+    min_bucket: int = option(256, "Shortest side a bucket may have, in pixels (multiple of 64).", advanced=True)
+    max_bucket: int = option(2048, "Longest side a bucket may have, in pixels (multiple of 64).", advanced=True)
+    repeats: int = option(1, "How many times each image appears per epoch.", min=1, max=10_000)
+    flip: bool = option(False, "Mirror images left-right at random (half of the samples).")
+    caption_extension: str = option(".txt", "Extension of the caption file beside each image.", advanced=True)
+    template: str = option(
         "subject_filewords",
-        "Prompt template: a built-in name or the path of a .txt file with one prompt a line.",
+        "Prompt template: subject, subject_filewords, style, style_filewords, none, or the path of a .txt "
+        "file with one prompt a line ([name] and [filewords] are filled in).",
     )
-    shuffle_tags: bool = _option(False, "Shuffle the comma-separated tags of each caption.")
-    keep_tags: int = _option(0, "Number of leading tags that are never shuffled or dropped.")
-    tag_dropout: float = _option(0.0, "Probability of leaving out each tag (except the kept ones).")
-    caption_dropout: float = _option(0.0, "Probability of leaving out the whole caption; [name] stays.")
-    alpha_weight: bool = _option(
-        False, "Use the alpha channel of images that have one as a per-pixel loss weight."
+    shuffle_tags: bool = option(False, "Shuffle the comma-separated tags of each caption.", advanced=True)
+    keep_tags: int = option(0, "Number of leading tags that are never shuffled or dropped.", min=0, advanced=True)
+    tag_dropout: float = option(
+        0.0, "Probability of leaving out each tag (except the kept ones).", min=0.0, max=1.0, advanced=True
     )
-    seed: int = _option(0, "Seed of the batch order and of every random choice per sample.")
+    caption_dropout: float = option(
+        0.0, "Probability of leaving out the whole caption; [name] stays.", min=0.0, max=1.0, advanced=True
+    )
+    alpha_weight: bool = option(
+        False, "Use the alpha channel of images that have one as a per-pixel loss weight.", advanced=True
+    )
+    seed: int = option(0, "Seed of the batch order and of every random choice per sample.", internal=True)
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first invalid setting."""
         step = 64 if self.buckets or self.no_upscale else 8
         if self.size < 64 or self.size % step:
-            raise ConfigError(
-                f"The training size must be a multiple of {step} and at least 64 (got {self.size})."
-            )
+            raise ConfigError(f"The training size must be a multiple of {step} and at least 64 (got {self.size}).")
         if self.buckets:
             for name in ("min_bucket", "max_bucket"):
                 value = getattr(self, name)
@@ -212,25 +209,20 @@ class TrainingDataset:
                 f"{len(problems)} file(s) in {scan.root} cannot be read; fix or remove them:\n  "
                 + "\n  ".join(problems)
             )
-        self.buckets = (
-            bucket_resolutions(config.size, config.min_bucket, config.max_bucket) if config.buckets else None
-        )
+        self.buckets = bucket_resolutions(config.size, config.min_bucket, config.max_bucket) if config.buckets else None
         self.samples: list[ImageRecord] = []
         too_small: list[str] = []
         for info in infos:
             relpath = relative_name(info.path, scan.root)
             height, width = info.size
-            target = choose_target(
-                height, width, config.size, self.buckets, config.no_upscale, config.max_bucket
-            )
+            target = choose_target(height, width, config.size, self.buckets, config.no_upscale, config.max_bucket)
             if target is None:
                 too_small.append(f"{relpath} ({width}x{height}): a side is shorter than {BUCKET_STEP} px")
                 continue
             placement = place(info.size, target)
             if placement.scale > MAX_UPSCALE:
                 too_small.append(
-                    f"{relpath} ({width}x{height}) would be enlarged {placement.scale:.1f}x "
-                    f"to {target[1]}x{target[0]}"
+                    f"{relpath} ({width}x{height}) would be enlarged {placement.scale:.1f}x to {target[1]}x{target[0]}"
                 )
                 continue
             caption, source = captions[info.path]

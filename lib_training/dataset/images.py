@@ -57,9 +57,7 @@ def scan_folder(root: Path) -> FolderScan:
     if not root.exists():
         raise DatasetError(f"The dataset folder {root} does not exist. Check the path.")
     if not root.is_dir():
-        raise DatasetError(
-            f"The dataset path {root} is a file, not a folder. Give the folder that holds the images."
-        )
+        raise DatasetError(f"The dataset path {root} is a file, not a folder. Give the folder that holds the images.")
     images: list[Path] = []
     others: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):

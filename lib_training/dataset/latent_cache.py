@@ -32,7 +32,7 @@ from safetensors.torch import save as save_tensors
 from torch import Tensor
 
 from lib_training.dataset.images import ImageView
-from lib_training.dataset.seeding import derive_seed
+from lib_training.seeding import derive_seed
 
 FORMAT_VERSION = 1
 
@@ -131,9 +131,7 @@ class LatentCache:
         with torch.no_grad():
             mean, logvar = self.encode(images)
         if mean.shape[0] != len(keys) or logvar.shape != mean.shape:
-            raise ValueError(
-                f"encode returned {tuple(mean.shape)} / {tuple(logvar.shape)} for {len(keys)} images"
-            )
+            raise ValueError(f"encode returned {tuple(mean.shape)} / {tuple(logvar.shape)} for {len(keys)} images")
         for key, m, lv in zip(keys, mean.float().cpu(), logvar.float().cpu()):
             m, lv = m.clone(), lv.clone()  # [4, h, w] each, not views into the batch
             self._memory[key] = (m, lv)

@@ -15,8 +15,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from lib_training.dataset.errors import DatasetError
-from lib_training.dataset.seeding import rng_for
 from lib_training.errors import ConfigError
+from lib_training.seeding import rng_for
 
 
 @dataclass(frozen=True)

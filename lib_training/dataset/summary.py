@@ -73,9 +73,7 @@ class DatasetSummary:
             lines.append(f"  with alpha channel: {self.alpha_images} ({use})")
         title = "buckets" if self.bucketed else "training resolutions"
         if self.bucketed or len(self.resolutions) > 1:
-            histogram = ", ".join(
-                f"{_wxh(size)}: {count}" for size, count in sorted(self.resolutions.items())
-            )
+            histogram = ", ".join(f"{_wxh(size)}: {count}" for size, count in sorted(self.resolutions.items()))
             lines.append(f"  {title} (width x height: images): {histogram}")
         else:
             lines.append(f"  training resolution: {_wxh(next(iter(self.resolutions)))}")

@@ -60,9 +60,7 @@ def load_template(template: str | Path) -> PromptTemplate:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
-        raise TemplateError(
-            f"Cannot read the prompt template {path}: {error}. Save it as UTF-8 text."
-        ) from error
+        raise TemplateError(f"Cannot read the prompt template {path}: {error}. Save it as UTF-8 text.") from error
     lines = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not lines:
         raise TemplateError(

@@ -209,12 +209,8 @@ def hf_to_open_clip(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
             out[f"transformer.resblocks.{index}.{_LAYER_RENAMES[name]}.{kind}"] = value
     for (index, kind), group in qkv.items():
         if len(group) != len(_QKV):
-            missing = [
-                f"text_model.encoder.layers.{index}.self_attn.{p}.{kind}" for p in _QKV if p not in group
-            ]
-            raise CheckpointError(
-                f"CLIP text encoder is missing {', '.join(missing)}; the file is incomplete"
-            )
+            missing = [f"text_model.encoder.layers.{index}.self_attn.{p}.{kind}" for p in _QKV if p not in group]
+            raise CheckpointError(f"CLIP text encoder is missing {', '.join(missing)}; the file is incomplete")
     return out
 
 
@@ -282,9 +278,7 @@ def text_encoder_config_from_shapes(
         indices.add(int(layer.group(1)))
     for required in (token_key, position_key):
         if required not in shapes:
-            raise CheckpointError(
-                f"{where} has no {required!r}; the checkpoint is incomplete or not this family"
-            )
+            raise CheckpointError(f"{where} has no {required!r}; the checkpoint is incomplete or not this family")
     if not indices or indices != set(range(len(indices))):
         raise CheckpointError(f"{where} has layers {sorted(indices)}; expected 0..N-1 with N >= 1")
 
@@ -374,9 +368,7 @@ class ClipTextEncoder(nn.Module):
         if self.config.output_layer == "penultimate":
             return layers - 1
         if not 1 <= self.clip_skip <= layers:
-            raise ConfigError(
-                f"CLIP skip must be between 1 and {layers} for {self.key}, not {self.clip_skip}"
-            )
+            raise ConfigError(f"CLIP skip must be between 1 and {layers} for {self.key}, not {self.clip_skip}")
         return layers - (self.clip_skip - 1)
 
     def encode_embeddings(self, embeds: Tensor, ids: Tensor) -> TextEncoderOutput:

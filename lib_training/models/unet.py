@@ -147,9 +147,7 @@ class UNetConfig:
             params["num_heads"] = self.num_heads
         else:
             params["num_head_channels"] = self.num_head_channels
-        depths = {self.transformer_depth[level] for level in attention_levels} | {
-            self.transformer_depth_middle
-        }
+        depths = {self.transformer_depth[level] for level in attention_levels} | {self.transformer_depth_middle}
         if len(depths) == 1:
             params["transformer_depth"] = self.transformer_depth_middle
         else:
@@ -275,14 +273,10 @@ class UNetModel(nn.Module):
         self.label_emb: nn.Sequential | None = None
         if config.adm_in_channels is not None:
             self.label_emb = nn.Sequential(
-                nn.Sequential(
-                    nn.Linear(config.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-                )
+                nn.Sequential(nn.Linear(config.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
             )
 
-        self.input_blocks = nn.ModuleList(
-            [TimestepSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))]
-        )
+        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(config.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]  # channels of every input block's output, consumed by the output blocks
         ch = mc
         last_level = len(config.channel_mult) - 1
@@ -359,9 +353,7 @@ class UNetModel(nn.Module):
 
 
 # --- configuration from a state dict ---------------------------------------------------------------
-_TRANSFORMER_BLOCK = re.compile(
-    r"^(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.1\.transformer_blocks\.(\d+)\."
-)
+_TRANSFORMER_BLOCK = re.compile(r"^(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.1\.transformer_blocks\.(\d+)\.")
 _LDM_PREFIX = "model.diffusion_model."
 
 
@@ -391,9 +383,7 @@ def unet_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], arch: Arch) -
     out_channels = shape_of("out.2.weight", 4)[0]
     time_embed = shape_of("time_embed.0.weight", 2)
     if time_embed != (4 * model_channels, model_channels):
-        raise fail(
-            f"time_embed.0.weight has shape {time_embed}, expected {(4 * model_channels, model_channels)}"
-        )
+        raise fail(f"time_embed.0.weight has shape {time_embed}, expected {(4 * model_channels, model_channels)}")
 
     # Input blocks after the first: ResBlocks (grouped by level) and the Downsamples between levels.
     levels: list[list[int]] = [[]]

@@ -286,9 +286,7 @@ def vae_config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> VAEConfig:
     and 2-D attention weights are accepted (see `normalize_vae_state_dict`). Raises `CheckpointError`
     unless the keys and shapes are exactly those of an LDM VAE.
     """
-    shapes = {
-        key: tuple(shape) for key, shape in shapes.items() if not key.startswith(_TRAINING_ONLY_PREFIXES)
-    }
+    shapes = {key: tuple(shape) for key, shape in shapes.items() if not key.startswith(_TRAINING_ONLY_PREFIXES)}
     _check_is_ldm_vae(shapes)
     ch, in_channels = shapes["encoder.conv_in.weight"][:2]
     levels = 0

@@ -1,0 +1,247 @@
+"""Typed settings, declared once and used by the UI, the CLI and the HTTP API alike.
+
+A settings class is a dataclass whose fields are declared with `option(...)`: default, one-line
+help, and optional range, choices and CLI flag. From that one declaration:
+
+- `add_arguments(parser, cls)` adds the command-line options, and `from_namespace` reads them back;
+- `describe(cls)` lists the fields (label, help, kind, default, range, choices) for the UI and the
+  OpenAPI schema;
+- `from_dict(cls, data)` / `to_dict(obj)` convert to and from JSON (config.json, API requests),
+  with every invalid field reported at once by `validate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lib_training.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def option(
+    default: Any = MISSING,
+    help: str = "",
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    choices: Sequence[str] | None = None,
+    flag: str | None = None,
+    label: str | None = None,
+    advanced: bool = False,
+    internal: bool = False,
+) -> Any:
+    """Declare a settings field.
+
+    `flag` overrides the CLI flag (default `--field-name`); `label` the UI label (default from the
+    name); `advanced` puts it in the UI's advanced section; `internal` hides it from the CLI and UI
+    (it is still in JSON).
+    """
+    meta = {
+        "help": help,
+        "min": min,
+        "max": max,
+        "choices": tuple(choices) if choices is not None else None,
+        "flag": flag,
+        "label": label,
+        "advanced": advanced,
+        "internal": internal,
+    }
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """What a UI or schema needs to know about one field."""
+
+    name: str
+    kind: str  # "int", "float", "bool", "str", "path"
+    label: str
+    help: str
+    default: Any
+    required: bool
+    min: float | None
+    max: float | None
+    choices: tuple[str, ...] | None
+    flag: str
+    advanced: bool
+    optional: bool  # None is allowed
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(the non-None type, whether None is allowed) of a resolved annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        none_ok = len(args) < len(typing.get_args(annotation))
+        if len(args) == 2 and set(args) == {str, Path}:
+            return Path, none_ok
+        return args[0], none_ok
+    return annotation, False
+
+
+_KINDS = {int: "int", float: "float", bool: "bool", str: "str", Path: "path"}
+
+
+def describe(cls: type) -> list[FieldInfo]:
+    """The fields of settings class `cls` that users set, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    infos = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        base, none_ok = _base_type(hints[f.name])
+        kind = _KINDS.get(base)
+        if kind is None:
+            raise TypeError(f"{cls.__name__}.{f.name}: unsupported settings type {base!r}")
+        default = f.default if f.default is not MISSING else None
+        infos.append(
+            FieldInfo(
+                name=f.name,
+                kind=kind,
+                label=f.metadata.get("label") or f.name.replace("_", " ").capitalize(),
+                help=f.metadata.get("help", ""),
+                default=default,
+                required=f.default is MISSING and f.default_factory is MISSING,
+                min=f.metadata.get("min"),
+                max=f.metadata.get("max"),
+                choices=f.metadata.get("choices"),
+                flag=f.metadata.get("flag") or "--" + f.name.replace("_", "-"),
+                advanced=bool(f.metadata.get("advanced")),
+                optional=none_ok,
+            )
+        )
+    return infos
+
+
+def _convert(info: FieldInfo, value: Any) -> Any:
+    """Coerce a JSON/CLI value to the field's kind; raise ValueError with a short reason."""
+    if value is None:
+        if info.optional:
+            return None
+        raise ValueError("a value is required")
+    if info.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"expected true or false, got {value!r}")
+    if info.kind == "int":
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"expected a whole number, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a whole number, got {value!r}") from None
+    if info.kind == "float":
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if info.kind == "path":
+        return str(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected text, got {value!r}")
+    return value
+
+
+def field_errors(cls: type, data: Mapping[str, Any]) -> dict[str, str]:
+    """Every problem with `data` as settings of `cls`, by field name (empty when valid)."""
+    errors: dict[str, str] = {}
+    infos = {info.name: info for info in describe(cls)}
+    internal = {f.name for f in dataclasses.fields(cls) if f.metadata.get("internal")}
+    for key in data:
+        if key not in infos and key not in internal:
+            errors[key] = "unknown setting"
+    for name, info in infos.items():
+        if name not in data:
+            if info.required:
+                errors[name] = "required"
+            continue
+        try:
+            value = _convert(info, data[name])
+        except ValueError as error:
+            errors[name] = str(error)
+            continue
+        if value is None:
+            continue
+        if info.choices is not None and value not in info.choices:
+            errors[name] = f"must be one of {', '.join(info.choices)} (got {value!r})"
+        elif info.min is not None and value < info.min:
+            errors[name] = f"must be at least {info.min:g} (got {value})"
+        elif info.max is not None and value > info.max:
+            errors[name] = f"must be at most {info.max:g} (got {value})"
+    return errors
+
+
+class SettingsError(ConfigError):
+    """Invalid settings; `errors` maps each bad field to its problem."""
+
+    def __init__(self, errors: Mapping[str, str]) -> None:
+        self.errors = dict(errors)
+        listed = "; ".join(f"{name}: {problem}" for name, problem in self.errors.items())
+        super().__init__(f"invalid settings: {listed}")
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+    """Build settings from JSON-like data, converting kinds; raise SettingsError listing every bad field."""
+    errors = field_errors(cls, data)
+    if errors:
+        raise SettingsError(errors)
+    infos = {info.name: info for info in describe(cls)}
+    values = {name: _convert(infos[name], value) if name in infos else value for name, value in data.items()}
+    return cls(**values)
+
+
+def to_dict(settings: Any) -> dict[str, Any]:
+    """JSON-ready dict of a settings object (paths as strings)."""
+    return {f.name: _jsonable(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+
+
+def _jsonable(value: Any) -> Any:
+    return str(value) if isinstance(value, Path) else value
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, skip: Sequence[str] = ()
+) -> None:
+    """Add one option per field of `cls` (help text, default and range shown)."""
+    for info in describe(cls):
+        if info.name in skip:
+            continue
+        text = info.help
+        if info.min is not None or info.max is not None:
+            low = "" if info.min is None else f"{info.min:g}"
+            high = "" if info.max is None else f"{info.max:g}"
+            text += f" [{low}..{high}]"
+        if not info.required and info.default not in (None, "", False):
+            text += f" (default: {info.default})"
+        dest = info.name
+        if info.kind == "bool":
+            parser.add_argument(info.flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(
+                info.flag,
+                dest=dest,
+                default=None,
+                required=info.required,
+                choices=info.choices,
+                metavar=None if info.choices else info.kind.upper().replace("STR", "TEXT"),
+                help=text,
+            )
+
+
+def from_namespace(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
+    """Settings from parsed CLI options: options not given keep their defaults."""
+    data = {info.name: getattr(args, info.name) for info in describe(cls) if getattr(args, info.name, None) is not None}
+    data.update(overrides)
+    return from_dict(cls, data)

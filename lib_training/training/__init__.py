@@ -1,0 +1,1 @@
+"""The training core: one loop that every method (embedding, hypernetwork, LoRA, ...) shares."""

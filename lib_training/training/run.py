@@ -1,0 +1,67 @@
+"""Running a training job: checks, dataset, trainer; what the CLI, UI and API all call."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lib_training.dataset import DatasetConfig, TrainingDataset
+from lib_training.errors import ConfigError
+from lib_training.interface import DiffusionModel
+from lib_training.options import to_dict
+from lib_training.training.config import LoopConfig
+from lib_training.training.method import TrainingMethod
+from lib_training.training.outputs import RunFolder
+from lib_training.training.progress import Progress
+from lib_training.training.trainer import Trainer, TrainingResult
+
+
+def prepare_dataset(method: TrainingMethod, data: DatasetConfig, loop: LoopConfig) -> TrainingDataset:
+    """The dataset, validated up front (every bad file named), its seed the run's seed."""
+    return TrainingDataset(dataclasses.replace(data, seed=loop.seed), name=method.name)
+
+
+def train(
+    model: DiffusionModel,
+    method: TrainingMethod,
+    data: DatasetConfig | TrainingDataset,
+    loop: LoopConfig,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    settings: dict[str, Any] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    cache_dir: Path | None = None,
+) -> TrainingResult:
+    """Train `method` on `model`; results go to the folder `out` (see `RunFolder`).
+
+    An existing result of the same name is only replaced with `overwrite`, or continued with
+    `resume`. Raises `UserError`s for bad settings, data or outputs before any work is done.
+    """
+    folder = RunFolder(out, method.name, method.suffix)
+    if folder.result.exists() and not (overwrite or resume):
+        raise ConfigError(
+            f"{folder.result} already exists. Choose another name or output folder, allow overwriting, "
+            "or resume the run."
+        )
+    dataset = data if isinstance(data, TrainingDataset) else prepare_dataset(method, data, loop)
+    method.check_dataset(dataset)
+    record = {"loop": to_dict(loop), "data": to_dict(dataset.config), **(settings or {})}
+    if loop.cache_latents_to_disk and cache_dir is None:
+        cache_dir = Path(out) / "latent-cache"
+    trainer = Trainer(
+        model,
+        method,
+        dataset,
+        loop,
+        folder,
+        settings=record,
+        on_progress=on_progress,
+        should_stop=should_stop,
+        latent_cache_dir=cache_dir,
+    )
+    return trainer.run(resume=resume)

@@ -1,0 +1,372 @@
+"""The training loop every method shares.
+
+One step: take a batch (images as cached VAE latents), draw noise and timesteps from generators
+seeded by (seed, step), noise the latents, condition on the batch's prompts (with the method's
+embeddings, if any), predict, and take the loss against epsilon or v. Gradients accumulate over
+`grad_accumulation` batches before each optimizer step; trained parameters stay fp32 while the model
+computes under fp16/bf16 autocast on a GPU.
+
+Everything random is derived from (seed, step) or (seed, epoch, item), never from a global
+generator, so a run that is interrupted and resumed ends bit-identical to one that was not.
+
+The model is never modified: the method attaches on entry and detaches in `finally`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lib_training.dataset import Batch, LatentCache, LatentSampler, TrainingDataset
+from lib_training.errors import UserError
+from lib_training.integrity import weights_fingerprint
+from lib_training.interface import DiffusionModel, SizeConditioning
+from lib_training.loss import diffusion_loss, noise_offset
+from lib_training.lr_schedule import StepSchedule, parse_schedule, set_learning_rate
+from lib_training.optim import build_optimizer, clip_gradients
+from lib_training.sampler import SampleSettings, generate
+from lib_training.seeding import derive_seed
+from lib_training.training.config import LoopConfig
+from lib_training.training.method import TrainingMethod
+from lib_training.training.outputs import LossRecord, RunFolder
+from lib_training.training.progress import Progress, RateMeter
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class TrainingError(UserError):
+    """Training stopped because of a problem it found (NaN loss, out of memory, ...)."""
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    result: Path  # the result file (the newest good state)
+    step: int  # optimizer steps done
+    interrupted: bool
+    loss: float | None  # mean loss of the last 20 steps
+    folder: Path
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+class Trainer:
+    """Runs one method on one model over one dataset; see the module docstring."""
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        method: TrainingMethod,
+        dataset: TrainingDataset,
+        loop: LoopConfig,
+        folder: RunFolder,
+        *,
+        settings: dict[str, Any] | None = None,
+        on_progress: ProgressCallback | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        latent_cache_dir: Path | None = None,
+    ) -> None:
+        self.model = model
+        self.method = method
+        self.dataset = dataset
+        self.loop = loop
+        self.folder = folder
+        self.settings = settings or {}
+        self.on_progress = on_progress or (lambda progress: None)
+        self.should_stop = should_stop or (lambda: False)
+        self.latent_cache_dir = latent_cache_dir
+        self.autocast = autocast_dtype(loop.precision, model.device)
+        self.lr_schedule: StepSchedule = parse_schedule(
+            loop.lr,
+            name=loop.lr_scheduler,
+            total_steps=loop.steps,
+            warmup_steps=loop.lr_warmup_steps,
+            cycles=loop.lr_cycles,
+        )
+        self.clip_schedule: StepSchedule | None = None
+        if loop.clip_grad != "none":
+            self.clip_schedule = parse_schedule(loop.clip_grad_value, total_steps=loop.steps, what="gradient clip")
+        self.total_steps = min(loop.steps, self.lr_schedule.end_step or loop.steps)
+        self.losses: list[LossRecord] = []
+        self._latest_preview: Path | None = None
+
+    # --- the run ----------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> TrainingResult:
+        self.folder.prepare()
+        self._report("preparing", 0)
+        cache = LatentCache(
+            self._encode, weights_fingerprint({"vae": self.model.modules["vae"]}), self.latent_cache_dir
+        )
+        self._report("caching latents", 0, message=f"encoding {len(self.dataset.views())} images with the VAE")
+        cache.fill(
+            self.dataset.views(),
+            self.dataset.load_image,
+            batch_size=max(1, self.loop.batch_size),
+            progress=lambda done, total: self._report("caching latents", done, total=total),
+        )
+        latents_for = LatentSampler(self.loop.latent_sampling, self.loop.seed)
+        sampler = self.dataset.sampler(self.loop.batch_size)
+
+        with self.method.attached(self.model), self._gradient_checkpointing():
+            params = self.method.parameters()
+            optimizer = build_optimizer(
+                self.loop.optimizer, params, self.lr_schedule.value_at(0), weight_decay=self.loop.weight_decay
+            )
+            scaler = self._grad_scaler()
+            step = 0
+            if resume:
+                step = self._restore(self.folder.load_resume_state(), optimizer, scaler, sampler)
+            self.folder.write_config(self._config_record(resume))
+            rate = RateMeter()
+            rate.mark(step)
+            started = time.perf_counter()
+            interrupted = False
+
+            while step < self.total_steps:
+                if self.should_stop():
+                    interrupted = True
+                    break
+                lr = set_learning_rate(optimizer, self.lr_schedule, step)
+                total_loss = 0.0
+                epoch = 0
+                for _ in range(self.loop.grad_accumulation):
+                    plan = next(sampler)
+                    epoch = plan.epoch
+                    batch = self.dataset.batch(plan, load_images=False)
+                    loss = self._loss(batch, latents_for(cache, batch.views, step, self.dataset.load_image), step)
+                    if not torch.isfinite(loss):
+                        self._stop_on_nan(step, loss)
+                    scaled = loss / self.loop.grad_accumulation
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    total_loss += loss.item() / self.loop.grad_accumulation
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if self.clip_schedule is not None:
+                    clip_gradients(params, self.loop.clip_grad, self.clip_schedule.value_at(step))
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not all(torch.isfinite(p).all() for p in params):
+                    self._stop_on_nan(step, torch.tensor(float("nan")))
+                step += 1
+                self.losses.append(LossRecord(step, total_loss, lr, epoch, time.perf_counter() - started))
+                rate.mark(step)
+                self._periodic_outputs(step, optimizer, scaler, sampler)
+                self._report("training", step, loss=total_loss, lr=lr, rate=rate)
+
+            self._report("saving", step)
+            self._save_result(step)
+            self._save_resume(step, optimizer, scaler, sampler)
+            self.folder.write_losses(self.losses)
+        recent = [r.loss for r in self.losses[-20:]]
+        self._report("done", step, message="interrupted" if interrupted else "finished")
+        return TrainingResult(
+            self.folder.result, step, interrupted, sum(recent) / len(recent) if recent else None, self.folder.root
+        )
+
+    # --- one step -------------------------------------------------------------------------
+    def _loss(self, batch: Batch, latents: Tensor, step: int) -> Tensor:
+        model = self.model
+        latents = (latents * model.family.latent_scale).to(model.device)
+        seed = derive_seed(self.loop.seed, "noise", step, batch.plan.epoch, batch.plan.position)
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(latents.shape, generator=generator)
+        if self.loop.noise_offset > 0:
+            noise = noise_offset(noise, self.loop.noise_offset, generator)
+        timesteps = torch.randint(0, model.schedule.num_steps, (latents.shape[0],), generator=generator)
+        noise, timesteps = noise.to(model.device), timesteps.to(model.device)
+        x_t = model.schedule.add_noise(latents, noise, timesteps)
+        target = model.schedule.target(latents, noise, timesteps)
+        sizes = None
+        if model.family.is_sdxl:
+            sizes = [
+                SizeConditioning(original, crop, batch.target_size)
+                for original, crop in zip(batch.original_sizes, batch.crops)
+            ]
+        with self._autocast():
+            cond = model.encode_prompts(batch.prompts, self.method.prompt_embeddings(), sizes)
+            prediction = model.predict(x_t.to(model.dtype), timesteps, cond)
+        weight = None if batch.weights is None else batch.weights.to(model.device)
+        return diffusion_loss(
+            prediction.float(),
+            target.float(),
+            weight=weight,
+            timesteps=timesteps,
+            schedule=model.schedule,
+            min_snr_gamma=self.loop.min_snr_gamma or None,
+        )
+
+    def _encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            dist = self.model.encode_latent_distribution(images)
+        return dist.mean.cpu(), dist.logvar.cpu()
+
+    @contextlib.contextmanager
+    def _gradient_checkpointing(self):
+        if not self.loop.gradient_checkpointing:
+            yield
+            return
+        self.model.set_gradient_checkpointing(True)
+        try:
+            yield
+        finally:
+            self.model.set_gradient_checkpointing(False)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.model.device.type, dtype=self.autocast)
+
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        if self.autocast is torch.float16 and self.model.device.type == "cuda":
+            return torch.amp.GradScaler("cuda")
+        return None
+
+    def _stop_on_nan(self, step: int, loss: Tensor) -> None:
+        kept = f"The last good result is {self.folder.result}." if self.folder.result.exists() else "Nothing was saved."
+        raise TrainingError(
+            f"training stopped at step {step + 1}: the loss became {loss.item()} (not a number). {kept} "
+            "Lower the learning rate, use gradient clipping, or train in bf16/fp32 instead of fp16."
+        )
+
+    # --- outputs ----------------------------------------------------------------------------
+    def _periodic_outputs(self, step: int, optimizer, scaler, sampler) -> None:
+        if self.loop.save_every and step % self.loop.save_every == 0 and step < self.total_steps:
+            self._report("saving", step)
+            self.method.save(self.folder.checkpoint(step), step, self._file_metadata(step))
+            self._save_result(step)
+            self._save_resume(step, optimizer, scaler, sampler)
+            self.folder.write_losses(self.losses)
+        if self.loop.preview_every and step % self.loop.preview_every == 0:
+            self._report("previewing", step)
+            self._preview(step)
+            self.folder.write_losses(self.losses)
+
+    def _save_result(self, step: int) -> None:
+        self.method.save(self.folder.result, step, self._file_metadata(step))
+
+    def _file_metadata(self, step: int) -> dict[str, str]:
+        return {"step": str(step), "sd_checkpoint_family": self.model.family.name}
+
+    def _save_resume(self, step: int, optimizer, scaler, sampler) -> None:
+        self.folder.save_resume_state(
+            {
+                "step": step,
+                "method": self.method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None,
+                "sampler": sampler.state_dict(),
+                "losses": [r.__dict__ for r in self.losses],
+                "identity": self._identity(),
+            }
+        )
+
+    def _identity(self) -> dict[str, Any]:
+        """What must match for a resume to continue the same run."""
+        return {
+            "kind": self.method.kind,
+            "name": self.method.name,
+            "seed": self.loop.seed,
+            "batch_size": self.loop.batch_size,
+            "family": self.model.family.name,
+        }
+
+    def _restore(self, state: dict[str, Any], optimizer, scaler, sampler) -> int:
+        identity = state.get("identity", {})
+        if identity != self._identity():
+            changed = sorted(k for k in self._identity() if identity.get(k) != self._identity()[k])
+            raise UserError(
+                f"cannot resume: the saved run differs in {', '.join(changed)}. Use the same settings, "
+                "or start a new run in another folder."
+            )
+        self.method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        sampler.load_state_dict(state["sampler"])
+        self.losses = [LossRecord(**r) for r in state["losses"]]
+        return int(state["step"])
+
+    def _config_record(self, resumed: bool) -> dict[str, Any]:
+        return {
+            **self.settings,
+            "method": self.method.describe(),
+            "model": {
+                "family": self.model.family.name,
+                "dtype": str(self.model.dtype).removeprefix("torch."),
+                "device": str(self.model.device),
+            },
+            "resumed": resumed,
+        }
+
+    def preview_prompt(self) -> str:
+        prompt = self.loop.preview_prompt or self.dataset.template.lines[0].replace("[filewords]", "").strip(" ,")
+        return prompt.replace("[name]", self.method.name)
+
+    def _preview(self, step: int) -> None:
+        size = self.loop.preview_size or self.dataset.config.size
+        settings = SampleSettings(
+            prompt=self.preview_prompt(),
+            negative_prompt=self.loop.preview_negative,
+            seed=self.loop.preview_seed,
+            steps=self.loop.preview_steps,
+            cfg_scale=self.loop.preview_cfg,
+            width=size,
+            height=size,
+            sampler=self.loop.preview_sampler,
+        )
+        with torch.no_grad(), self._autocast():
+            image = generate(self.model, settings, self.method.prompt_embeddings())
+        path = self.folder.preview(step)
+        text = (
+            f"{settings.prompt}\nNegative prompt: {settings.negative_prompt}\nSteps: {settings.steps}, "
+            f"Sampler: {settings.sampler}, CFG scale: {settings.cfg_scale}, Seed: {settings.seed}, "
+            f"Size: {size}x{size}, Training step: {step}"
+        )
+        self.folder.save_png(path, image, {"parameters": text})
+        self._latest_preview = path
+
+    def _report(
+        self,
+        phase: str,
+        step: int,
+        *,
+        total: int | None = None,
+        loss: float | None = None,
+        lr: float | None = None,
+        rate: RateMeter | None = None,
+        message: str = "",
+    ) -> None:
+        total = self.total_steps if total is None else total
+        self.on_progress(
+            Progress(
+                phase=phase,
+                step=step,
+                total=total,
+                loss=None if loss is None or math.isnan(loss) else loss,
+                lr=lr,
+                steps_per_second=rate.rate() if rate else None,
+                eta_seconds=rate.eta(total - step) if rate else None,
+                preview=self._latest_preview,
+                message=message,
+            )
+        )
