@@ -103,13 +103,12 @@ def _cmd_train_embedding(args: argparse.Namespace) -> None:
     bar = tqdm(total=loop.steps, unit="step", dynamic_ncols=True)
 
     def on_progress(progress) -> None:
+        bar.set_description(progress.phase, refresh=False)
         if progress.phase == "training":
             bar.total = progress.total
             bar.n = progress.step
             bar.set_postfix(loss=f"{progress.loss:.4f}", lr=f"{progress.lr:.2g}")
-            bar.refresh()
-        else:
-            bar.set_description(progress.phase)
+        bar.refresh()
 
     try:
         result = train(

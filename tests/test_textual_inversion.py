@@ -323,6 +323,16 @@ def test_nan_loss_stops_keeps_the_last_good_file_and_says_why(tiny_sd1, red_ball
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
 
 
+def test_out_of_memory_says_what_to_lower(tiny_sd1, red_ball, tmp_path, monkeypatch) -> None:
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(type(tiny_sd1), "predict", out_of_memory)
+    with pytest.raises(TrainingError, match=r"out of memory at step 1 \(batch size 1, training size 64\)\. Lower"):
+        train(tiny_sd1, _method(), _data(red_ball), FAST, tmp_path)
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
 def test_empty_dataset_folder_is_refused_before_training(tiny_sd1, tmp_path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -40,6 +40,7 @@ from lib_training.training.outputs import LossRecord, RunFolder
 from lib_training.training.progress import Progress, RateMeter
 
 ProgressCallback = Callable[[Progress], None]
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
 class TrainingError(UserError):
@@ -142,31 +143,16 @@ class Trainer:
                 if self.should_stop():
                     interrupted = True
                     break
-                lr = set_learning_rate(optimizer, self.lr_schedule, step)
-                total_loss = 0.0
-                epoch = 0
-                for _ in range(self.loop.grad_accumulation):
-                    plan = next(sampler)
-                    epoch = plan.epoch
-                    batch = self.dataset.batch(plan, load_images=False)
-                    loss = self._loss(batch, latents_for(cache, batch.views, step, self.dataset.load_image), step)
-                    if not torch.isfinite(loss):
-                        self._stop_on_nan(step, loss)
-                    scaled = loss / self.loop.grad_accumulation
-                    (scaler.scale(scaled) if scaler else scaled).backward()
-                    total_loss += loss.item() / self.loop.grad_accumulation
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if self.clip_schedule is not None:
-                    clip_gradients(params, self.loop.clip_grad, self.clip_schedule.value_at(step))
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if not all(torch.isfinite(p).all() for p in params):
-                    self._stop_on_nan(step, torch.tensor(float("nan")))
+                try:
+                    total_loss, lr, epoch = self._step(step, optimizer, scaler, sampler, cache, latents_for, params)
+                except _OUT_OF_MEMORY as error:
+                    optimizer.zero_grad(set_to_none=True)
+                    self._free_memory()
+                    raise TrainingError(
+                        f"out of memory at step {step + 1} (batch size {self.loop.batch_size}, training size "
+                        f"{self.dataset.config.size}). Lower the batch size or the training size, turn on "
+                        "gradient checkpointing, or close other programs using the GPU."
+                    ) from error
                 step += 1
                 self.losses.append(LossRecord(step, total_loss, lr, epoch, time.perf_counter() - started))
                 rate.mark(step)
@@ -184,6 +170,39 @@ class Trainer:
         )
 
     # --- one step -------------------------------------------------------------------------
+    def _step(self, step: int, optimizer, scaler, sampler, cache, latents_for, params) -> tuple[float, float, int]:
+        """One optimizer step over `grad_accumulation` batches; returns (mean loss, lr, epoch)."""
+        lr = set_learning_rate(optimizer, self.lr_schedule, step)
+        total_loss = 0.0
+        epoch = 0
+        for _ in range(self.loop.grad_accumulation):
+            plan = next(sampler)
+            epoch = plan.epoch
+            batch = self.dataset.batch(plan, load_images=False)
+            loss = self._loss(batch, latents_for(cache, batch.views, step, self.dataset.load_image), step)
+            if not torch.isfinite(loss):
+                self._stop_on_nan(step, loss)
+            scaled = loss / self.loop.grad_accumulation
+            (scaler.scale(scaled) if scaler else scaled).backward()
+            total_loss += loss.item() / self.loop.grad_accumulation
+        if scaler:
+            scaler.unscale_(optimizer)
+        if self.clip_schedule is not None:
+            clip_gradients(params, self.loop.clip_grad, self.clip_schedule.value_at(step))
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not all(torch.isfinite(p).all() for p in params):
+            self._stop_on_nan(step, torch.tensor(float("nan")))
+        return total_loss, lr, epoch
+
+    def _free_memory(self) -> None:
+        if self.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _loss(self, batch: Batch, latents: Tensor, step: int) -> Tensor:
         model = self.model
         latents = (latents * model.family.latent_scale).to(model.device)
