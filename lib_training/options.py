@@ -90,8 +90,12 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
 _KINDS = {int: "int", float: "float", bool: "bool", str: "str", Path: "path"}
 
 
-def describe(cls: type) -> list[FieldInfo]:
-    """The fields of settings class `cls` that users set, in declaration order."""
+def describe(cls: type, defaults: Mapping[str, Any] | None = None) -> list[FieldInfo]:
+    """The fields of settings class `cls` that users set, in declaration order.
+
+    `defaults` replaces the class's defaults for some fields (a method's own learning rate, say).
+    """
+    defaults = defaults or {}
     hints = typing.get_type_hints(cls)
     infos = []
     for f in dataclasses.fields(cls):
@@ -101,7 +105,7 @@ def describe(cls: type) -> list[FieldInfo]:
         kind = _KINDS.get(base)
         if kind is None:
             raise TypeError(f"{cls.__name__}.{f.name}: unsupported settings type {base!r}")
-        default = f.default if f.default is not MISSING else None
+        default = defaults.get(f.name, f.default if f.default is not MISSING else None)
         infos.append(
             FieldInfo(
                 name=f.name,
@@ -109,7 +113,7 @@ def describe(cls: type) -> list[FieldInfo]:
                 label=f.metadata.get("label") or f.name.replace("_", " ").capitalize(),
                 help=f.metadata.get("help", ""),
                 default=default,
-                required=f.default is MISSING and f.default_factory is MISSING,
+                required=f.default is MISSING and f.default_factory is MISSING and f.name not in defaults,
                 min=f.metadata.get("min"),
                 max=f.metadata.get("max"),
                 choices=f.metadata.get("choices"),
@@ -154,10 +158,12 @@ def _convert(info: FieldInfo, value: Any) -> Any:
     return value
 
 
-def field_errors(cls: type, data: Mapping[str, Any]) -> dict[str, str]:
+def field_errors(cls: type, data: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Every problem with `data` as settings of `cls`, by field name (empty when valid)."""
     errors: dict[str, str] = {}
-    infos = {info.name: info for info in describe(cls)}
+    if not isinstance(data, Mapping):
+        return {"": f"expected an object of settings, got {type(data).__name__}"}
+    infos = {info.name: info for info in describe(cls, defaults)}
     internal = {f.name for f in dataclasses.fields(cls) if f.metadata.get("internal")}
     for key in data:
         if key not in infos and key not in internal:
@@ -192,13 +198,17 @@ class SettingsError(ConfigError):
         super().__init__(f"invalid settings: {listed}")
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
-    """Build settings from JSON-like data, converting kinds; raise SettingsError listing every bad field."""
-    errors = field_errors(cls, data)
+def from_dict(cls: type[T], data: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> T:
+    """Build settings from JSON-like data, converting kinds; raise SettingsError listing every bad field.
+
+    Fields missing from `data` take `defaults`, then the class's own defaults.
+    """
+    errors = field_errors(cls, data, defaults)
     if errors:
         raise SettingsError(errors)
-    infos = {info.name: info for info in describe(cls)}
-    values = {name: _convert(infos[name], value) if name in infos else value for name, value in data.items()}
+    infos = {info.name: info for info in describe(cls, defaults)}
+    values = {name: value for name, value in (defaults or {}).items() if name not in data}
+    values.update({name: _convert(infos[name], value) if name in infos else value for name, value in data.items()})
     return cls(**values)
 
 
@@ -216,8 +226,6 @@ def add_arguments(
 ) -> None:
     """Add one option per field of `cls` (help text, default and range shown)."""
     for info in describe(cls):
-        if info.name in skip:
-            continue
         text = info.help
         if info.min is not None or info.max is not None:
             low = "" if info.min is None else f"{info.min:g}"
@@ -240,8 +248,34 @@ def add_arguments(
             )
 
 
-def from_namespace(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
+def from_namespace(cls: type[T], args: argparse.Namespace, defaults: Mapping[str, Any] | None = None) -> T:
     """Settings from parsed CLI options: options not given keep their defaults."""
     data = {info.name: getattr(args, info.name) for info in describe(cls) if getattr(args, info.name, None) is not None}
-    data.update(overrides)
-    return from_dict(cls, data)
+    return from_dict(cls, data, defaults)
+
+
+def json_schema(cls: type, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A JSON Schema object for settings of `cls` (for the OpenAPI description)."""
+    types_ = {"int": "integer", "float": "number", "bool": "boolean", "str": "string", "path": "string"}
+    properties: dict[str, Any] = {}
+    required = []
+    for info in describe(cls, defaults):
+        prop: dict[str, Any] = {"type": types_[info.kind], "title": info.label, "description": info.help}
+        if info.optional:
+            prop = {"anyOf": [prop, {"type": "null"}], "title": info.label, "description": info.help}
+        if info.default is not None:
+            prop["default"] = info.default
+        if info.min is not None:
+            prop["minimum"] = info.min
+        if info.max is not None:
+            prop["maximum"] = info.max
+        if info.choices is not None:
+            prop["enum"] = list(info.choices)
+        properties[info.name] = prop
+        if info.required:
+            required.append(info.name)
+    schema: dict[str, Any] = {"type": "object", "title": cls.__name__, "properties": properties}
+    if required:
+        schema["required"] = required
+    schema["additionalProperties"] = False
+    return schema

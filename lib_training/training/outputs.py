@@ -42,6 +42,8 @@ class LossRecord:
 
 
 class RunFolder:
+    RESUME_NAME = "resume.pt"
+
     def __init__(self, root: str | os.PathLike[str], name: str, suffix: str) -> None:
         self.root = Path(root)
         self.name = name
@@ -71,7 +73,7 @@ class RunFolder:
 
     @property
     def resume_state(self) -> Path:
-        return self.root / "resume.pt"
+        return self.root / self.RESUME_NAME
 
     def prepare(self) -> None:
         """Create the folder, or say clearly why it cannot be written."""

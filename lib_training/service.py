@@ -1,0 +1,222 @@
+"""What the UI and the HTTP API call: start a training job, preview a dataset, list outputs, generate.
+
+A `Workspace` is the place we run in: the standalone app over a checkpoint file, or a WebUI with
+its loaded model. It provides the model, says where outputs go, and is told when a result is
+ready (a WebUI reloads its embeddings then). `TrainingService` is the same everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from lib_training.dataset import TrainingDataset
+from lib_training.embedding_files import READ_SUFFIXES, read_embedding
+from lib_training.errors import CheckpointError, ConfigError
+from lib_training.interface import DiffusionModel, EmbeddingVectors
+from lib_training.jobs import Job, JobBusyError, JobContext, JobManager
+from lib_training.options import SettingsError
+from lib_training.sampler import SampleSettings, generate
+from lib_training.training.catalog import METHODS, MethodSpec, TrainingRequest, parse_request
+from lib_training.training.outputs import RunFolder
+from lib_training.training.run import train
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    kind: str  # "embedding", ...
+    name: str
+    path: Path
+    size: int
+    modified: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "path": str(self.path),
+            "size": self.size,
+            "modified": self.modified,
+        }
+
+
+class Workspace(ABC):
+    """Where training happens: the model, the output folders, and what to do with a result."""
+
+    @abstractmethod
+    def model(self) -> DiffusionModel:
+        """The model to train on (loaded on first use)."""
+
+    @abstractmethod
+    def run_folder(self, kind: str, name: str) -> Path:
+        """Where a training run of `kind` named `name` writes its files."""
+
+    @abstractmethod
+    def result_folders(self) -> dict[str, Path]:
+        """Folders holding finished results, by kind (scanned for the outputs list)."""
+
+    def describe_model(self) -> str:
+        return "the loaded model"
+
+    def after_training(self, kind: str, result: Path) -> None:  # noqa: B027  (optional)
+        """A result was written; a WebUI makes it usable here without a restart."""
+
+
+class TrainingService:
+    def __init__(self, workspace: Workspace, jobs: JobManager | None = None) -> None:
+        self.workspace = workspace
+        self.jobs = jobs or JobManager()
+
+    # --- training -----------------------------------------------------------------------------
+    @staticmethod
+    def spec(kind: str) -> MethodSpec:
+        if kind not in METHODS:
+            raise ConfigError(f"unknown training method {kind!r}; available: {', '.join(METHODS)}")
+        return METHODS[kind]
+
+    def parse(self, kind: str, body: Mapping[str, Any]) -> tuple[TrainingRequest, bool]:
+        """(request, resume) from a body `{"method": .., "data": .., "loop": .., "resume": bool}`."""
+        if not isinstance(body, Mapping):
+            raise SettingsError({"": "expected a JSON object with 'method', 'data' and 'loop' settings"})
+        body = dict(body)
+        resume = body.pop("resume", False)
+        if not isinstance(resume, bool):
+            raise SettingsError({"resume": f"expected true or false, got {resume!r}"})
+        return parse_request(self.spec(kind), body), resume
+
+    def start_training(self, kind: str, body: Mapping[str, Any]) -> Job:
+        """Validate and start a training job; SettingsError (invalid), JobBusyError (another runs)."""
+        request, resume = self.parse(kind, body)
+        current = self.jobs.current()
+        if current is not None and current.running:
+            raise JobBusyError(f"a job is already running ({current.title}); wait for it or interrupt it")
+        folder = self.workspace.run_folder(kind, request.name)
+
+        def work(context: JobContext) -> dict[str, Any]:
+            method = request.spec.build(request.method)
+            model = self.workspace.model()
+            result = train(
+                model,
+                method,
+                request.data,
+                request.loop,
+                folder,
+                overwrite=request.overwrite,
+                resume=resume,
+                settings={"method": request.to_dict()["method"], "model": self.workspace.describe_model()},
+                on_progress=context.report,
+                should_stop=context.should_stop,
+            )
+            self.workspace.after_training(kind, result.result)
+            return {
+                "result": str(result.result),
+                "folder": str(result.folder),
+                "steps": result.step,
+                "interrupted": result.interrupted,
+                "loss": result.loss,
+            }
+
+        settings = {**request.to_dict(), "resume": resume}
+        return self.jobs.start(f"train/{kind}", f"{request.spec.title}: {request.name}", work, settings)
+
+    def preview_dataset(self, kind: str, body: Mapping[str, Any], samples: int = 4) -> dict[str, Any]:
+        """Summary text, and a few (thumbnail, prompt) pairs, of the dataset a request would train on."""
+        request, _ = self.parse(kind, body)
+        dataset = TrainingDataset(request.data, name=request.name)
+        request.spec.build(request.method).check_dataset(dataset)
+        shown = []
+        for item in range(min(samples, len(dataset.samples))):
+            sample = dataset.sample(item, epoch=0)
+            image = Image.open(dataset.samples[item].path).convert("RGB")
+            image.thumbnail((192, 192))
+            shown.append((image, sample.prompt))
+        return {"summary": str(dataset.summary(batch_size=request.loop.batch_size)), "samples": shown}
+
+    # --- outputs and generation ------------------------------------------------------------------
+    def outputs(self) -> list[OutputFile]:
+        found = []
+        for kind, folder in self.workspace.result_folders().items():
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.rglob("*")):
+                if path.suffix.lower() not in (".safetensors", ".pt") or not path.is_file():
+                    continue
+                if path.name == RunFolder.RESUME_NAME or _RUN_SUBFOLDERS & set(path.relative_to(folder).parts[:-1]):
+                    continue
+                stat = path.stat()
+                found.append(OutputFile(kind, path.stem, path, stat.st_size, stat.st_mtime))
+        return found
+
+    def embeddings(self) -> dict[str, EmbeddingVectors]:
+        """Every embedding in the outputs that fits the model, by name (others are skipped)."""
+        model = self.workspace.model()
+        expect = {encoder.key: encoder.width for encoder in model.text_encoders}
+        found: dict[str, EmbeddingVectors] = {}
+        for output in self.outputs():
+            if output.kind != "embedding" or output.path.suffix.lower() not in READ_SUFFIXES:
+                continue
+            try:
+                embedding = read_embedding(output.path, expect=expect)
+            except CheckpointError:
+                continue
+            found[output.name] = {key: v.to(model.device) for key, v in embedding.vectors.items()}
+        return found
+
+    def generate(self, settings: SampleSettings, on_step: Callable[[int, int], None] | None = None) -> Image.Image:
+        """One image with the outputs' embeddings usable by name; refused while a job runs."""
+        current = self.jobs.current()
+        if current is not None and current.running:
+            raise JobBusyError(f"the model is busy ({current.title}); generate when the job has finished")
+        with _generation_lock:
+            model = self.workspace.model()
+            with torch.no_grad():
+                return generate(model, settings, self.embeddings(), on_step)
+
+
+_generation_lock = threading.Lock()
+_RUN_SUBFOLDERS = {"checkpoints", "previews", "latent-cache"}  # a run folder's parts that are not results
+
+
+class StandaloneWorkspace(Workspace):
+    """The standalone app: one checkpoint file, outputs under one folder (OUT/KIND/NAME/)."""
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike[str],
+        outputs: str | os.PathLike[str],
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.root = Path(outputs)
+        self.device = device
+        self.dtype = dtype
+        self._model: DiffusionModel | None = None
+        self._lock = threading.Lock()
+
+    def model(self) -> DiffusionModel:
+        with self._lock:
+            if self._model is None:
+                from lib_training.devices import pick_device, pick_dtype
+                from lib_training.standalone import load_model
+
+                device = pick_device(self.device)
+                self._model = load_model(self.checkpoint, device=device, dtype=pick_dtype(self.dtype, device))
+            return self._model
+
+    def describe_model(self) -> str:
+        return str(self.checkpoint)
+
+    def run_folder(self, kind: str, name: str) -> Path:
+        return self.root / kind / name
+
+    def result_folders(self) -> dict[str, Path]:
+        return {kind: self.root / kind for kind in METHODS}
