@@ -27,7 +27,7 @@ def weights_fingerprint(modules: Mapping[str, nn.Module]) -> str:
 def hooks_snapshot(modules: Mapping[str, nn.Module]) -> dict[str, tuple[int, ...]]:
     """Per submodule with hooks or a patched forward: the counts of each kind of hook.
 
-    A module whose `forward` was replaced on the instance counts as patched.
+    A module whose `forward` or `_forward` was replaced on the instance counts as patched.
     """
     snapshot: dict[str, tuple[int, ...]] = {}
     for prefix, root in modules.items():
@@ -38,6 +38,7 @@ def hooks_snapshot(modules: Mapping[str, nn.Module]) -> dict[str, tuple[int, ...
                 len(module._backward_hooks),
                 len(getattr(module, "_backward_pre_hooks", {})),
                 int("forward" in module.__dict__),
+                int("_forward" in module.__dict__),
             )
             if any(counts):
                 snapshot[f"{prefix}.{name}"] = counts

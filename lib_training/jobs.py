@@ -93,10 +93,10 @@ class JobContext:
 
 
 Work = Callable[[JobContext], dict[str, Any]]
-RunExclusive = Callable[[Callable[[], None]], None]
+RunExclusive = Callable[["Job", Callable[[], None]], None]  # (job, body): run body, holding what the host needs
 
 
-def _run_directly(fn: Callable[[], None]) -> None:
+def _run_directly(job: Job, fn: Callable[[], None]) -> None:
     fn()
 
 
@@ -138,7 +138,7 @@ class JobManager:
                 job.state = "failed"
 
         try:
-            self._run_exclusive(body)
+            self._run_exclusive(job, body)
         except Exception as error:  # the host refused to run it (e.g. its own job is running)
             job.error = str(error)
             job.state = "failed"

@@ -7,6 +7,7 @@ ready (a WebUI reloads its embeddings then). `TrainingService` is the same every
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -66,6 +67,11 @@ class Workspace(ABC):
     def describe_model(self) -> str:
         return "the loaded model"
 
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        """Held around everything a job does with the model: a WebUI prepares its model on entry
+        (frozen, optimisations undone, LoRA unmerged, ...) and restores it on exit."""
+        return contextlib.nullcontext()
+
     def after_training(self, kind: str, result: Path) -> None:  # noqa: B027  (optional)
         """A result was written; a WebUI makes it usable here without a restart."""
 
@@ -102,19 +108,19 @@ class TrainingService:
 
         def work(context: JobContext) -> dict[str, Any]:
             method = request.spec.build(request.method)
-            model = self.workspace.model()
-            result = train(
-                model,
-                method,
-                request.data,
-                request.loop,
-                folder,
-                overwrite=request.overwrite,
-                resume=resume,
-                settings={"method": request.to_dict()["method"], "model": self.workspace.describe_model()},
-                on_progress=context.report,
-                should_stop=context.should_stop,
-            )
+            with self.workspace.session():
+                result = train(
+                    self.workspace.model(),
+                    method,
+                    request.data,
+                    request.loop,
+                    folder,
+                    overwrite=request.overwrite,
+                    resume=resume,
+                    settings={"method": request.to_dict()["method"], "model": self.workspace.describe_model()},
+                    on_progress=context.report,
+                    should_stop=context.should_stop,
+                )
             self.workspace.after_training(kind, result.result)
             return {
                 "result": str(result.result),
@@ -175,10 +181,8 @@ class TrainingService:
         current = self.jobs.current()
         if current is not None and current.running:
             raise JobBusyError(f"the model is busy ({current.title}); generate when the job has finished")
-        with _generation_lock:
-            model = self.workspace.model()
-            with torch.no_grad():
-                return generate(model, settings, self.embeddings(), on_step)
+        with _generation_lock, self.workspace.session(), torch.no_grad():
+            return generate(self.workspace.model(), settings, self.embeddings(), on_step)
 
 
 _generation_lock = threading.Lock()

@@ -56,11 +56,17 @@ class TrainingResult:
     folder: Path
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision setting, or None for plain fp32."""
+def autocast_dtype(precision: str, device: torch.device, weights: torch.dtype = torch.float32) -> torch.dtype | None:
+    """The autocast dtype for a precision setting, or None for plain fp32.
+
+    "auto" follows half-precision weights (a WebUI's fp16 model must compute under fp16
+    autocast, with loss scaling), else bf16 or fp16 on a GPU, and fp32 on the CPU.
+    """
     if precision == "fp32":
         return None
     if precision == "auto":
+        if weights in (torch.float16, torch.bfloat16):
+            return weights
         if device.type != "cuda":
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -92,7 +98,7 @@ class Trainer:
         self.on_progress = on_progress or (lambda progress: None)
         self.should_stop = should_stop or (lambda: False)
         self.latent_cache_dir = latent_cache_dir
-        self.autocast = autocast_dtype(loop.precision, model.device)
+        self.autocast = autocast_dtype(loop.precision, model.device, model.dtype)
         self.lr_schedule: StepSchedule = parse_schedule(
             loop.lr,
             name=loop.lr_scheduler,
