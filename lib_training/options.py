@@ -37,12 +37,16 @@ def option(
     label: str | None = None,
     advanced: bool = False,
     internal: bool = False,
+    role: str | None = None,
+    used_by: Sequence[str] | None = None,
 ) -> Any:
     """Declare a settings field.
 
     `flag` overrides the CLI flag (default `--field-name`); `label` the UI label (default from the
     name); `advanced` puts it in the UI's advanced section; `internal` hides it from the CLI and UI
-    (it is still in JSON).
+    (it is still in JSON). `role` says what a text field holds, for a UI to offer the right picker
+    ("model", "lora", "vae", "output", "folder", "regex", "blocks"); `used_by` names the variants
+    (e.g. merge methods) that use the field, so a UI can hide it for the others.
     """
     meta = {
         "help": help,
@@ -53,6 +57,8 @@ def option(
         "label": label,
         "advanced": advanced,
         "internal": internal,
+        "role": role,
+        "used_by": tuple(used_by) if used_by is not None else None,
     }
     return field(default=default, metadata=meta)
 
@@ -73,6 +79,8 @@ class FieldInfo:
     flag: str
     advanced: bool
     optional: bool  # None is allowed
+    role: str | None = None  # what a text field holds: "model", "lora", "output", "folder", "regex", "blocks"
+    used_by: tuple[str, ...] | None = None  # the variants that use the field (None: all)
 
 
 def _base_type(annotation: Any) -> tuple[Any, bool]:
@@ -120,6 +128,8 @@ def describe(cls: type, defaults: Mapping[str, Any] | None = None) -> list[Field
                 flag=f.metadata.get("flag") or "--" + f.name.replace("_", "-"),
                 advanced=bool(f.metadata.get("advanced")),
                 optional=none_ok,
+                role=f.metadata.get("role"),
+                used_by=f.metadata.get("used_by"),
             )
         )
     return infos
