@@ -11,7 +11,6 @@ GPU torch's peak allocated memory. Prints time per step, peak memory and the rat
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -21,19 +20,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from _measure import reset_peak_rss as _reset_peak_rss
+from _measure import rss_kib as _rss_kib
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
 def worker(args: argparse.Namespace) -> dict[str, float]:
