@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lib_training.errors import UserError
+from lib_training.merge.cli import add_merge_parsers
+from lib_training.ui.serve import add_serve_parser
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> None:
@@ -156,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_cmd_generate)
 
     _add_train_parsers(commands)
+    add_merge_parsers(commands)
+    add_serve_parser(commands)
     return parser
 
 

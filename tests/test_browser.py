@@ -1,0 +1,159 @@
+"""A person's first run, in a real browser: `serve --demo`, fill the textual-inversion form, train.
+
+Headless Chromium (Debian's `chromium` package, never a downloaded browser) driven by Playwright.
+The page's own polling script must move the progress bar, show a preview image and the loss plot,
+and list the result. A screenshot of the finished page is kept in test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+SCREENSHOT = ARTIFACTS / "browser-training.png"
+STEPS = 16
+
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} is missing: apt-get install chromium (CI installs it)", allow_module_level=True)
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is missing: pip install -r requirements-dev.txt (CI installs it)"
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """(URL, outputs folder) of `python -m lib_training serve --demo` on a free port."""
+    root = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    env = {**os.environ, "SDWT_CACHE": str(root / "cache"), "GRADIO_ANALYTICS_ENABLED": "False"}
+    command = [sys.executable, "-m", "lib_training", "serve", "--demo", "--port", str(port)]
+    log = (root / "server.log").open("w")
+    process = subprocess.Popen(
+        [*command, "--outputs", str(root / "outputs"), "--device", "cpu"],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 90
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"serve exited with {process.returncode}:\n{(root / 'server.log').read_text()}")
+            try:
+                with urllib.request.urlopen(url + "training/v1/methods", timeout=2):
+                    break
+            except OSError:
+                if time.time() > deadline:
+                    raise AssertionError("serve did not answer within 90 s") from None
+                time.sleep(0.3)
+        yield url, root / "outputs"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(30_000)
+        page.goto(server[0], wait_until="domcontentloaded")
+        yield page
+        browser.close()
+
+
+def _block(page, elem_id: str):
+    """A component by elem_id (Gradio 3 repeats an HTML component's id on an inner element)."""
+    return page.locator(f"#{elem_id}").first
+
+
+def _field(page, elem_id: str):
+    return _block(page, elem_id).locator("textarea, input").first
+
+
+def _training_step(page) -> int | None:
+    """The training step the progress bar shows (also while previewing or saving), else None."""
+    text = page.locator("#sdwt-embedding-progress .sdwt-progress-text").inner_text()
+    match = re.match(rf"(Training|Previewing|Saving) · step (\d+)/{STEPS}", text)
+    return int(match.group(2)) if match else None
+
+
+def test_demo_training_runs_end_to_end_in_the_browser(page, server) -> None:
+    expect = sync_api.expect
+    page.wait_for_selector("#sdwt-embedding-start")
+
+    # The demo pre-filled the form; choose our own name and a short run.
+    _field(page, "sdwt-embedding-method-name").fill("browser-test")
+    steps = _field(page, "sdwt-embedding-loop-steps")
+    steps.fill("0")
+    expect(_block(page, "sdwt-embedding-loop-steps")).to_contain_text("must be at least 1")  # checked inline
+    steps.fill(str(STEPS))
+    _field(page, "sdwt-embedding-loop-preview-every").fill("4")
+    expect(_block(page, "sdwt-embedding-loop-steps")).not_to_contain_text("must be at least 1")
+
+    page.click("#sdwt-embedding-check")
+    expect(page.locator("#sdwt-embedding-summary textarea")).to_have_value(re.compile(r"images: 6"))
+    expect(page.locator("#sdwt-embedding-samples img").first).to_be_visible()
+
+    page.click("#sdwt-embedding-start")
+    expect(_block(page, "sdwt-embedding-status")).to_contain_text("Started Textual inversion: browser-test")
+    expect(_block(page, "sdwt-embedding-interrupt")).to_be_enabled()
+    seen = set()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        seen.add(_training_step(page))
+        state = page.locator("#sdwt-embedding-progress .sdwt-progress").get_attribute("data-sdwt-state")
+        if state != "running":
+            break
+        time.sleep(0.2)
+    assert state == "finished", _block(page, "sdwt-embedding-result").inner_text()
+    assert {s for s in seen if s is not None and 0 < s < STEPS}, f"no training step was shown on the way: {seen}"
+
+    expect(_block(page, "sdwt-embedding-progress")).to_contain_text(f"step {STEPS}/{STEPS}")
+    expect(page.locator("#sdwt-embedding-preview img")).to_be_visible()
+    expect(_block(page, "sdwt-embedding-preview")).to_contain_text(f"Preview at step {STEPS}")
+    expect(page.locator("#sdwt-embedding-loss img")).to_be_visible()
+    result = server[1] / "embedding" / "browser-test" / "browser-test.safetensors"
+    expect(page.locator("#sdwt-embedding-result [data-sdwt-result]")).to_contain_text(str(result))
+    assert result.is_file()
+    expect(_block(page, "sdwt-embedding-start")).to_be_enabled()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
