@@ -7,7 +7,8 @@ RSS is clean), with the inputs evicted from the page cache before each run:
 - floor: read B (and C) with plain reads and copy A to a new file: the disk work any merge does;
 - ours: `lib_training.merge` weighted sum of A and B, and add difference A + alpha(B - C), with its
   defaults (the inputs' sha256 computed alongside, for the metadata);
-- ours-nohash: the same without hashing the inputs (`hash_inputs=False`, or hashes a host knows);
+- ours-nohash: the same without hashing the inputs (`hash_inputs=False`; as when the hashes are
+  already cached, which they are from the second merge of the same files on);
 - naive: `safetensors.torch.load_file` of every input, compute each key in fp32, `save_file`.
 
 Prints wall time, peak RSS (the child's VmHWM) and the ratios ours/floor and ours/naive.
@@ -26,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -181,7 +183,10 @@ def measure(kind: str, inputs: list[Path], out: Path, method: str, threads: int)
         str(threads),
     ]
     command += ["--inputs", *map(str, inputs)]
-    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    # A fresh hash cache for every run: "ours" measures hashing the inputs for the first time.
+    with tempfile.TemporaryDirectory() as hash_cache:
+        env = {**os.environ, "SDWT_CACHE": hash_cache}
+        done = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -7,6 +7,20 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_user_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Tests never write into the real user cache (demo assets, file hashes)."""
+    import os
+
+    previous = os.environ.get("SDWT_CACHE")
+    os.environ["SDWT_CACHE"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("SDWT_CACHE", None)
+    else:
+        os.environ["SDWT_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Paths of tiny random checkpoints: "sd1", "sd2", "sdxl" (seed 0), written on first use."""

@@ -7,7 +7,6 @@ half-made cache. The presets fill the textual-inversion form so that a run on a 
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from lib_training.errors import UserError
+from lib_training.user_cache import cache_root
 
 DEMO_VERSION = "demo-v1"
 IMAGE_SIDE = 96
@@ -32,12 +32,6 @@ _SHAPES = [
     ("square", "purple", (140, 50, 180)),
     ("triangle", "teal", (20, 150, 150)),
 ]
-
-
-def cache_root() -> Path:
-    """`$SDWT_CACHE`, or `~/.cache/sd-webui-training`."""
-    configured = os.environ.get("SDWT_CACHE")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "sd-webui-training"
 
 
 @dataclass(frozen=True)
