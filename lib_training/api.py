@@ -6,20 +6,29 @@ WebUI's FastAPI app alike, under `/training/v1`.
     GET  /training/v1/jobs                    recent jobs
     GET  /training/v1/jobs/current            the running or last job (404 if none yet)
     GET  /training/v1/jobs/{id}               one job's state and progress
-    POST /training/v1/jobs/{id}/cancel        ask it to stop (it saves first)
+    POST /training/v1/jobs/{id}/cancel        ask it to stop (a training saves first; a merge leaves no file)
     GET  /training/v1/jobs/{id}/preview       its newest preview image (PNG)
     GET  /training/v1/outputs                 result files
+    POST /training/v1/merge                   start a checkpoint merge: 202 + job, 409 if busy, 422 + field errors
+    POST /training/v1/lora/bake               start baking LoRAs into a checkpoint (likewise)
+    POST /training/v1/lora/extract            start extracting a LoRA from a tuned model and its base
+    POST /training/v1/lora/resize             start changing a LoRA's rank
+
+Merges are jobs like trainings (watched and cancelled with the job routes), and one job runs at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from lib_training.errors import UserError
-from lib_training.jobs import JobBusyError, JobNotFoundError
+from lib_training.jobs import Job, JobBusyError, JobNotFoundError
+from lib_training.merge_service import TOOLS, MergeService, MergeTool
+from lib_training.merge_service import request_schema as merge_request_schema
 from lib_training.options import SettingsError, json_schema
 from lib_training.service import TrainingService
 from lib_training.training.catalog import GROUPS, METHODS
@@ -38,8 +47,10 @@ def _error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"detail": message, **extra}, status_code=status)
 
 
-def build_router(service: TrainingService) -> APIRouter:
+def build_router(service: TrainingService, merges: MergeService | None = None) -> APIRouter:
+    """The routes, over `service` and `merges` (by default a `MergeService` sharing the service's jobs)."""
     router = APIRouter(prefix=PREFIX, tags=["sd-webui-training"])
+    merges = merges or MergeService(service.workspace, service.jobs)
 
     @router.get("/methods")
     def methods() -> dict[str, Any]:
@@ -47,6 +58,8 @@ def build_router(service: TrainingService) -> APIRouter:
 
     for kind in METHODS:
         _add_train_route(router, service, kind)
+    for spec in TOOLS.values():
+        _add_merge_route(router, merges, spec)
 
     @router.get("/jobs")
     def jobs() -> list[dict[str, Any]]:
@@ -92,23 +105,28 @@ def build_router(service: TrainingService) -> APIRouter:
     return router
 
 
+async def _start_job(request: Request, start: Callable[[Any], Job]) -> JSONResponse:
+    """202 and the job `start(body)` started; 409 if another job runs; 422 with field errors."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return _error(422, "the request body is not JSON", errors={"": "not JSON"})
+    try:
+        job = start(body)
+    except SettingsError as error:
+        return _error(422, "invalid settings", errors=error.errors)
+    except JobBusyError as error:
+        return _error(409, str(error))
+    except UserError as error:
+        return _error(422, str(error), errors={"": str(error)})
+    return JSONResponse(job.to_dict(), status_code=202)
+
+
 def _add_train_route(router: APIRouter, service: TrainingService, kind: str) -> None:
     spec = METHODS[kind]
 
     async def start(request: Request) -> Any:
-        try:
-            body = await request.json()
-        except ValueError:
-            return _error(422, "the request body is not JSON", errors={"": "not JSON"})
-        try:
-            job = service.start_training(kind, body)
-        except SettingsError as error:
-            return _error(422, "invalid settings", errors=error.errors)
-        except JobBusyError as error:
-            return _error(409, str(error))
-        except UserError as error:
-            return _error(422, str(error), errors={"": str(error)})
-        return JSONResponse(job.to_dict(), status_code=202)
+        return await _start_job(request, lambda body: service.start_training(kind, body))
 
     router.add_api_route(
         f"/train/{kind}",
@@ -119,5 +137,32 @@ def _add_train_route(router: APIRouter, service: TrainingService, kind: str) -> 
         responses={409: {"description": "another job is running"}, 422: {"description": "invalid settings"}},
         openapi_extra={
             "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema(kind)}}}
+        },
+    )
+
+
+_MERGE_PATHS = (
+    " Model inputs are paths, or names relative to the model folders; a relative output name is written to the "
+    "merge output folder (OUT/merge/ in the standalone app)."
+)
+
+
+def _add_merge_route(router: APIRouter, merges: MergeService, spec: MergeTool) -> None:
+    async def start(request: Request) -> Any:
+        return await _start_job(request, lambda body: merges.start(spec.kind, body))
+
+    router.add_api_route(
+        f"/{spec.kind}",
+        start,
+        methods=["POST"],
+        summary=f"Start: {spec.title}",
+        description=(spec.config.__doc__ or "").strip() + _MERGE_PATHS,
+        status_code=202,
+        responses={409: {"description": "another job is running"}, 422: {"description": "invalid settings"}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": merge_request_schema(spec.kind)}},
+            }
         },
     )

@@ -118,7 +118,7 @@ def describe(cls: type, defaults: Mapping[str, Any] | None = None) -> list[Field
             FieldInfo(
                 name=f.name,
                 kind=kind,
-                label=f.metadata.get("label") or f.name.replace("_", " ").capitalize(),
+                label=f.metadata.get("label") or default_label(f.name),
                 help=f.metadata.get("help", ""),
                 default=default,
                 required=f.default is MISSING and f.default_factory is MISSING and f.name not in defaults,
@@ -133,6 +133,17 @@ def describe(cls: type, defaults: Mapping[str, Any] | None = None) -> list[Field
             )
         )
     return infos
+
+
+_ACRONYMS = {"unet": "UNet", "vae": "VAE", "ema": "EMA", "lr": "LR", "cfg": "CFG", "snr": "SNR", "svd": "SVD"}
+
+
+def default_label(name: str) -> str:
+    """A UI label from a field name: words capitalised like a sentence, known acronyms kept."""
+    words = [_ACRONYMS.get(word, word) for word in name.split("_")]
+    if words and words[0] == name.split("_")[0]:
+        words[0] = words[0].capitalize()
+    return " ".join(words)
 
 
 def _convert(info: FieldInfo, value: Any) -> Any:

@@ -1,12 +1,14 @@
-"""A person's first run, in a real browser: `serve --demo`, fill the textual-inversion form, train.
+"""A person's first run, in a real browser: `serve --demo`, fill the textual-inversion form, train;
+then merge the demo model with itself in the Merge tab.
 
 Headless Chromium (Debian's `chromium` package, never a downloaded browser) driven by Playwright.
 The page's own polling script must move the progress bar, show a preview image and the loss plot,
-and list the result. A screenshot of the finished page is kept in test-artifacts/.
+and list the result. Screenshots of the finished pages are kept in test-artifacts/.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -22,6 +24,7 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 SCREENSHOT = ARTIFACTS / "browser-training.png"
+MERGE_SCREENSHOT = ARTIFACTS / "browser-merge.png"
 STEPS = 16
 
 if not CHROMIUM.exists():
@@ -157,3 +160,28 @@ def test_demo_training_runs_end_to_end_in_the_browser(page, server) -> None:
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_a_merge_of_the_demo_model_runs_from_the_merge_tab(page, server) -> None:
+    expect = sync_api.expect
+    page.get_by_role("tab", name="Merge").first.click()
+    page.wait_for_selector("#sdwt-merge-start")
+    page.click("#sdwt-merge-start")  # nothing chosen yet: the problems are listed, nothing runs
+    expect(_block(page, "sdwt-merge-status")).to_contain_text("A: required")
+
+    for field in ("a", "b"):  # both from the list of the model folder's checkpoints
+        page.locator(f"#sdwt-merge-{field} input").first.click()
+        page.get_by_role("option", name="tiny-sd1.safetensors").first.click()
+    _field(page, "sdwt-merge-out").fill("browser-merge")
+    page.click("#sdwt-merge-start")
+
+    result = server[1] / "merge" / "browser-merge.safetensors"
+    expect(page.locator("#sdwt-merge-result [data-sdwt-result]")).to_contain_text(str(result), timeout=60_000)
+    expect(_block(page, "sdwt-merge-progress")).to_contain_text("Finished")
+    data = result.read_bytes()
+    digest = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little") :]).hexdigest()
+    expect(page.locator("#sdwt-merge-result [data-sdwt-sha256]")).to_have_text(digest)
+    expect(_block(page, "sdwt-merge-start")).to_be_enabled()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(MERGE_SCREENSHOT), full_page=True)

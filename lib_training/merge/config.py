@@ -26,16 +26,19 @@ class MergeConfig:
     """A checkpoint merge: which models, which formula, which ratios, what to write."""
 
     a: str = option(
-        help="model A: the primary model; its keys, metadata and extra input channels are kept", role="model"
+        help="model A: the primary model; its keys, metadata and extra input channels are kept",
+        role="model",
+        label="Model A",
     )
-    out: str = option(help="output .safetensors file", role="output")
+    out: str = option(help="output .safetensors file", role="output", label="Output file")
     method: str = option("weighted_sum", "merge formula (see the methods list)", choices=tuple(METHODS))
-    b: str = option("", "model B", role="model", used_by=_USES_B)
+    b: str = option("", "model B", role="model", used_by=_USES_B, label="Model B")
     c: str = option(
         "",
         "model C: the base of B for add/train difference; the common base of A and B for ties and dare",
         role="model",
         used_by=_USES_C,
+        label="Model C",
     )
     alpha: float = option(0.5, "ratio alpha (see the method's formula)", min=-1.0, max=2.0)
     beta: float = option(
@@ -65,7 +68,7 @@ class MergeConfig:
     discard: str = option("", "leave keys matching this regex out of the output", role="regex")
     prune_ema: bool = option(True, "leave EMA weights (model_ema.*) out of the output")
     vae: str = option("", "bake this VAE into the output (replaces the VAE weights)", role="vae")
-    dtype: str = option("fp16", "dtype of the output's float tensors", choices=DTYPE_CHOICES)
+    dtype: str = option("fp16", "dtype of the output's float tensors", choices=DTYPE_CHOICES, label="Output dtype")
     device: str = option(
         "cpu", "where to compute: cpu, cuda or cuda:N (inputs are read and computed in fp32 there, one piece at a time)"
     )
@@ -113,12 +116,12 @@ class LoraBakeConfig:
     """Bake LoRAs into a checkpoint: W += strength · block weight · (alpha / rank) · up @ down."""
 
     model: str = option(help="checkpoint to bake into", role="model")
-    out: str = option(help="output .safetensors file", role="output")
+    out: str = option(help="output .safetensors file", role="output", label="Output file")
     # Not a plain value: the CLI reads it from repeated --lora options, the UI from rows of LoraSpec.
     loras: list[LoraSpec] = field(
         default_factory=list, metadata={"help": "LoRAs to bake, applied in order", "internal": True}
     )
-    dtype: str = option("fp16", "dtype of the output's float tensors", choices=DTYPE_CHOICES)
+    dtype: str = option("fp16", "dtype of the output's float tensors", choices=DTYPE_CHOICES, label="Output dtype")
     device: str = option("cpu", "where to compute: cpu, cuda or cuda:N")
     prune_ema: bool = option(True, "leave EMA weights (model_ema.*) out of the output")
     copy_metadata: bool = option(True, "start the output's metadata from the checkpoint's")
@@ -141,7 +144,7 @@ class LoraExtractConfig:
 
     base: str = option(help="the original model", role="model")
     tuned: str = option(help="the fine-tuned model", role="model")
-    out: str = option(help="output LoRA .safetensors file", role="output")
+    out: str = option(help="output LoRA .safetensors file", role="output", label="Output file")
     rank: int = option(32, "rank (dim) of the linear and 1x1 layers", min=1, max=1024)
     conv_rank: int = option(
         0, "rank of the 3x3 convolutions of the ResBlocks and samplers (LoCon); 0: leave them out", min=0, max=1024
@@ -152,7 +155,7 @@ class LoraExtractConfig:
     min_diff: float = option(
         0.01, "a text encoder whose weights differ by at most this everywhere is left out", min=0.0, max=1.0
     )
-    dtype: str = option("fp16", "dtype of the LoRA's tensors", choices=DTYPE_CHOICES)
+    dtype: str = option("fp16", "dtype of the LoRA's tensors", choices=DTYPE_CHOICES, label="Output dtype")
     device: str = option("cpu", "where to compute the SVDs: cpu, cuda or cuda:N")
     overwrite: bool = option(False, "replace the output file if it exists")
 
@@ -172,7 +175,7 @@ class LoraResizeConfig:
     """Change a LoRA's rank: SVD of each module's up @ down, keeping the largest singular values."""
 
     lora: str = option(help="LoRA file (kohya format)", role="lora")
-    out: str = option(help="output LoRA .safetensors file", role="output")
+    out: str = option(help="output LoRA .safetensors file", role="output", label="Output file")
     rank: int = option(8, "new rank (the most kept, with a dynamic method)", min=1, max=1024)
     conv_rank: int = option(0, "new rank of 3x3 convolutions; 0: same as rank", min=0, max=1024)
     dynamic_method: str = option(
@@ -185,7 +188,7 @@ class LoraResizeConfig:
     dynamic_param: float = option(
         0.0, "parameter of the dynamic method (ratio > 1, or fraction in (0, 1])", min=0.0, max=100.0
     )
-    dtype: str = option("fp16", "dtype of the LoRA's tensors", choices=DTYPE_CHOICES)
+    dtype: str = option("fp16", "dtype of the LoRA's tensors", choices=DTYPE_CHOICES, label="Output dtype")
     device: str = option("cpu", "where to compute the SVDs: cpu, cuda or cuda:N")
     overwrite: bool = option(False, "replace the output file if it exists")
 
