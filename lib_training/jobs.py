@@ -126,6 +126,10 @@ class JobManager:
 
     def _run(self, job: Job, work: Work) -> None:
         def body() -> None:
+            if job.stop_event.is_set():  # cancelled while waiting for the host's queue: do nothing
+                job.result = {"cancelled": True}
+                job.state = "interrupted"
+                return
             context = JobContext(job)
             try:
                 job.result = work(context) or {}

@@ -2,7 +2,8 @@
 
 A `Workspace` is the place we run in: the standalone app over a checkpoint file, or a WebUI with
 its loaded model. It provides the model, says where outputs go, and is told when a result is
-ready (a WebUI reloads its embeddings then). `TrainingService` is the same everywhere.
+ready (a WebUI reloads its embeddings then); for the Merge tab it also says where models are and
+where merged ones go. `TrainingService` is the same everywhere.
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ class Workspace(ABC):
     def result_folders(self) -> dict[str, Path]:
         """Folders holding finished results, by kind (scanned for the outputs list)."""
 
+    def runs_root(self, kind: str) -> Path:
+        """The folder under which the run folders of `kind` are (searched for earlier runs' settings)."""
+        return self.run_folder(kind, "_").parent
+
+    def result_dir(self, kind: str, name: str) -> Path | None:
+        """Where the result file of a run goes, if not into its run folder (a WebUI's embeddings folder)."""
+        return None
+
     def describe_model(self) -> str:
         return "the loaded model"
 
@@ -74,6 +83,29 @@ class Workspace(ABC):
 
     def after_training(self, kind: str, result: Path) -> None:  # noqa: B027  (optional)
         """A result was written; a WebUI makes it usable here without a restart."""
+
+    # --- for the Merge tab (optional: the defaults suit a workspace without model folders) -------------
+    def model_folders(self) -> dict[str, list[Path]]:
+        """Folders holding models, by kind: "checkpoints", "loras", "vaes" (searched in order, with
+        their subfolders). The Merge tab offers their files, and input names relative to one of them
+        are found there. Default: none (inputs are given as paths)."""
+        return {}
+
+    def merge_output_folder(self, kind: str) -> Path:
+        """Where a merge tool writes an output given by a relative name: kind "checkpoints" (merges,
+        LoRA bakes) or "loras" (LoRA extract and resize). Default: the first model folder of the kind."""
+        folders = self.model_folders().get(kind)
+        if not folders:
+            raise ConfigError(f"there is no folder for {kind} here: give the output as an absolute path")
+        return folders[0]
+
+    def known_sha256(self, paths: list[Path]) -> dict[str, str]:
+        """sha256 digests of model files the host already knows (its hash cache), by path; the merge
+        computes the others. Default: none."""
+        return {}
+
+    def after_merge(self, kind: str, result: Path) -> None:  # noqa: B027  (optional)
+        """A merge tool wrote `result` (kind "checkpoints" or "loras"); a WebUI refreshes its lists."""
 
 
 class TrainingService:
@@ -105,6 +137,7 @@ class TrainingService:
         if current is not None and current.running:
             raise JobBusyError(f"a job is already running ({current.title}); wait for it or interrupt it")
         folder = self.workspace.run_folder(kind, request.name)
+        result_dir = self.workspace.result_dir(kind, request.name)
 
         def work(context: JobContext) -> dict[str, Any]:
             method = request.spec.build(request.method)
@@ -120,6 +153,7 @@ class TrainingService:
                     settings={"method": request.to_dict()["method"], "model": self.workspace.describe_model()},
                     on_progress=context.report,
                     should_stop=context.should_stop,
+                    result_dir=result_dir,
                 )
             self.workspace.after_training(kind, result.result)
             return {
@@ -186,11 +220,13 @@ class TrainingService:
 
 
 _generation_lock = threading.Lock()
+MERGE_KIND = "merge"  # the standalone outputs' folder of merge-tool results: OUT/merge/
 _RUN_SUBFOLDERS = {"checkpoints", "previews", "latent-cache"}  # a run folder's parts that are not results
 
 
 class StandaloneWorkspace(Workspace):
-    """The standalone app: one checkpoint file, outputs under one folder (OUT/KIND/NAME/)."""
+    """The standalone app: one checkpoint file, outputs under one folder (OUT/KIND/NAME/; the merge
+    tools' outputs in OUT/merge/)."""
 
     def __init__(
         self,
@@ -223,4 +259,13 @@ class StandaloneWorkspace(Workspace):
         return self.root / kind / name
 
     def result_folders(self) -> dict[str, Path]:
-        return {kind: self.root / kind for kind in METHODS}
+        return {**{kind: self.root / kind for kind in METHODS}, MERGE_KIND: self.root / MERGE_KIND}
+
+    def model_folders(self) -> dict[str, list[Path]]:
+        """The checkpoint's folder for every kind, and OUT/merge/ (merge outputs) for checkpoints and LoRAs."""
+        here, merged = self.checkpoint.parent, self.root / MERGE_KIND
+        return {"checkpoints": [here, merged], "loras": [here, merged], "vaes": [here]}
+
+    def merge_output_folder(self, kind: str) -> Path:
+        """OUT/merge/ for merged checkpoints and LoRAs alike."""
+        return self.root / MERGE_KIND

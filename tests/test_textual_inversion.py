@@ -210,6 +210,12 @@ def test_model_is_unchanged_after_training(tiny_sd1, red_ball, tmp_path) -> None
     assert not any(getattr(m, "gradient_checkpointing", False) for m in tiny_sd1.unet_module.modules())
 
 
+def test_a_run_stopped_before_its_first_step_writes_no_result(tiny_sd1, red_ball, tmp_path) -> None:
+    result = train(tiny_sd1, _method(), _data(red_ball), FAST, tmp_path, should_stop=lambda: True)
+    assert result.interrupted and result.step == 0
+    assert not result.result.exists() and not (tmp_path / "resume.pt").exists()
+
+
 def test_model_is_unchanged_after_an_interrupt(tiny_sd1, red_ball, tmp_path) -> None:
     before = _model_state(tiny_sd1)
     calls = iter(range(100))

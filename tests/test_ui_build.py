@@ -15,6 +15,9 @@ import gradio as gr
 import pytest
 from fastapi.testclient import TestClient
 
+from lib_training.merge import LoraSpec, MergeConfig
+from lib_training.merge.blocks import PRESETS
+from lib_training.merge_service import ROLE_FOLDERS, TOOLS, MergeService, field_used
 from lib_training.options import describe
 from lib_training.service import StandaloneWorkspace, TrainingService
 from lib_training.training.catalog import GROUPS, METHODS, parse_request
@@ -23,7 +26,8 @@ from lib_training.ui.compat import choice_values
 from lib_training.ui.demo import DemoAssets, demo_assets, training_preset, write_shapes
 from lib_training.ui.form import ERROR_MARK, SettingsForm, is_slider, range_text
 from lib_training.ui.generate_tab import build_generate_tab
-from lib_training.ui.merge_tab import build_merge_tab
+from lib_training.ui.merge_form import visible_fields
+from lib_training.ui.merge_tab import ToolPanel, build_merge_tab
 from lib_training.ui.run_view import RunView
 from lib_training.ui.runs import run_configs
 from lib_training.ui.training_tab import MethodPanel, build_training_tab
@@ -122,12 +126,6 @@ def test_advanced_fields_sit_in_a_closed_advanced_accordion(service) -> None:
         assert in_advanced(control.component) == control.info.advanced, control.key
 
 
-def test_merge_tab_points_to_the_command_line(service) -> None:
-    blocks = build_merge_tab(service)
-    text = next(b.value for b in blocks.blocks.values() if isinstance(b, gr.Markdown))
-    assert "python -m lib_training merge --help" in text
-
-
 def test_generate_tab_lists_the_embeddings_in_the_outputs(service, tmp_path) -> None:
     folder = tmp_path / "outputs" / "embedding" / "my-cat"
     folder.mkdir(parents=True)
@@ -192,6 +190,38 @@ def test_dataset_preview_shows_the_count_and_samples_with_prompts(service, demo)
     image, prompt = samples[0]
     assert image.size[0] <= 192 and preset["method"]["name"] in prompt
     assert "sdwt-info" in status
+
+
+def test_a_run_that_ends_between_two_polls_still_gets_its_buttons_back(service, demo) -> None:
+    preset = training_preset(demo, steps=1)
+    panel = _panel(service, preset)
+    *_, seen = panel.poll({})  # the page polled while idle: Start enabled, Interrupt disabled
+    *updates, seen = panel.start_clicked(seen, *_values(panel.form, preset), False)
+    assert _update(updates[2])["interactive"] is False
+    assert _wait(service).state == "finished"
+    _progress, _preview, _loss, _result, start, interrupt, _status, _seen = panel.poll(seen)
+    assert start["interactive"] is True and interrupt["interactive"] is False
+
+
+def test_earlier_runs_are_found_under_the_workspace_runs_root(tmp_path) -> None:
+    """A WebUI keeps runs in LOG/DATE/NAME: runs of earlier days are offered too."""
+    import json
+
+    from lib_training.service import StandaloneWorkspace, TrainingService
+    from lib_training.ui.runs import run_configs
+
+    class DatedWorkspace(StandaloneWorkspace):
+        def run_folder(self, kind, name):
+            return self.root / "log" / "2026-11-21" / name
+
+        def runs_root(self, kind):
+            return self.root / "log"
+
+    workspace = DatedWorkspace(tmp_path / "model.safetensors", tmp_path / "out")
+    old = workspace.root / "log" / "2026-11-20" / "cat" / "config.json"
+    old.parent.mkdir(parents=True)
+    old.write_text(json.dumps({"method": {"kind": "embedding", "name": "cat"}}))
+    assert run_configs(TrainingService(workspace), "embedding") == [old.resolve()]
 
 
 def test_dataset_problems_are_shown_before_training(service, demo, tmp_path) -> None:
@@ -294,3 +324,216 @@ def test_demo_assets_are_made_once_then_reused(demo) -> None:
     made = demo.checkpoint.stat().st_mtime_ns
     again = demo_assets(demo.checkpoint.parents[1])
     assert again == demo and again.checkpoint.stat().st_mtime_ns == made
+
+
+# --- the Merge tab ------------------------------------------------------------------------------------
+def _tool_panel(service: TrainingService, kind: str = "merge") -> ToolPanel:
+    with gr.Blocks():
+        return ToolPanel(MergeService(service.workspace, service.jobs), TOOLS[kind])
+
+
+def _tool_values(panel: ToolPanel, settings: dict, rows: list[dict] | None = None) -> list[Any]:
+    """Control values as the page would send them (defaults elsewhere), then the rows and their count."""
+
+    def shown(control, given: dict) -> Any:
+        value = given.get(control.info.name, control.info.default)
+        return "" if value is None and control.info.kind in ("str", "path") else value
+
+    values = [shown(control, settings) for control in panel.form.controls]
+    for index, form in enumerate(panel.rows):
+        given = rows[index] if rows and index < len(rows) else {}
+        values += [shown(control, given) for control in form.controls]
+    if panel.rows:
+        values.append(len(rows or [{}]))
+    return values
+
+
+def panel_pickers(panel: ToolPanel) -> list[str]:
+    """The model pickers' values as the page sends them with a poll (nothing chosen)."""
+    return ["" for _ in panel.pickers]
+
+
+def test_merge_tab_has_one_sub_tab_per_tool(service) -> None:
+    blocks = build_merge_tab(service)
+    tabs = [b for b in blocks.blocks.values() if isinstance(b, gr.Tab)]
+    assert [tab.label for tab in tabs] == ["Checkpoint merge", "LoRA bake", "LoRA extract", "LoRA resize"]
+    intro = next(b.value for b in blocks.blocks.values() if isinstance(b, gr.Markdown))
+    assert str(service.workspace.root / "merge") in intro and "python -m lib_training merge --help" in intro
+
+
+@pytest.mark.parametrize("kind", list(TOOLS))
+def test_tool_form_controls_match_the_settings_described_by_the_config(service, kind) -> None:
+    panel = _tool_panel(service, kind)
+    infos = describe(TOOLS[kind].config)
+    assert sorted(c.info.name for c in panel.form.controls) == sorted(info.name for info in infos)
+    for control in panel.form.controls:
+        info, component = control.info, control.component
+        assert component.label == info.label and info.help in component.info
+        if info.role in ROLE_FOLDERS:
+            assert isinstance(component, gr.Dropdown) and component.allow_custom_value
+        elif info.role == "blocks":
+            assert isinstance(component, gr.Dropdown) and choice_values(component) == list(PRESETS)
+        elif info.kind == "bool":
+            assert isinstance(component, gr.Checkbox) and component.value == info.default
+        elif info.choices is not None:
+            assert isinstance(component, gr.Dropdown) and choice_values(component) == list(info.choices)
+        elif info.optional:
+            assert isinstance(component, gr.Textbox) and component.value == ""  # empty: the default applies
+        elif is_slider(info):
+            assert isinstance(component, gr.Slider) and (component.minimum, component.maximum) == (info.min, info.max)
+        elif info.kind in ("int", "float"):
+            assert isinstance(component, gr.Number) and range_text(info) in component.info
+        else:
+            assert isinstance(component, gr.Textbox)
+
+
+def test_bake_tab_has_rows_of_lora_settings(service) -> None:
+    panel = _tool_panel(service, "lora/bake")
+    assert len(panel.rows) == 5
+    for form in panel.rows:
+        assert [c.info.name for c in form.controls] == [info.name for info in describe(LoraSpec)]
+    assert panel.rows[1].controls[0].component.label == "LoRA 2"
+
+
+def test_fields_are_visible_only_for_the_methods_that_use_them() -> None:
+    everything = [info.name for info in describe(MergeConfig)]
+    assert visible_fields(MergeConfig, None) == everything
+    weighted = visible_fields(MergeConfig, "weighted_sum")
+    assert {"a", "b", "alpha", "blocks", "out"} <= set(weighted)
+    assert not {"c", "beta", "blocks_beta", "density", "seed"} & set(weighted)
+    assert "b" not in visible_fields(MergeConfig, "none")
+    assert {"c", "beta", "blocks_beta"} <= set(visible_fields(MergeConfig, "triple_sum"))
+    assert {"c", "density", "seed"} <= set(visible_fields(MergeConfig, "dare"))
+    assert "seed" not in visible_fields(MergeConfig, "ties")
+
+
+def test_choosing_a_method_shows_its_fields_and_formula(service) -> None:
+    panel = _tool_panel(service)
+    initial = {c.info.name: c.component.visible for c in panel.form.controls}
+    assert initial["b"] and not initial["c"]
+    updates = panel.form.method_updates("add_difference")
+    shown = {c.info.name: u["visible"] for c, u in zip(panel.form.controls, updates)}
+    assert shown == {c.info.name: field_used(c.info, "add_difference") for c in panel.form.controls}
+    method = next(u for c, u in zip(panel.form.controls, updates) if c.info.name == "method")
+    assert "A + alpha·(B - C)" in method["info"]
+    rows = {
+        tuple(i.name for i in infos): u["visible"]
+        for (_, infos), u in zip(panel.form.method_rows, updates[len(shown) :])
+    }
+    assert rows[("density", "seed")] is False  # a row of hidden fields is hidden too: no empty gap
+    assert rows[("c",)] is True
+
+
+def test_model_pickers_offer_the_checkpoints_of_the_model_folders(service, demo) -> None:
+    panel = _tool_panel(service)
+    a = next(c.component for c in panel.form.controls if c.info.name == "a")
+    assert choice_values(a) == [demo.checkpoint.name] and a.value is None  # nothing chosen yet
+    vae = next(c.component for c in panel.form.controls if c.info.name == "vae")
+    assert choice_values(vae) == []  # the demo folder holds no VAE
+
+
+def test_a_merge_started_from_the_tab_shows_its_result_and_sha256(service, demo) -> None:
+    panel = _tool_panel(service)
+    name = demo.checkpoint.name
+    values = _tool_values(panel, {"a": name, "b": name, "alpha": 0.25, "blocks": "in_to_out", "out": "tab-merge"})
+    status, progress, start, interrupt, *_hints = panel.start_job(*values)
+    assert "Started Checkpoint merge: tab-merge.safetensors" in status
+    assert _update(start)["interactive"] is False and _update(interrupt)["interactive"] is True
+    job = _wait(service)
+    assert job.state == "finished", job.error
+    assert job.settings["alpha"] == 0.25 and job.settings["blocks"] == "in_to_out"
+    progress, result, start, interrupt, status, *_lists, _seen = panel.poll({"running": True}, *panel_pickers(panel))
+    assert status["value"] == ""  # "Started ..." is over
+    assert 'data-sdwt-state="finished"' in progress["value"] and "987/987 tensors" in progress["value"]
+    path = service.workspace.root / "merge" / "tab-merge.safetensors"
+    assert path.is_file() and f'data-sdwt-result="{path}"' in result["value"]
+    assert job.result["sha256"] in result["value"]
+    assert start["interactive"] is True and interrupt["interactive"] is False
+
+
+def test_a_merge_that_ends_between_two_polls_still_gets_its_buttons_back(service, demo) -> None:
+    panel = _tool_panel(service)
+    _, seen = panel.view.poll({})[:2]  # the page polled while idle: Start enabled, Interrupt disabled
+    name = demo.checkpoint.name
+    *updates, seen = panel.start_clicked(seen, *_tool_values(panel, {"a": name, "method": "none", "out": "quick"}))
+    assert _update(updates[2])["interactive"] is False
+    assert _wait(service).state == "finished"
+    _progress, _result, start, interrupt, *_ = panel.poll(seen, *panel_pickers(panel))
+    assert start["interactive"] is True and interrupt["interactive"] is False
+
+
+def test_a_finished_merge_refreshes_the_model_lists(service, demo) -> None:
+    panel = _tool_panel(service)
+    name = demo.checkpoint.name
+    panel.start_job(*_tool_values(panel, {"a": name, "method": "none", "out": "converted"}))
+    _wait(service)
+    lists = panel.poll({"running": True}, *panel_pickers(panel))[5:-1]
+    a = lists[[c.info.name for c in panel.form.controls if c.info.role in ROLE_FOLDERS].index("a")]
+    assert "converted.safetensors" in a["choices"]
+
+
+def test_invalid_merge_settings_are_shown_at_their_fields_and_nothing_starts(service, demo) -> None:
+    panel = _tool_panel(service)
+    values = _tool_values(panel, {"a": "", "b": "missing.safetensors", "unet_alpha": "lots", "out": "x"})
+    status, progress, start, interrupt, *hints = panel.start_job(*values)
+    assert all(set(_update(u)) <= {"__type__"} for u in (progress, start, interrupt))
+    assert "Model A: required" in status and "UNet alpha: expected a number" in status
+    infos = {c.info.name: hint["info"] for c, hint in zip(panel.form.controls, hints)}
+    assert infos["a"].startswith(ERROR_MARK) and infos["unet_alpha"].startswith(ERROR_MARK)
+    assert not infos["alpha"].startswith(ERROR_MARK)
+    assert service.jobs.current() is None
+    values = _tool_values(panel, {"a": demo.checkpoint.name, "b": "missing.safetensors", "out": "x"})
+    status, *_ = panel.start_job(*values)
+    assert "B: no such file: missing.safetensors" in status
+
+
+def test_a_field_of_the_merge_form_is_checked_as_it_is_edited(service) -> None:
+    panel = _tool_panel(service)
+    controls = {c.info.name: c for c in panel.form.controls}
+    assert panel.form.field_problem(controls["alpha"], 3.5) == "must be at most 2 (got 3.5)"
+    assert panel.form.field_problem(controls["unet_alpha"], "") is None  # empty: alpha applies
+    assert panel.check_file(controls["a"], "missing.safetensors") == "no such file: missing.safetensors"
+
+
+def test_bake_rows_become_the_requests_loras_and_their_problems_find_their_row(service, demo) -> None:
+    panel = _tool_panel(service, "lora/bake")
+    rows = [
+        {"path": "one.safetensors", "strength": 0.5},
+        {"path": ""},
+        {"path": "three.safetensors", "blocks": "inputs"},
+    ]
+    body, sent = panel.body(_tool_values(panel, {"model": demo.checkpoint.name, "out": "b"}, rows))
+    assert sent == [0, 2]  # the empty row is left out
+    assert [(r["path"], r["strength"], r["blocks"]) for r in body["loras"]] == [
+        ("one.safetensors", 0.5, ""),
+        ("three.safetensors", 1.0, "inputs"),
+    ]
+    errors = panel.form_keys({"loras.1.path": "no such file: three.safetensors", "out": "x"}, sent)
+    assert errors == {"loras.2.path": "no such file: three.safetensors", "out": "x"}
+    status, *_ = panel.start_job(*_tool_values(panel, {"model": demo.checkpoint.name, "out": "b"}, rows))
+    assert "LoRA 3: no such file: three.safetensors" in status
+
+
+def test_another_lora_row_is_shown_on_request_up_to_five(service) -> None:
+    panel = _tool_panel(service, "lora/bake")
+    count, *boxes, add = panel.add_lora_row(1)
+    assert count == 2 and [b["visible"] for b in boxes] == [True, True, False, False, False]
+    count, *boxes, add = panel.add_lora_row(4)
+    assert count == 5 and add["interactive"] is False
+
+
+def test_merge_panel_says_when_another_job_runs(service, demo) -> None:
+    panel = _tool_panel(service)
+    training = _panel(service, training_preset(demo, steps=100_000))
+    preset = training_preset(demo, steps=100_000)
+    training.start_training(*_values(training.form, preset), False)
+    try:
+        updates, _, _ = panel.view.poll({})
+        assert "Another job is running: Textual inversion" in updates[0]["value"]
+        assert updates[2]["interactive"] is False  # Start
+        name = demo.checkpoint.name
+        status, *_ = panel.start_job(*_tool_values(panel, {"a": name, "b": name, "out": "refused"}))
+        assert "already running" in status
+    finally:
+        service.jobs.cancel(service.jobs.current().id)
+        _wait(service)

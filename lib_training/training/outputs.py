@@ -7,6 +7,9 @@
     OUT/config.json                   every setting used
     OUT/resume.pt                     what `--resume` continues from (step, optimizer, data order)
 
+A WebUI keeps the result elsewhere (`result_dir`: its embeddings folder, which it loads from)
+and everything else in OUT, a log folder the WebUI does not scan.
+
 Every file is written to a temporary name and renamed, so an interrupted write never leaves half a
 file and never destroys the previous one.
 """
@@ -44,14 +47,21 @@ class LossRecord:
 class RunFolder:
     RESUME_NAME = "resume.pt"
 
-    def __init__(self, root: str | os.PathLike[str], name: str, suffix: str) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        name: str,
+        suffix: str,
+        result_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.root = Path(root)
         self.name = name
         self.suffix = suffix
+        self.result_dir = self.root if result_dir is None else Path(result_dir)
 
     @property
     def result(self) -> Path:
-        return self.root / f"{self.name}{self.suffix}"
+        return self.result_dir / f"{self.name}{self.suffix}"
 
     def checkpoint(self, step: int) -> Path:
         return self.root / "checkpoints" / f"{self.name}-{step}{self.suffix}"
@@ -76,17 +86,18 @@ class RunFolder:
         return self.root / self.RESUME_NAME
 
     def prepare(self) -> None:
-        """Create the folder, or say clearly why it cannot be written."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            raise OutputError(
-                f"cannot write to the output folder {self.root}: {error.strerror or error}. "
-                "Choose another folder, or fix its permissions."
-            ) from error
+        """Create the folder (and the result's, if elsewhere), or say clearly why one cannot be written."""
+        for folder in dict.fromkeys((self.root, self.result_dir)):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                probe = folder / ".write-test"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as error:
+                raise OutputError(
+                    f"cannot write to the output folder {folder}: {error.strerror or error}. "
+                    "Choose another folder, or fix its permissions."
+                ) from error
 
     def write_config(self, settings: dict[str, Any]) -> None:
         write_text(self.config, json.dumps(settings, indent=2, sort_keys=False) + "\n")

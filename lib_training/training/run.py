@@ -36,13 +36,16 @@ def train(
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     cache_dir: Path | None = None,
+    result_dir: Path | None = None,
 ) -> TrainingResult:
     """Train `method` on `model`; results go to the folder `out` (see `RunFolder`).
+
+    `result_dir` puts the result file there instead of in `out` (a WebUI's embeddings folder).
 
     An existing result of the same name is only replaced with `overwrite`, or continued with
     `resume`. Raises `UserError`s for bad settings, data or outputs before any work is done.
     """
-    folder = RunFolder(out, method.name, method.suffix)
+    folder = RunFolder(out, method.name, method.suffix, result_dir)
     if folder.result.exists() and not (overwrite or resume):
         raise ConfigError(
             f"{folder.result} already exists. Choose another name or output folder, allow overwriting, "

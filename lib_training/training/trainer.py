@@ -139,6 +139,7 @@ class Trainer:
             step = 0
             if resume:
                 step = self._restore(self.folder.load_resume_state(), optimizer, scaler, sampler)
+            first_step = step
             self.folder.write_config(self._config_record(resume))
             rate = RateMeter()
             rate.mark(step)
@@ -165,10 +166,11 @@ class Trainer:
                 self._periodic_outputs(step, optimizer, scaler, sampler)
                 self._report("training", step, loss=total_loss, lr=lr, rate=rate)
 
-            self._report("saving", step)
-            self._save_result(step)
-            self._save_resume(step, optimizer, scaler, sampler)
-            self.folder.write_losses(self.losses)
+            if step > first_step or not interrupted:  # stopped before any step: nothing new to save
+                self._report("saving", step)
+                self._save_result(step)
+                self._save_resume(step, optimizer, scaler, sampler)
+                self.folder.write_losses(self.losses)
         recent = [r.loss for r in self.losses[-20:]]
         self._report("done", step, message="interrupted" if interrupted else "finished")
         return TrainingResult(

@@ -31,7 +31,7 @@ class LoadedSettings:
 
 def run_configs(service: TrainingService, kind: str) -> list[Path]:
     """`config.json` files of earlier `kind` runs in the workspace's folders, newest first."""
-    roots = {service.workspace.run_folder(kind, "_").parent}
+    roots = {service.workspace.runs_root(kind)}
     folder = service.workspace.result_folders().get(kind)
     if folder is not None:
         roots.add(folder)

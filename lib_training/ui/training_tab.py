@@ -9,7 +9,7 @@ So nothing waits behind a long event, whatever the host's queue allows.
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gradio as gr
@@ -115,9 +115,9 @@ class MethodPanel:
         self.form.watch()
         self.check.click(self.preview_dataset, fields, [self.status, self.summary, self.samples, *fields], **QUICK)
         self.start.click(
-            self.start_training,
-            [*fields, self.resume],
-            [self.status, self.progress, self.start, self.interrupt, *fields],
+            self.start_clicked,
+            [self.seen, *fields, self.resume],
+            [self.status, self.progress, self.start, self.interrupt, *fields, self.seen],
             **QUICK,
         )
         self.interrupt.click(self.interrupt_training, None, [self.status], **QUICK)
@@ -152,13 +152,25 @@ class MethodPanel:
         note = f"Dataset looks good; {shown} sample{'s' if shown != 1 else ''} shown below."
         return [message_html(note), preview["summary"], preview["samples"], *hints]
 
+    def start_clicked(self, seen: dict[str, Any] | None, *values: Any) -> list[Any]:
+        """`start_training`, and what the poll has seen: a run that ends before the next poll must
+        still be seen running once, or the buttons Start set would never be reset."""
+        updates, started = self._start(values)
+        if started:
+            seen = {**(seen or {}), "progress": updates[1], "buttons": [False, True], "running": True}
+        return [*updates, seen or {}]
+
     def start_training(self, *values: Any) -> list[Any]:
+        """Validate the form and start the run; updates for (status, progress, start, interrupt, hints...)."""
+        return self._start(values)[0]
+
+    def _start(self, values: Sequence[Any]) -> tuple[list[Any], bool]:
         *fields, resume = values
         body = self.form.body(*fields)
         unchanged = [gr.update(), gr.update(), gr.update()]
         errors = self.form.errors(body)
         if errors:
-            return [self._problems(errors), *unchanged, *self.form.hint_updates(errors)]
+            return [self._problems(errors), *unchanged, *self.form.hint_updates(errors)], False
         hints = self.form.hint_updates({})
         try:
             request, _ = self.service.parse(self.spec.kind, body)
@@ -166,19 +178,20 @@ class MethodPanel:
                 request.data.validate()
             job = self.service.start_training(self.spec.kind, {**body, "resume": bool(resume)})
         except SettingsError as error:
-            return [self._problems(error.errors), *unchanged, *self.form.hint_updates(error.errors)]
+            return [self._problems(error.errors), *unchanged, *self.form.hint_updates(error.errors)], False
         except JobBusyError as error:
-            return [message_html(str(error), "error"), *unchanged, *hints]
+            return [message_html(str(error), "error"), *unchanged, *hints], False
         except UserError as error:
-            return [message_html(str(error), "error"), *unchanged, *hints]
+            return [message_html(str(error), "error"), *unchanged, *hints], False
         now = self.view.snapshot()
-        return [
+        started = [
             message_html(f"Started {job.title}."),
             now.progress_html,
             gr.update(interactive=False),
             gr.update(interactive=True),
             *hints,
         ]
+        return started, True
 
     def interrupt_training(self) -> str:
         job, _ = self.view.jobs()

@@ -1,0 +1,69 @@
+"""What `scripts/sd_webui_training.py` registers with the WebUI, and the one `TrainingService`.
+
+The WebUI re-imports the script on "Reload UI" but not this package, so the service (and a job it
+may be running) lives here, once per process.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from lib_training.hosts import settings
+from lib_training.hosts.detect import host_kind
+from lib_training.hosts.exclusive import run_exclusive
+from lib_training.hosts.workspace import HostAdapter, WebUIWorkspace
+from lib_training.jobs import JobManager
+from lib_training.service import TrainingService
+
+_service: TrainingService | None = None
+_lock = threading.Lock()
+
+
+def make_host() -> HostAdapter:
+    """The adapter for the WebUI we run in."""
+    if host_kind() == "forge":
+        from lib_training.hosts.forge import ForgeHost
+
+        return ForgeHost()
+    from lib_training.hosts.a1111 import A1111Host
+
+    return A1111Host()
+
+
+def service() -> TrainingService:
+    """The extension's service: jobs hold the WebUI's queue lock and train its loaded model."""
+    global _service
+    with _lock:
+        if _service is None:
+            _service = TrainingService(WebUIWorkspace(make_host()), JobManager(run_exclusive=run_exclusive))
+        return _service
+
+
+def ui_tabs() -> list[tuple[Any, str, str]]:
+    """`on_ui_tabs`: the Training and Merge tabs."""
+    from lib_training.ui.merge_tab import build_merge_tab
+    from lib_training.ui.training_tab import build_training_tab
+
+    return [
+        (build_training_tab(service()), "Training", "sd_webui_training"),
+        (build_merge_tab(service()), "Merge", "sd_webui_training_merge"),
+    ]
+
+
+def ui_settings() -> None:
+    """`on_ui_settings`: the extension's settings section."""
+    settings.register()
+
+
+def app_started(demo: Any, app: Any) -> None:
+    """`on_app_started`: our HTTP API on the WebUI's FastAPI app (also with --nowebui, where `demo` is None).
+    After a UI reload the WebUI passes a new app, which gets the routes again."""
+    from lib_training.api import build_router
+
+    app.include_router(build_router(service()))
+
+
+def script_unloaded() -> None:
+    """`on_script_unloaded`: nothing to undo. The extension patches nothing outside a job, and a job
+    that runs keeps running (and keeps the queue lock) through a UI reload; it cleans up after itself."""

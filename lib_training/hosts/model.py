@@ -1,0 +1,21 @@
+"""A `DiffusionModel` built from a host's loaded model, valid inside the session that built it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lib_training.interface import DiffusionModel
+
+
+@dataclass
+class HostDiffusionModel(DiffusionModel):
+    """`set_gradient_checkpointing` goes to the session, which installs it on the host's blocks."""
+
+    checkpointing: Callable[[bool], None] | None = None
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        if self.checkpointing is None:
+            super().set_gradient_checkpointing(enabled)
+        else:
+            self.checkpointing(enabled)

@@ -1,0 +1,1 @@
+"""Stand-in for Forge-only packages (see ../webui/README.md)."""

@@ -1,0 +1,145 @@
+"""AUTOMATIC1111 specifics: --lowvram refused, --medvram, merged LoRAs, attention optimisations,
+hypernetworks, replacement UNets, failures while preparing, where results and logs go."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import torch
+from webui_support import finish, training_body
+
+from lib_training.hosts import extension, settings
+from lib_training.hosts.a1111 import LOWVRAM_MESSAGE, sdpa_attention_forward
+
+
+def test_lowvram_is_refused_with_a_clear_message(a1111, standalone, red_ball) -> None:
+    a1111.load(standalone["sd1"])
+    a1111.shared.cmd_opts.lowvram = True
+    before = a1111.snapshot()
+    job = finish(extension.service().start_training("embedding", training_body(red_ball, steps=2)))
+    assert job.state == "failed"
+    assert job.error == LOWVRAM_MESSAGE
+    assert a1111.snapshot() == before
+
+
+def test_medvram_trains_without_the_webui_moving_modules_and_restores_its_tracking(a1111, standalone, red_ball) -> None:
+    sd_model = a1111.load(standalone["sd1"], medvram=True)
+    lowvram = a1111.module("modules.lowvram")
+    lowvram.module_in_gpu = sd_model.first_stage_model  # the VAE was the last module the WebUI used
+    before = a1111.snapshot()
+    job = finish(extension.service().start_training("embedding", training_body(red_ball, steps=3)))
+    assert job.state == "finished", job.error
+    assert lowvram.hook_calls == []  # no module was called through the WebUI's moving hooks
+    assert lowvram.module_in_gpu is sd_model.first_stage_model
+    assert a1111.snapshot() == before
+
+
+def _merge(networks, sd_model, selected) -> None:
+    """What a generation with these networks selected does (under no_grad, as the WebUI generates)."""
+    networks.loaded_networks[:] = selected
+    with torch.no_grad():
+        for module in sd_model.modules():
+            networks.network_apply_weights(module)
+
+
+def test_a_merged_lora_is_taken_out_for_training_and_merged_back(a1111, standalone, red_ball) -> None:
+    sd_model = a1111.load(standalone["sd1"])
+    networks = a1111.module("networks")
+    networks.assign_network_names(sd_model)
+    layer = sd_model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_k
+    base = layer.weight.detach().clone()
+    style = networks.Network("style", {layer.network_layer_name: torch.full_like(base, 0.5)})
+    _merge(networks, sd_model, [style])  # a generation with <lora:style:1> merged it
+    before = a1111.snapshot()
+    merged = layer.weight.detach().clone()
+    assert not torch.equal(merged, base)
+
+    with extension.make_host().session():
+        assert torch.equal(layer.weight, base)
+        assert networks.loaded_networks == []
+    assert torch.equal(layer.weight, merged)
+    assert networks.loaded_networks == [style]
+
+    job = finish(extension.service().start_training("embedding", training_body(red_ball, steps=3)))
+    assert job.state == "finished", job.error
+    assert a1111.snapshot() == before
+
+
+def test_attention_is_unoptimised_for_training_and_the_same_functions_come_back(a1111, standalone) -> None:
+    a1111.load(standalone["sd1"])
+    ldm_attention = a1111.module("ldm.modules.attention")
+    hypernetwork = a1111.module("modules.hypernetworks.hypernetwork")
+    before = a1111.snapshot()
+    with extension.make_host().session(use_sdpa=True):
+        assert ldm_attention.CrossAttention.forward is sdpa_attention_forward
+    with extension.make_host().session(use_sdpa=False):
+        assert ldm_attention.CrossAttention.forward is hypernetwork.attention_CrossAttention_forward
+    assert a1111.snapshot() == before
+
+
+def test_the_stand_in_optimisation_cannot_train_so_undoing_it_matters(a1111, standalone, red_ball) -> None:
+    """With "Use cross attention optimizations while training" on, the WebUI's optimisation stays; the
+    stand-in's computes without gradients, as optimisations that broke A1111's trainer did."""
+    a1111.load(standalone["sd1"])
+    a1111.shared.opts.training_xattention_optimizations = True
+    job = finish(extension.service().start_training("embedding", training_body(red_ball, steps=2)))
+    assert job.state == "failed"
+    assert "does not require grad" in job.error
+
+
+def test_loaded_hypernetworks_are_not_applied_while_training_and_stay_loaded(a1111, standalone, red_ball) -> None:
+    a1111.load(standalone["sd1"])
+    hypernetwork = a1111.module("modules.hypernetworks.hypernetwork").Hypernetwork("anime")
+    a1111.shared.loaded_hypernetworks.append(hypernetwork)
+    a1111.shared.opts.data[settings.SDPA_ATTENTION] = False  # the WebUI's own attention, which applies them
+    before = a1111.snapshot()
+    job = finish(extension.service().start_training("embedding", training_body(red_ball, steps=3)))
+    assert job.state == "finished", job.error
+    assert hypernetwork.calls == 0
+    assert a1111.snapshot() == before
+    assert a1111.shared.loaded_hypernetworks == [hypernetwork]
+
+
+def test_a_replacement_unet_is_refused(a1111, standalone, red_ball) -> None:
+    a1111.load(standalone["sd1"])
+    option = type("Option", (), {"label": "TensorRT: tiny"})()
+    a1111.module("modules.sd_unet").current_unet = type("Unet", (), {"option": option})()
+    job = finish(extension.service().start_training("embedding", training_body(red_ball, steps=2)))
+    assert job.state == "failed"
+    assert "TensorRT: tiny" in job.error and "'None'" in job.error
+
+
+def test_a_failure_while_preparing_undoes_the_steps_already_taken(a1111, standalone, red_ball, monkeypatch) -> None:
+    sd_model = a1111.load(standalone["sd1"])
+    networks = a1111.module("networks")
+    networks.assign_network_names(sd_model)
+    a1111.shared.loaded_hypernetworks.append(a1111.module("modules.hypernetworks.hypernetwork").Hypernetwork("h"))
+    before = a1111.snapshot()
+
+    def broken():
+        raise RuntimeError("undo_optimizations failed")
+
+    monkeypatch.setattr(a1111.module("modules.sd_hijack"), "undo_optimizations", broken)
+    job = finish(extension.service().start_training("embedding", training_body(red_ball, steps=2)))
+    assert job.state == "failed"
+    assert "undo_optimizations failed" in job.error
+    assert a1111.snapshot() == before
+
+
+def test_the_embedding_loads_in_the_webui_at_once_and_the_logs_stay_out_of_its_folders(
+    a1111, standalone, red_ball
+) -> None:
+    a1111.load(standalone["sd1"])
+    db = a1111.module("modules.sd_hijack").model_hijack.embedding_db
+    job = finish(extension.service().start_training("embedding", training_body(red_ball, steps=4, save_every=2)))
+    assert job.state == "finished", job.error
+
+    embeddings = Path(a1111.shared.cmd_opts.embeddings_dir)
+    assert Path(job.result["result"]) == embeddings / "zqx.safetensors"
+    assert db.word_embeddings == {"zqx": str(embeddings / "zqx.safetensors")}  # loaded, and no numbered copies
+    log = a1111.data / "textual_inversion" / datetime.date.today().isoformat() / "zqx"
+    assert Path(job.result["folder"]) == log
+    assert {p.name for p in log.iterdir()} >= {"config.json", "loss.csv", "resume.pt", "checkpoints"}
+    assert [p.name for p in (log / "checkpoints").iterdir()] == ["zqx-2.safetensors"]
+    assert [o.name for o in extension.service().outputs()] == ["zqx"]

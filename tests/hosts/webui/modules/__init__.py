@@ -1,0 +1,1 @@
+"""Stand-in `modules` package of the WebUIs (see ../README.md)."""

@@ -1,0 +1,164 @@
+"""Helpers of the WebUI tests: a stand-in AUTOMATIC1111 or Forge on `sys.path` (see webui/README.md),
+fingerprints of its model, request bodies, waiting for jobs, the evaluation loss."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lib_training.integrity import hooks_snapshot, requires_grad_snapshot, weights_fingerprint
+
+HERE = Path(__file__).parent
+WEBUI, FORGE = HERE / "webui", HERE / "forge"
+STANDIN_PACKAGES = {"modules", "ldm", "sgm", "launch", "networks", "standin_models", "modules_forge", "backend"}
+
+A1111_SHAPES = ("sd1", "sd2", "sdxl")
+FORGE_SHAPES = ("sd1", "sd2", "sdxl")
+
+
+@dataclass
+class WebUI:
+    """A stand-in WebUI installed on sys.path; `kind` is "a1111" or "forge"."""
+
+    kind: str
+    data: Path
+
+    def module(self, name: str) -> Any:
+        return importlib.import_module(name)
+
+    @property
+    def shared(self) -> Any:
+        return self.module("modules.shared")
+
+    @property
+    def state(self) -> Any:
+        return self.shared.state
+
+    def load(self, standalone, **options: Any) -> Any:
+        """Load a model into the WebUI (`shared.sd_model`), built from a standalone model's weights."""
+        builders = self.module("standin_models")
+        return (builders.build_forge if self.kind == "forge" else builders.build_a1111)(standalone, **options)
+
+    def host_modules(self) -> dict[str, torch.nn.Module]:
+        """Every host module whose weights, hooks and flags must survive a job."""
+        sd_model = self.shared.sd_model
+        if self.kind == "a1111":
+            return {"sd_model": sd_model}
+        objects = sd_model.forge_objects_original
+        return {
+            "kmodel": objects.unet.model,
+            "text": objects.clip.cond_stage_model,
+            "vae": objects.vae.first_stage_model,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """What must be exactly as before after a job: weights, hooks, requires_grad flags, the
+        parameter objects themselves (and their inference-ness), patched class attributes,
+        selected hypernetworks and LoRAs, the host's queue and progress state."""
+        modules = self.host_modules()
+        params = [p for m in modules.values() for p in m.parameters()]
+        shot: dict[str, Any] = {
+            "weights": weights_fingerprint(modules),
+            "hooks": hooks_snapshot(modules),
+            "requires_grad": requires_grad_snapshot(modules),
+            "parameters": [id(p) for p in params],
+            "inference": [p.is_inference() for p in params],
+            "training": [m.training for root in modules.values() for m in root.modules()],
+            "hypernetworks": list(self.shared.loaded_hypernetworks),
+            "lock_free": not self.module("modules.call_queue").queue_lock.locked(),
+            "state": {k: v for k, v in self.state.dict().items() if k not in ("job_no", "sampling_step")},
+        }
+        if self.kind == "a1111":
+            attention = [self.module(f"{p}.modules.attention").CrossAttention for p in ("ldm", "sgm")]
+            vae = [self.module(f"{p}.modules.diffusionmodules.model") for p in ("ldm", "sgm")]
+            unet = [self.module(f"{p}.modules.diffusionmodules.openaimodel") for p in ("ldm", "sgm")]
+            shot["patched"] = [
+                *(vars(c).get("forward") for c in attention),
+                *(vars(m.AttnBlock).get("forward") for m in vae),
+                *(m.nonlinearity for m in vae),
+                *(m.th for m in unet),
+            ]
+            networks = sys.modules.get("networks")
+            shot["loras"] = list(networks.loaded_networks) if networks else None
+        return shot
+
+
+@contextlib.contextmanager
+def installed(kind: str, data: Path) -> Iterator[WebUI]:
+    """Put the stand-in WebUI on sys.path, point its folders into `data`; remove every trace after."""
+    from lib_training.hosts import extension
+
+    saved_path = list(sys.path)
+    sys.path[:0] = [str(WEBUI)] + ([str(FORGE)] if kind == "forge" else [])
+    try:
+        paths = importlib.import_module("modules.paths")
+        paths.script_path = paths.data_path = str(data)
+        paths.models_path = str(data / "models")
+        webui = WebUI(kind, data)
+        webui.shared  # noqa: B018  (imports shared with those folders)
+        yield webui
+    finally:
+        sys.path[:] = saved_path
+        for name in [n for n in sys.modules if n.split(".")[0] in STANDIN_PACKAGES]:
+            del sys.modules[name]
+        extension._service = None
+
+
+def training_body(images: Path, name: str = "zqx", steps: int = 10, **loop: Any) -> dict[str, Any]:
+    """A textual-inversion request body for the tiny models."""
+    return {
+        "method": {"name": name, "init_text": "ball", "vectors": 2},
+        "data": {"path": str(images), "size": 64, "template": "subject"},
+        "loop": {"steps": steps, "save_every": 0, "preview_every": 0, "latent_sampling": "mean", **loop},
+    }
+
+
+def wait_for(condition, timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def finish(job, timeout: float = 120.0):
+    """Wait for a job to end; return it."""
+    assert job.done_event.wait(timeout), f"job {job.title} still running after {timeout} s"
+    return job
+
+
+def fixed_eval_loss(model, images: Path, name: str, vectors, count: int = 16) -> float:
+    """Mean loss over a fixed set of (image, noise, timestep) with the prompt 'a photo of NAME'
+    (as tests/test_textual_inversion.py measures learning)."""
+    from lib_training.dataset import DatasetConfig, TrainingDataset
+
+    dataset = TrainingDataset(DatasetConfig(path=str(images), size=64, template="subject"), name=name)
+    pictures = torch.stack([dataset.load_image(view) for view in dataset.views()])
+    latents = model.encode_images(pictures).repeat_interleave(count // len(pictures) + 1, 0)[:count]
+    generator = torch.Generator().manual_seed(1234)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.linspace(50, 950, count).long()
+    with torch.no_grad():
+        x_t = model.schedule.add_noise(latents, noise, timesteps)
+        cond = model.encode_prompts([f"a photo of {name}"] * count, {name: vectors})
+        prediction = model.predict(x_t, timesteps, cond)
+        target = model.schedule.target(latents, noise, timesteps)
+        return torch.nn.functional.mse_loss(prediction.float(), target.float()).item()
+
+
+def random_like(vectors: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Random vectors with the same per-vector norms."""
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, v in vectors.items():
+        r = torch.randn(v.shape, generator=generator)
+        out[key] = r / r.norm(dim=-1, keepdim=True) * v.norm(dim=-1, keepdim=True)
+    return out

@@ -1,0 +1,50 @@
+"""The job manager: one job at a time, cancel before and during a job."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from lib_training.jobs import JobBusyError, JobManager
+
+
+def test_a_second_job_is_refused_while_one_runs() -> None:
+    release = threading.Event()
+    jobs = JobManager()
+    first = jobs.start("test", "first", lambda context: release.wait(10) and {})
+    with pytest.raises(JobBusyError, match="already running \\(first\\)"):
+        jobs.start("test", "second", lambda context: {})
+    release.set()
+    assert jobs.wait(first.id, 10).state == "finished"
+
+
+def test_a_job_cancelled_while_waiting_for_the_host_never_runs() -> None:
+    host_busy = threading.Event()
+    entered = threading.Event()
+
+    def run_exclusive(job, body) -> None:  # a host whose queue is held by a generation
+        entered.set()
+        host_busy.wait(10)
+        body()
+
+    ran = []
+    jobs = JobManager(run_exclusive)
+    job = jobs.start("test", "queued", lambda context: ran.append(True) or {"done": True})
+    entered.wait(10)
+    jobs.cancel(job.id)
+    host_busy.set()
+    finished = jobs.wait(job.id, 10)
+    assert finished.state == "interrupted" and finished.result == {"cancelled": True}
+    assert ran == []
+
+
+def test_a_user_error_fails_the_job_with_its_message() -> None:
+    from lib_training.errors import UserError
+
+    def work(context):
+        raise UserError("the dataset folder is empty")
+
+    jobs = JobManager()
+    job = jobs.wait(jobs.start("test", "failing", work).id, 10)
+    assert job.state == "failed" and job.error == "the dataset folder is empty"
