@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from learning import fixed_eval_loss, random_like
 from PIL import Image, ImageDraw
 
 from lib_training.checkpoint import open_tensors
@@ -52,34 +53,6 @@ def _expect(model) -> dict[str, int]:
     return {encoder.key: encoder.width for encoder in model.text_encoders}
 
 
-def _fixed_eval_loss(model, image_folder: Path, name: str, vectors, count: int = 16) -> float:
-    """Mean loss over a fixed set of (image, noise, timestep), with the prompt 'a photo of NAME'."""
-    from lib_training.dataset import TrainingDataset
-
-    dataset = TrainingDataset(_data(image_folder), name=name)
-    images = torch.stack([dataset.load_image(view) for view in dataset.views()])
-    latents = model.encode_images(images).repeat_interleave(count // len(images) + 1, 0)[:count]
-    generator = torch.Generator().manual_seed(1234)
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.linspace(50, 950, count).long()
-    with torch.no_grad():
-        x_t = model.schedule.add_noise(latents, noise, timesteps)
-        cond = model.encode_prompts([f"a photo of {name}"] * count, {name: vectors})
-        prediction = model.predict(x_t, timesteps, cond)
-        target = model.schedule.target(latents, noise, timesteps)
-        return torch.nn.functional.mse_loss(prediction.float(), target.float()).item()
-
-
-def _random_like(vectors: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
-    """Random vectors with the same per-vector norms."""
-    generator = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, v in vectors.items():
-        r = torch.randn(v.shape, generator=generator)
-        out[key] = r / r.norm(dim=-1, keepdim=True) * v.norm(dim=-1, keepdim=True)
-    return out
-
-
 # --- it learns ------------------------------------------------------------------------------------
 
 
@@ -93,13 +66,13 @@ def test_embedding_lowers_the_loss_on_a_fixed_evaluation_set(arch, tiny_checkpoi
     model = load_model(tiny_checkpoints[arch])
     method = _method()
     method.attach(model)
-    before = _fixed_eval_loss(model, red_ball, "zqx", method.prompt_embeddings()["zqx"])
+    before = fixed_eval_loss(model, red_ball, "zqx", method.prompt_embeddings()["zqx"])
     method.detach()
     loop = dataclasses.replace(FAST, steps=100)
     result = train(model, method, _data(red_ball), loop, tmp_path)
     trained = read_embedding(result.result, expect=_expect(model)).vectors
-    after = _fixed_eval_loss(model, red_ball, "zqx", trained)
-    random_losses = [_fixed_eval_loss(model, red_ball, "zqx", _random_like(trained, seed)) for seed in range(8)]
+    after = fixed_eval_loss(model, red_ball, "zqx", trained)
+    random_losses = [fixed_eval_loss(model, red_ball, "zqx", random_like(trained, seed)) for seed in range(8)]
     assert after < 0.95 * before, (before, after)
     assert after < min(random_losses), (after, random_losses)
 
@@ -117,10 +90,10 @@ def test_embedding_overfits_a_single_image(tiny_checkpoints, tmp_path) -> None:
     model = load_model(tiny_checkpoints["sdxl"])
     method = _method()
     method.attach(model)
-    before = _fixed_eval_loss(model, folder, "zqx", method.prompt_embeddings()["zqx"])
+    before = fixed_eval_loss(model, folder, "zqx", method.prompt_embeddings()["zqx"])
     method.detach()
     result = train(model, method, _data(folder), dataclasses.replace(FAST, steps=150, lr="0.02"), tmp_path / "out")
-    after = _fixed_eval_loss(model, folder, "zqx", read_embedding(result.result, expect=_expect(model)).vectors)
+    after = fixed_eval_loss(model, folder, "zqx", read_embedding(result.result, expect=_expect(model)).vectors)
     assert after < 0.9 * before, (before, after)
 
 

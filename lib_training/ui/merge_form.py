@@ -16,7 +16,6 @@ so a field added to a config later still appears.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -266,9 +265,3 @@ class ConfigForm:
                 return gr.update(info=self.help(control.info, problem, value))
 
             control.component.input(on_input, inputs=[control.component], outputs=[control.component], **QUICK)
-
-
-def problems_html(lines: Sequence[str]) -> str:
-    """The list of problems shown above the run panel when a request is refused."""
-    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
-    return f'<div class="sdwt-error"><b>Fix these settings first:</b><ul>{items}</ul></div>'

@@ -10,7 +10,6 @@ hidden poll button about once a second (`javascript/sdwt-training.js`) to follow
 
 from __future__ import annotations
 
-import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,9 @@ from lib_training.merge_service import ROLE_FOLDERS, TOOLS, MergeService, MergeT
 from lib_training.options import SettingsError
 from lib_training.service import TrainingService
 from lib_training.ui.compat import QUICK
-from lib_training.ui.merge_form import ConfigControl, ConfigForm, problems_html
+from lib_training.ui.merge_form import ConfigControl, ConfigForm
 from lib_training.ui.merge_view import MergeView
+from lib_training.ui.snippets import message_html, problems_html
 
 ROWS = "rows"  # where a layout places the rows of a list field (the bake's LoRAs)
 MAX_ROWS = 5  # LoRAs one bake takes from the form (the API takes any number)
@@ -67,10 +67,6 @@ VERBS = {"merge": "Merge", "lora/bake": "Bake", "lora/extract": "Extract", "lora
 def slug(kind: str) -> str:
     """'lora-bake' for 'lora/bake': the part of elem_ids naming a tool."""
     return kind.replace("/", "-")
-
-
-def message_html(text: str, kind: str = "info") -> str:
-    return f'<div class="sdwt-{kind}">{html.escape(text)}</div>'
 
 
 def intro_text(merges: MergeService) -> str:

@@ -16,6 +16,7 @@ import gradio as gr
 from lib_training.jobs import Job
 from lib_training.merge_service import MergeService, MergeTool, format_size
 from lib_training.training.progress import format_duration
+from lib_training.ui.snippets import failure_html, progress_html
 
 _ENDED = {"finished": "Finished", "interrupted": "Interrupted", "failed": "Failed"}
 
@@ -105,21 +106,12 @@ class MergeView:
                 parts.append(f"ETA {format_duration(p.eta_seconds)}")
             if not job.running and job.finished:
                 parts.append(f"took {format_duration(job.finished - job.started)}")
-        text = " · ".join(html.escape(part) for part in parts)
-        return (
-            f'<div class="sdwt-progress" data-sdwt-state="{state}" data-sdwt-poll="{self.poll_id}">'
-            f'<div class="sdwt-progress-track"><div class="sdwt-progress-fill" style="width: {100 * fraction:.1f}%">'
-            f'</div></div><div class="sdwt-progress-text">{text}</div></div>'
-        )
+        return progress_html(state, self.poll_id, fraction, parts)
 
     def result_html(self, job: Job | None) -> str:
         parts = []
         if job is not None and job.state == "failed":
-            first, _, rest = (job.error or "unknown error").partition("\n")
-            details = f"<details><summary>Details</summary><pre>{html.escape(rest)}</pre></details>" if rest else ""
-            parts.append(
-                f'<div class="sdwt-error"><b>{html.escape(job.title)} failed:</b> {html.escape(first)}{details}</div>'
-            )
+            parts.append(failure_html(job.title, job.error))
         elif job is not None and job.result.get("cancelled"):
             parts.append('<div class="sdwt-info">Interrupted: no file was written.</div>')
         elif job is not None and not job.running and job.result.get("result"):

@@ -24,6 +24,7 @@ from lib_training.jobs import Job
 from lib_training.service import TrainingService
 from lib_training.training.plot import plot_loss
 from lib_training.training.progress import format_duration
+from lib_training.ui.snippets import failure_html, progress_html
 
 _STEP_IN_NAME = re.compile(r"-(\d+)\.png$")
 OUTPUTS_TTL = 10.0  # seconds between scans of the results folders while nothing changes
@@ -152,19 +153,12 @@ class RunView:
                     parts.append(f"took {format_duration(job.finished - job.started)}")
                 if p.message and job.running:
                     parts.append(p.message)
-        text = " · ".join(html.escape(part) for part in parts)
-        return (
-            f'<div class="sdwt-progress" data-sdwt-state="{state}" data-sdwt-poll="{self.poll_id}">'
-            f'<div class="sdwt-progress-track"><div class="sdwt-progress-fill" style="width: {100 * fraction:.1f}%">'
-            f'</div></div><div class="sdwt-progress-text">{text}</div></div>'
-        )
+        return progress_html(state, self.poll_id, fraction, parts)
 
     def result_html(self, job: Job | None) -> str:
         parts = []
         if job is not None and job.state == "failed":
-            first, _, rest = (job.error or "unknown error").partition("\n")
-            details = f"<details><summary>Details</summary><pre>{html.escape(rest)}</pre></details>" if rest else ""
-            parts.append(f'<div class="sdwt-error"><b>Training failed:</b> {html.escape(first)}{details}</div>')
+            parts.append(failure_html("Training", job.error))
         elif job is not None and not job.running and job.result.get("result"):
             path = html.escape(job.result["result"])
             state = "stopped early" if job.result.get("interrupted") else "finished"

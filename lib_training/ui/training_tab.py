@@ -8,7 +8,6 @@ So nothing waits behind a long event, whatever the host's queue allows.
 
 from __future__ import annotations
 
-import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,6 +22,7 @@ from lib_training.ui.compat import QUICK
 from lib_training.ui.form import SettingsForm
 from lib_training.ui.run_view import RunView
 from lib_training.ui.runs import load_run_settings, run_configs
+from lib_training.ui.snippets import message_html, problems_html
 
 Body = Mapping[str, Mapping[str, Any]]
 
@@ -34,10 +34,6 @@ def build_training_tab(service: TrainingService, presets: Mapping[str, Body] | N
             with gr.Tab(spec.title, elem_id=f"sdwt-train-{kind}"):
                 MethodPanel(service, spec, (presets or {}).get(kind))
     return blocks
-
-
-def message_html(text: str, kind: str = "info") -> str:
-    return f'<div class="sdwt-{kind}">{html.escape(text)}</div>'
 
 
 class MethodPanel:
@@ -133,8 +129,7 @@ class MethodPanel:
 
     # --- handlers (quick: they never wait for training) --------------------------------------------
     def _problems(self, errors: Mapping[str, str]) -> str:
-        items = "".join(f"<li>{html.escape(line)}</li>" for line in self.form.describe_errors(errors))
-        return f'<div class="sdwt-error"><b>Fix these settings first:</b><ul>{items}</ul></div>'
+        return problems_html(self.form.describe_errors(errors))
 
     def preview_dataset(self, *values: Any) -> list[Any]:
         body = self.form.body(*values)

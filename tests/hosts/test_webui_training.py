@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from webui_support import A1111_SHAPES, FORGE_SHAPES, finish, fixed_eval_loss, random_like, training_body, wait_for
+from learning import fixed_eval_loss, random_like
+from webui_support import A1111_SHAPES, FORGE_SHAPES, finish, training_body, wait_for
 
 from lib_training.embedding_files import read_embedding
 from lib_training.hosts import extension

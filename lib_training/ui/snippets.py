@@ -1,0 +1,34 @@
+"""HTML pieces the tabs share: messages, lists of problems, the progress bar, a failed job's box."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+
+def message_html(text: str, kind: str = "info") -> str:
+    """A one-line message; `kind` is "info" or "error" (styled by style.css)."""
+    return f'<div class="sdwt-{kind}">{html.escape(text)}</div>'
+
+
+def problems_html(lines: Sequence[str]) -> str:
+    """The list of problems shown when a request is refused."""
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return f'<div class="sdwt-error"><b>Fix these settings first:</b><ul>{items}</ul></div>'
+
+
+def progress_html(state: str, poll_id: str, fraction: float, parts: Sequence[str]) -> str:
+    """The progress bar of a job: `state` for the page script, `parts` joined under the bar."""
+    text = " · ".join(html.escape(part) for part in parts)
+    return (
+        f'<div class="sdwt-progress" data-sdwt-state="{state}" data-sdwt-poll="{poll_id}">'
+        f'<div class="sdwt-progress-track"><div class="sdwt-progress-fill" style="width: {100 * fraction:.1f}%">'
+        f'</div></div><div class="sdwt-progress-text">{text}</div></div>'
+    )
+
+
+def failure_html(what: str, error: str | None) -> str:
+    """A failed job: the first line of its error, the rest (a traceback) folded away."""
+    first, _, rest = (error or "unknown error").partition("\n")
+    details = f"<details><summary>Details</summary><pre>{html.escape(rest)}</pre></details>" if rest else ""
+    return f'<div class="sdwt-error"><b>{html.escape(what)} failed:</b> {html.escape(first)}{details}</div>'
