@@ -75,7 +75,7 @@ def generate(path: Path, small: bool, seed: int) -> None:
     """Write a checkpoint of random fp16 weights, one tensor at a time."""
     import torch
 
-    from lib_training.merge.writer import StreamWriter, TensorEntry
+    from lib_training.safetensors_writer import StreamWriter, TensorEntry
 
     shapes = _shapes(small)
     dtypes = {"fp16": torch.float16, "int64": torch.int64}

@@ -22,10 +22,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from lib_training.atomic import atomic_path
 from lib_training.errors import CheckpointError
 
 SAFETENSORS_HEADER_LIMIT = 100 * 1024 * 1024  # bytes; the format's own limit
@@ -282,9 +280,17 @@ def open_tensors(path: str | os.PathLike[str]) -> TensorSource:
 def save_safetensors(
     path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Write tensors atomically (temporary file, then rename); metadata values must be strings."""
+    """Write tensors atomically (temporary file, then rename); metadata values must be strings.
+
+    The file is laid out as `safetensors.torch.save_file` lays it out, with the metadata sorted by
+    key, so the same tensors and metadata always give the same bytes.
+    """
+    from lib_training.safetensors_writer import StreamWriter, TensorEntry
+
     if metadata and not all(isinstance(v, str) for v in metadata.values()):
         raise TypeError("safetensors metadata values must be strings")
-    contiguous = {key: t.detach().contiguous().cpu() for key, t in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=dict(metadata) if metadata else None)
+    entries = [TensorEntry(key, t.dtype, tuple(t.shape)) for key, t in tensors.items()]
+    with StreamWriter(path, entries, dict(metadata) if metadata else None) as writer:
+        for entry in writer.layout.entries:
+            writer.write(tensors[entry.name].detach().to("cpu").contiguous().reshape(-1))
+        writer.finish()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 from lib_training.cli import main
@@ -24,11 +23,7 @@ def test_make_tiny_is_deterministic_in_the_seed(tmp_path: Path) -> None:
     main(["make-tiny", "--arch", "sd1", str(a), "--seed", "1"])
     main(["make-tiny", "--arch", "sd1", str(b), "--seed", "1"])
     main(["make-tiny", "--arch", "sd1", str(c), "--seed", "2"])
-    tensors = [load_model(p).checkpoint_state_dict() for p in (a, b, c)]
-    assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
-    assert not torch.equal(
-        tensors[0]["model.diffusion_model.out.2.weight"], tensors[2]["model.diffusion_model.out.2.weight"]
-    )
+    assert a.read_bytes() == b.read_bytes() != c.read_bytes()
 
 
 def test_generate_writes_a_png_of_the_requested_size(tiny_checkpoints, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from lib_training.errors import CheckpointError, ConfigError
 from lib_training.merge import CancelledError, MergeConfig, Progress, merge
-from lib_training.merge.writer import NotEnoughSpaceError
+from lib_training.safetensors_writer import NotEnoughSpaceError
 
 U = "model.diffusion_model."
 TE = "cond_stage_model.transformer.text_model."

@@ -52,7 +52,7 @@ from lib_training.merge.stream import (
     to_output,
     write_stream,
 )
-from lib_training.merge.writer import TensorEntry, placeholder
+from lib_training.safetensors_writer import TensorEntry, placeholder
 
 UNET_INPUT_CONV = UNET_PREFIX + "input_blocks.0.0.weight"
 

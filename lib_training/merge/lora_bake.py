@@ -35,7 +35,7 @@ from lib_training.merge.metadata import HASH_WIDTH, RECIPE_TYPE, InputModel, mer
 from lib_training.merge.progress import CancelToken, ProgressCallback
 from lib_training.merge.reader import get_flat_range, open_input
 from lib_training.merge.stream import OutputTensor, chunks, compute_threads, to_output, write_stream
-from lib_training.merge.writer import TensorEntry, placeholder
+from lib_training.safetensors_writer import TensorEntry, placeholder
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lib_training.checkpoint import open_tensors
 from lib_training.errors import CheckpointError
-from lib_training.merge.writer import (
+from lib_training.safetensors_writer import (
     StreamWriter,
     TensorEntry,
     WriteResult,

@@ -24,7 +24,7 @@ from lib_training.checkpoint import (
     read_safetensors_header,
 )
 from lib_training.errors import CheckpointError
-from lib_training.merge.writer import DTYPE_NAMES
+from lib_training.safetensors_writer import DTYPE_NAMES
 
 _DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
