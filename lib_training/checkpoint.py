@@ -9,6 +9,7 @@ non-tensor values (a step count, a name) are kept apart in `extras`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -203,14 +204,11 @@ def _harmless_globals() -> list[Any]:
 
 
 def _torch_load_safely(path: Path) -> Any:
-    kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": True}
-    if zipfile.is_zipfile(path):
-        kwargs["mmap"] = True  # pages tensors in on demand instead of reading the file twice
+    mmap = zipfile.is_zipfile(path)  # pages tensors in on demand instead of reading the file twice
     safe_globals = getattr(torch.serialization, "safe_globals", None)
-    if safe_globals is None:  # torch < 2.5: plain weights_only
-        return torch.load(path, **kwargs)
-    with safe_globals(_harmless_globals()):
-        return torch.load(path, **kwargs)
+    allowed = contextlib.nullcontext() if safe_globals is None else safe_globals(_harmless_globals())  # torch < 2.5
+    with allowed:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, Tensor], extras: dict[str, Any]) -> None:

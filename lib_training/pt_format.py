@@ -5,7 +5,7 @@ A1111 (and Forge) open `.pt` embeddings and hypernetworks only if every entry of
 `.data/serialization_id`) and every global the pickle names is on a short allow-list. Newer torch
 writes more entries (`.format_version`, `.storage_alignment`, ...), so `save_pt_for_webui` lets
 torch write to memory, copies only the three kinds of entry every release accepts into a new zip
-(stored, tensor data aligned to 64 bytes as torch aligns it, so `torch.load(mmap=True)` works),
+(stored, tensor data aligned to 64 bytes as torch aligns it, so loading with `mmap=True` works),
 checks the result with `webui_pt_problems`, and writes it atomically.
 """
 

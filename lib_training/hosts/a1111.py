@@ -36,7 +36,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lib_training.errors import UserError
+from lib_training.errors import ConfigError, UserError
 from lib_training.family import Arch, ModelFamily
 from lib_training.hosts.model import HostDiffusionModel
 from lib_training.hosts.snapshots import AttributeSnapshot, InstanceOverrides, frozen, verified_unchanged
@@ -289,7 +289,10 @@ def sdpa_attention_forward(
 ) -> Tensor:
     """ldm/sgm `CrossAttention.forward` with PyTorch's scaled_dot_product_attention (differentiable)."""
     if extra.get("additional_tokens") is not None or extra.get("n_times_crossframe_attn_in_self", 0):
-        raise NotImplementedError("sgm's additional tokens and cross-frame attention are not supported while training")
+        raise ConfigError(
+            "this model uses sgm's additional tokens or cross-frame attention, which training does not support; "
+            "turn off the Training setting for PyTorch attention to train with the WebUI's own attention"
+        )
     heads = self.heads
     source = x if context is None else context
     q, k, v = (
