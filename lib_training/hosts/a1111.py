@@ -247,16 +247,25 @@ def _lora_module() -> ModuleType | None:
     return networks if networks is not None and all(hasattr(networks, n) for n in needed) else None
 
 
+def _lora_merged_layers(sd_model: Any) -> list[nn.Module]:
+    """The layers the Lora extension has merged networks into. It names every submodule of the UNet
+    and text encoders (containers included) but merges only when a layer of a class whose forward it
+    patches runs (a MultiheadAttention merges its own `out_proj`); such a layer remembers the merged
+    selection in `network_current_names`, empty when it holds none."""
+    return [m for m in sd_model.modules() if getattr(m, "network_current_names", ()) != ()]
+
+
 @contextlib.contextmanager
 def loras_unmerged(sd_model: Any) -> Iterator[None]:
     """The Lora extension merges the selected networks into the weights (with backups) at forward
-    time. Inside: no network selected and every layer back to its backup; afterwards the user's
-    selection restored and merged again the same way, on the same devices (bit-identical)."""
+    time. Inside: no network selected and every merged layer back to its backup; afterwards the
+    user's selection restored and merged again into the same layers the same way, on the same
+    devices (bit-identical)."""
     networks = _lora_module()
     if networks is None:
         yield
         return
-    layers = [m for m in sd_model.modules() if getattr(m, "network_layer_name", None) is not None]
+    layers = _lora_merged_layers(sd_model)
     selected = list(networks.loaded_networks)
     networks.loaded_networks.clear()
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
+import pytest
 import torch
 from webui_support import finish, training_body
 
@@ -35,30 +36,35 @@ def test_medvram_trains_without_the_webui_moving_modules_and_restores_its_tracki
     assert a1111.snapshot() == before
 
 
-def _merge(networks, sd_model, selected) -> None:
-    """What a generation with these networks selected does (under no_grad, as the WebUI generates)."""
-    networks.loaded_networks[:] = selected
-    with torch.no_grad():
-        for module in sd_model.modules():
-            networks.network_apply_weights(module)
+def _first_weight(layer: torch.nn.Module) -> torch.Tensor:
+    return layer.in_proj_weight if isinstance(layer, torch.nn.MultiheadAttention) else layer.weight
 
 
-def test_a_merged_lora_is_taken_out_for_training_and_merged_back(a1111, standalone, red_ball) -> None:
-    sd_model = a1111.load(standalone["sd1"])
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_a_merged_lora_is_taken_out_for_training_and_merged_back(a1111, standalone, red_ball, arch) -> None:
+    sd_model = a1111.load(standalone[arch])
     networks = a1111.module("networks")
-    networks.assign_network_names(sd_model)
-    layer = sd_model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_k
-    base = layer.weight.detach().clone()
-    style = networks.Network("style", {layer.network_layer_name: torch.full_like(base, 0.5)})
-    _merge(networks, sd_model, [style])  # a generation with <lora:style:1> merged it
+    networks.assign_network_names(sd_model)  # names every submodule, containers included
+    unet_layer = sd_model.model.diffusion_model.middle_block[1].transformer_blocks[0].attn2.to_k
+    if arch == "sd1":
+        text_layer = sd_model.cond_stage_model.wrapped.transformer.text_model.encoder.layers[0].self_attn.q_proj
+    else:
+        text_layer = sd_model.conditioner.embedders[1].wrapped.model.transformer.resblocks[0].attn
+        assert isinstance(text_layer, torch.nn.MultiheadAttention)
+    layers = [unet_layer, text_layer]
+    base = [_first_weight(layer).detach().clone() for layer in layers]
+    style = networks.Network(
+        "style", {layer.network_layer_name: torch.full_like(w, 0.5) for layer, w in zip(layers, base)}
+    )
+    networks.generate(sd_model, [style])  # a generation with <lora:style:1> merged it
     before = a1111.snapshot()
-    merged = layer.weight.detach().clone()
-    assert not torch.equal(merged, base)
+    merged = [_first_weight(layer).detach().clone() for layer in layers]
+    assert not any(torch.equal(m, b) for m, b in zip(merged, base))
 
     with extension.make_host().session():
-        assert torch.equal(layer.weight, base)
+        assert all(torch.equal(_first_weight(layer), b) for layer, b in zip(layers, base))
         assert networks.loaded_networks == []
-    assert torch.equal(layer.weight, merged)
+    assert all(torch.equal(_first_weight(layer), m) for layer, m in zip(layers, merged))
     assert networks.loaded_networks == [style]
 
     job = finish(extension.service().start_training("embedding", training_body(red_ball, steps=3)))
