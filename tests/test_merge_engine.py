@@ -377,3 +377,20 @@ def test_model_a_metadata_is_kept_without_its_stale_hashes(tmp_path: Path) -> No
     assert result.metadata["ss_tag"] == "kept"
     assert "sshs_model_hash" not in result.metadata
     assert result.metadata["modelspec.hash_sha256"] != "0xstale"
+
+
+# --- model configs ------------------------------------------------------------------------------------
+
+
+def test_the_first_inputs_yaml_config_is_copied_beside_the_output(tmp_path: Path, abc) -> None:
+    abc["b"].with_suffix(".yaml").write_text("model: {target: from-b}\n")
+    _, result = run(tmp_path, a=str(abc["a"]), b=str(abc["b"]), alpha=0.5)
+    assert result.path.with_suffix(".yaml").read_text() == "model: {target: from-b}\n"
+
+
+def test_no_config_is_written_when_asked_not_to_or_when_no_input_has_one(tmp_path: Path, abc) -> None:
+    _, result = run(tmp_path, a=str(abc["a"]), b=str(abc["b"]), alpha=0.5)
+    assert not result.path.with_suffix(".yaml").exists()
+    abc["a"].with_suffix(".yaml").write_text("a\n")
+    _, result = run(tmp_path, "other", a=str(abc["a"]), b=str(abc["b"]), alpha=0.5, copy_config=False)
+    assert not result.path.with_suffix(".yaml").exists()

@@ -73,6 +73,9 @@ class MergeConfig:
         "cpu", "where to compute: cpu, cuda or cuda:N (inputs are read and computed in fp32 there, one piece at a time)"
     )
     copy_metadata: bool = option(True, "start the output's metadata from model A's")
+    copy_config: bool = option(
+        True, "copy the first input's .yaml config (A, else B, else C) beside the output, as A1111's merger does"
+    )
     hash_inputs: bool = option(
         True,
         "record each input's sha256 in the metadata as A1111 does (reads each input once more, alongside the merge)",
@@ -125,6 +128,7 @@ class LoraBakeConfig:
     device: str = option("cpu", "where to compute: cpu, cuda or cuda:N")
     prune_ema: bool = option(True, "leave EMA weights (model_ema.*) out of the output")
     copy_metadata: bool = option(True, "start the output's metadata from the checkpoint's")
+    copy_config: bool = option(True, "copy the checkpoint's .yaml config beside the output, as A1111's merger does")
     overwrite: bool = option(False, "replace the output file if it exists")
 
     def validate(self) -> None:

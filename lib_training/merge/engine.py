@@ -35,10 +35,11 @@ from lib_training.checkpoint import TensorSource
 from lib_training.devices import DTYPES, pick_device
 from lib_training.errors import CheckpointError
 from lib_training.family import Arch, ModelFamily
+from lib_training.file_hashes import legacy_hash
 from lib_training.layout import EMA_PREFIX, TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIX, states_prediction
 from lib_training.merge.blocks import block_of, parse_blocks
 from lib_training.merge.config import MergeConfig
-from lib_training.merge.hashing import HashJob, legacy_hash
+from lib_training.merge.hashing import HashJob
 from lib_training.merge.inputs import check_same_family, family_of, vae_entries
 from lib_training.merge.metadata import HASH_WIDTH, InputModel, merged_metadata
 from lib_training.merge.methods import METHODS, KeyContext, MergeMethod, clip_to_inputs
@@ -49,6 +50,7 @@ from lib_training.merge.stream import (
     OutputTensor,
     chunks,
     compute_threads,
+    copy_model_config,
     to_output,
     write_stream,
 )
@@ -378,6 +380,8 @@ def merge(
                 before_finish=wait_for_hashes,
             )
     input_sha256 = {letter: value for letter, value in hashes.items() if value is not None}
+    if config.copy_config:
+        copy_model_config([paths[letter] for letter in ("a", "b", "c") if letter in paths], written.path)
     return MergeResult(
         path=written.path,
         data_sha256=written.data_sha256,

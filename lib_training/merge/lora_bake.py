@@ -23,18 +23,26 @@ from lib_training.checkpoint import TensorSource, read_safetensors_header
 from lib_training.devices import DTYPES, pick_device
 from lib_training.errors import CheckpointError
 from lib_training.family import ModelFamily
+from lib_training.file_hashes import file_sha256, legacy_hash
 from lib_training.layout import EMA_PREFIX, states_prediction
 from lib_training.lora_keys import LoraTarget, lora_targets, targets_by_name
 from lib_training.merge.blocks import block_of, parse_blocks
 from lib_training.merge.config import LoraBakeConfig
 from lib_training.merge.engine import output_dtype
-from lib_training.merge.hashing import HashJob, file_sha256, legacy_hash
+from lib_training.merge.hashing import HashJob
 from lib_training.merge.inputs import family_of
 from lib_training.merge.lora_file import LoraModule, read_lora
 from lib_training.merge.metadata import HASH_WIDTH, RECIPE_TYPE, InputModel, merged_metadata
 from lib_training.merge.progress import CancelToken, ProgressCallback
 from lib_training.merge.reader import get_flat_range, open_input
-from lib_training.merge.stream import OutputTensor, chunks, compute_threads, to_output, write_stream
+from lib_training.merge.stream import (
+    OutputTensor,
+    chunks,
+    compute_threads,
+    copy_model_config,
+    to_output,
+    write_stream,
+)
 from lib_training.safetensors_writer import TensorEntry, placeholder
 
 
@@ -176,6 +184,8 @@ def bake_loras(
                 cancel=cancel,
                 before_finish=lambda: found.update(job.result()),
             )
+    if config.copy_config:
+        copy_model_config([model_path], written.path)
     return BakeResult(
         path=written.path,
         data_sha256=written.data_sha256,

@@ -7,10 +7,12 @@ import contextlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from lib_training.atomic import write_bytes
 from lib_training.merge.progress import CancelToken, ProgressCallback, ProgressMeter, check_cancel
 from lib_training.safetensors_writer import StreamWriter, TensorEntry, WriteResult
 
@@ -96,3 +98,18 @@ def write_stream(
             before_finish()
         check_cancel(cancel, what)
         return writer.finish(values)
+
+
+def copy_model_config(inputs: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str]) -> Path | None:
+    """Copy the first input's same-name `.yaml` (a model config some checkpoints need) beside `output`.
+
+    The WebUIs load a checkpoint with the config that shares its name; a merge or bake of a
+    checkpoint that has one needs it too. Returns the written config, or None if no input has one.
+    """
+    for source in inputs:
+        config = Path(source).with_suffix(".yaml")
+        if config.is_file():
+            target = Path(output).with_suffix(".yaml")
+            write_bytes(target, config.read_bytes())
+            return target
+    return None
