@@ -23,6 +23,7 @@ from PIL import Image
 from lib_training.dataset import TrainingDataset
 from lib_training.embedding_files import READ_SUFFIXES, read_embedding
 from lib_training.errors import CheckpointError, ConfigError
+from lib_training.file_hashes import cached_sha256
 from lib_training.interface import DiffusionModel, EmbeddingVectors
 from lib_training.jobs import Job, JobBusyError, JobContext, JobManager
 from lib_training.options import SettingsError
@@ -75,6 +76,10 @@ class Workspace(ABC):
 
     def describe_model(self) -> str:
         return "the loaded model"
+
+    def model_identity(self) -> dict[str, str]:
+        """`sd_checkpoint` (short hash) and `sd_checkpoint_name` of the model, for the files trained on it."""
+        return {}
 
     def session(self) -> contextlib.AbstractContextManager[None]:
         """Held around everything a job does with the model: a WebUI prepares its model on entry
@@ -154,6 +159,7 @@ class TrainingService:
                     on_progress=context.report,
                     should_stop=context.should_stop,
                     result_dir=result_dir,
+                    file_metadata=self.workspace.model_identity(),
                 )
             self.workspace.after_training(kind, result.result)
             return {
@@ -254,6 +260,15 @@ class StandaloneWorkspace(Workspace):
 
     def describe_model(self) -> str:
         return str(self.checkpoint)
+
+    def model_identity(self) -> dict[str, str]:
+        """The checkpoint's name, and the first 10 hex digits of its sha256 (A1111's short hash) if
+        the hash is already known from an earlier merge or run (it is not computed here)."""
+        identity = {"sd_checkpoint_name": self.checkpoint.stem}
+        known = cached_sha256(self.checkpoint)
+        if known:
+            identity["sd_checkpoint"] = known[:10]
+        return identity
 
     def run_folder(self, kind: str, name: str) -> Path:
         return self.root / kind / name

@@ -48,3 +48,11 @@ def test_a_user_error_fails_the_job_with_its_message() -> None:
     jobs = JobManager()
     job = jobs.wait(jobs.start("test", "failing", work).id, 10)
     assert job.state == "failed" and job.error == "the dataset folder is empty"
+
+
+def test_progress_without_a_count_reads_as_its_phase_and_message() -> None:
+    from lib_training.training.progress import Progress
+
+    waiting = Progress("waiting for the WebUI", 0, 0, message="a generation or another task runs")
+    assert waiting.describe() == "waiting for the WebUI: a generation or another task runs"
+    assert Progress("training", 3, 10, loss=0.5).describe() == "training 3/10, loss 0.5000"

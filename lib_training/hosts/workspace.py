@@ -61,6 +61,18 @@ class WebUIWorkspace(Workspace):
         title = getattr(shared.opts, "data", {}).get("sd_model_checkpoint")
         return f"{self.host.name}: {title}" if title else f"the model loaded in {self.host.name}"
 
+    def model_identity(self) -> dict[str, str]:
+        """The loaded checkpoint's short hash and name, as the WebUI's own textual inversion records them."""
+        from modules import shared
+
+        info = getattr(shared.sd_model, "sd_checkpoint_info", None)
+        identity = {}
+        if getattr(info, "shorthash", None):
+            identity["sd_checkpoint"] = str(info.shorthash)
+        if getattr(info, "model_name", None):
+            identity["sd_checkpoint_name"] = str(info.model_name)
+        return identity
+
     # --- folders --------------------------------------------------------------------------------
     def run_folder(self, kind: str, name: str) -> Path:
         """LOG_DIR/DATE/NAME (NAME.KIND for kinds other than embeddings). A run of that name with a

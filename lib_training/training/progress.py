@@ -25,6 +25,8 @@ class Progress:
         return self.step / self.total if self.total else 0.0
 
     def describe(self) -> str:
+        if not self.total:  # nothing counted yet (waiting, preparing): the phase and what it is about
+            return f"{self.phase}: {self.message}" if self.message else self.phase
         parts = [f"{self.phase} {self.step}/{self.total}"]
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")

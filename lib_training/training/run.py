@@ -37,10 +37,13 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     cache_dir: Path | None = None,
     result_dir: Path | None = None,
+    file_metadata: dict[str, str] | None = None,
 ) -> TrainingResult:
     """Train `method` on `model`; results go to the folder `out` (see `RunFolder`).
 
-    `result_dir` puts the result file there instead of in `out` (a WebUI's embeddings folder).
+    `result_dir` puts the result file there instead of in `out` (a WebUI's embeddings folder);
+    `file_metadata` goes into every file saved (the WebUIs show `sd_checkpoint` and
+    `sd_checkpoint_name`: the hash and name of the model it was trained on).
 
     An existing result of the same name is only replaced with `overwrite`, or continued with
     `resume`. Raises `UserError`s for bad settings, data or outputs before any work is done.
@@ -66,5 +69,6 @@ def train(
         on_progress=on_progress,
         should_stop=should_stop,
         latent_cache_dir=cache_dir,
+        file_metadata=file_metadata,
     )
     return trainer.run(resume=resume)

@@ -88,6 +88,7 @@ class Trainer:
         on_progress: ProgressCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
         latent_cache_dir: Path | None = None,
+        file_metadata: dict[str, str] | None = None,
     ) -> None:
         self.model = model
         self.method = method
@@ -98,6 +99,7 @@ class Trainer:
         self.on_progress = on_progress or (lambda progress: None)
         self.should_stop = should_stop or (lambda: False)
         self.latent_cache_dir = latent_cache_dir
+        self.file_metadata = file_metadata or {}  # written into every saved file (e.g. the model's name and hash)
         self.autocast = autocast_dtype(loop.precision, model.device, model.dtype)
         self.lr_schedule: StepSchedule = parse_schedule(
             loop.lr,
@@ -292,7 +294,7 @@ class Trainer:
         self.method.save(self.folder.result, step, self._file_metadata(step))
 
     def _file_metadata(self, step: int) -> dict[str, str]:
-        return {"step": str(step), "sd_checkpoint_family": self.model.family.name}
+        return {**self.file_metadata, "step": str(step), "sd_checkpoint_family": self.model.family.name}
 
     def _save_resume(self, step: int, optimizer, scaler, sampler) -> None:
         self.folder.save_resume_state(

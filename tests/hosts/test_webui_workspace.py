@@ -26,6 +26,14 @@ def test_results_go_to_the_webui_folders_and_logs_to_a_dated_run_folder(a1111) -
     assert space.result_folders() == {"embedding": settings.folder(settings.EMBEDDINGS_DIR)}
 
 
+def test_files_record_the_loaded_checkpoints_hash_and_name(a1111, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    info = SimpleNamespace(shorthash="0123456789", model_name="realistic-v2")
+    monkeypatch.setattr(a1111.shared, "sd_model", SimpleNamespace(sd_checkpoint_info=info))
+    assert workspace(a1111).model_identity() == {"sd_checkpoint": "0123456789", "sd_checkpoint_name": "realistic-v2"}
+
+
 def test_a_run_saved_on_an_earlier_day_is_continued_in_its_folder(a1111) -> None:
     space = workspace(a1111)
     logs = a1111.data / "textual_inversion"
