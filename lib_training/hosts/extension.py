@@ -7,6 +7,7 @@ may be running) lives here, once per process.
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 from lib_training.hosts import settings
@@ -18,6 +19,7 @@ from lib_training.service import TrainingService
 
 _service: TrainingService | None = None
 _lock = threading.Lock()
+_apps: weakref.WeakSet[Any] = weakref.WeakSet()  # the WebUI's FastAPI apps (a new one after each UI reload)
 
 
 def make_host() -> HostAdapter:
@@ -62,6 +64,12 @@ def app_started(demo: Any, app: Any) -> None:
     from lib_training.api import build_router
 
     app.include_router(build_router(service()))
+    _apps.add(app)
+
+
+def started_apps() -> list[Any]:
+    """The WebUI's FastAPI apps `app_started` was called with that are still alive."""
+    return list(_apps)
 
 
 def script_unloaded() -> None:

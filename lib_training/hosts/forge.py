@@ -5,7 +5,7 @@ patches) and undoes every step in reverse on exit:
 
 1. The original UNet and CLIP patchers are loaded through Forge's memory manager, which restores
    any LoRA merge; afterwards the patchers that were loaded before are loaded again (merging the
-   user's LoRAs again, as Forge does after every refresh).
+   user's LoRAs again, as Forge does after every refresh), in their order of before.
 2. Inference tensors: Forge loads every weight under `torch.inference_mode()`, and autograd cannot
    save those for backward. Each one is replaced by a normal frozen copy for the job, and the
    original `Parameter` objects go back afterwards (`snapshots.trainable_parameters`).
@@ -275,8 +275,9 @@ class ForgeHost:
                 if engine is not None:
                     engine.embeddings.load_textual_inversion_embeddings()
             page = sys.modules.get("modules.ui_extra_networks_textual_inversion")
-            if page is not None:
-                page.embedding_db.load_textual_inversion_embeddings(force_reload=True, sync_with_sd_model=False)
+            databases = [page.embedding_db] if page is not None else []
+            for database in [*databases, *_api_embedding_databases()]:
+                database.load_textual_inversion_embeddings(force_reload=True, sync_with_sd_model=False)
         elif kind == "hypernetwork":
             shared.reload_hypernetworks()
         elif kind == "lora":
@@ -288,9 +289,29 @@ class ForgeHost:
         sd_models.list_models()
 
 
+def _api_embedding_databases() -> list[Any]:
+    """The embedding database of Forge's HTTP API (`/sdapi/v1/embeddings` lists it): the API object
+    keeps its own, loaded when it starts and by `/sdapi/v1/refresh-embeddings` only. Found through
+    the route's endpoint (a method of that object) on the apps the extension was started on."""
+    from lib_training.hosts.extension import started_apps
+
+    found: dict[int, Any] = {}
+    for app in started_apps():
+        for route in getattr(app, "routes", ()):
+            if getattr(route, "path", None) == "/sdapi/v1/embeddings":
+                database = getattr(getattr(route.endpoint, "__self__", None), "embedding_db", None)
+                if database is not None:
+                    found[id(database)] = database
+    return list(found.values())
+
+
 def _load_again(patchers: list[Any]) -> None:
-    """Load the patchers that were loaded before the job (re-merging their LoRAs), as they were."""
+    """Load the patchers that were loaded before the job (re-merging their LoRAs), as they were, and
+    put them back in their order: `load_models_gpu` moves what it loads to the front, and Forge
+    unloads from the back of `current_loaded_models` when it needs memory."""
     if patchers:
         from backend import memory_management
 
         memory_management.load_models_gpu(patchers)
+        rank = {id(patcher): index for index, patcher in enumerate(patchers)}
+        memory_management.current_loaded_models.sort(key=lambda loaded: rank.get(id(loaded.model), len(rank)))

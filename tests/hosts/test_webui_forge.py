@@ -1,10 +1,13 @@
 """Forge specifics: its pitfalls are real in the stand-in (inference tensors, in-place adds, no
-checkpointing), LoRAs it merged, and results reloaded in every text engine and the cards."""
+checkpointing), LoRAs it merged, its memory manager's order, and results reloaded in every text
+engine, the cards and its HTTP API."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from webui_support import finish, training_body
 
 from lib_training.hosts import extension
@@ -52,11 +55,12 @@ def test_a_loaded_lora_is_unmerged_for_training_and_merged_again(forge, standalo
     merged = layer.weight.clone()
     assert not torch.equal(merged, base)
     before = forge.snapshot()
+    loaded = [loaded.model for loaded in memory.current_loaded_models]
 
     with extension.make_host().session():
         assert torch.equal(layer.weight, base)
     assert torch.equal(layer.weight, merged)
-    assert memory.current_loaded_models[0].model is with_lora
+    assert [loaded.model for loaded in memory.current_loaded_models] == loaded
 
     job = finish(extension.service().start_training("embedding", training_body(red_ball, steps=3)))
     assert job.state == "finished", job.error
@@ -64,6 +68,21 @@ def test_a_loaded_lora_is_unmerged_for_training_and_merged_again(forge, standalo
     assert after.pop("parameters") != before.pop("parameters")  # Forge merges into new Parameter objects
     assert after == before
     assert any(loaded.model is with_lora for loaded in memory.current_loaded_models)
+
+
+def test_forges_memory_manager_has_the_loaded_models_in_their_order_of_before(forge, standalone, red_ball) -> None:
+    """Forge unloads from the back of `current_loaded_models` when it needs memory, so the order matters."""
+    engine = forge.load(standalone["sd1"])
+    memory = forge.module("backend.memory_management")
+    objects = engine.forge_objects_original
+    memory.load_models_gpu([objects.unet, objects.clip.patcher])  # a generation: sampling, then decoding
+    memory.load_models_gpu([objects.vae.patcher])
+    before = [loaded.model for loaded in memory.current_loaded_models]
+
+    job = finish(extension.service().start_training("embedding", training_body(red_ball, steps=2)))
+
+    assert job.state == "finished", job.error
+    assert [loaded.model for loaded in memory.current_loaded_models] == before
 
 
 def test_the_embedding_reloads_in_every_text_engine_and_in_the_cards(forge, standalone, red_ball) -> None:
@@ -74,3 +93,17 @@ def test_the_embedding_reloads_in_every_text_engine_and_in_the_cards(forge, stan
     for text_engine in (engine.text_processing_engine_l, engine.text_processing_engine_g):
         assert "zqx" in text_engine.embeddings.word_embeddings
     assert "zqx" in cards.word_embeddings
+
+
+def test_the_embedding_is_listed_by_forges_http_api_without_a_refresh(forge, standalone, red_ball) -> None:
+    forge.load(standalone["sd1"])
+    app = FastAPI()
+    forge.module("modules.api.api").Api(app, forge.module("modules.call_queue").queue_lock)  # --api
+    extension.app_started(None, app)  # Forge calls the extensions' app_started after creating its API
+    client = TestClient(app)
+    assert client.get("/sdapi/v1/embeddings").json()["loaded"] == {}
+
+    job = finish(extension.service().start_training("embedding", training_body(red_ball, steps=2)))
+
+    assert job.state == "finished", job.error
+    assert "zqx" in client.get("/sdapi/v1/embeddings").json()["loaded"]
