@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.abc
+import importlib.util
 import sys
 import time
 from collections.abc import Iterator
@@ -19,6 +21,14 @@ from lib_training.integrity import hooks_snapshot, requires_grad_snapshot, weigh
 HERE = Path(__file__).parent
 WEBUI, FORGE = HERE / "webui", HERE / "forge"
 STANDIN_PACKAGES = {"modules", "ldm", "sgm", "launch", "networks", "standin_models", "modules_forge", "backend"}
+# Stand-in packages kept in folders named `standin_<package>` (so that no one mistakes them for a
+# host's code) and imported under the host's package name.
+RENAMED = {"a1111": {"ldm": WEBUI / "standin_ldm", "sgm": WEBUI / "standin_sgm"}}
+RENAMED["forge"] = {
+    **RENAMED["a1111"],
+    "backend": FORGE / "standin_backend",
+    "modules_forge": FORGE / "standin_modules_forge",
+}
 
 A1111_SHAPES = ("sd1", "sd2", "sdxl")
 FORGE_SHAPES = ("sd1", "sd2", "sdxl")
@@ -97,7 +107,9 @@ def installed(kind: str, data: Path) -> Iterator[WebUI]:
     from lib_training.hosts import extension
 
     saved_path = list(sys.path)
-    sys.path[:0] = [str(WEBUI)] + ([str(FORGE)] if kind == "forge" else [])
+    sys.path[:0] = [str(WEBUI)]
+    finder = _RenamedPackages(RENAMED[kind])
+    sys.meta_path.insert(0, finder)
     try:
         paths = importlib.import_module("modules.paths")
         paths.script_path = paths.data_path = str(data)
@@ -107,9 +119,26 @@ def installed(kind: str, data: Path) -> Iterator[WebUI]:
         yield webui
     finally:
         sys.path[:] = saved_path
+        sys.meta_path.remove(finder)
         for name in [n for n in sys.modules if n.split(".")[0] in STANDIN_PACKAGES]:
             del sys.modules[name]
         extension._service = None
+
+
+class _RenamedPackages(importlib.abc.MetaPathFinder):
+    """Finds the top-level packages in `folders` (name -> folder); their submodules are then found
+    through the package's `__path__` as usual."""
+
+    def __init__(self, folders: dict[str, Path]) -> None:
+        self.folders = folders
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        folder = self.folders.get(name)
+        if folder is None:
+            return None
+        return importlib.util.spec_from_file_location(
+            name, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
 
 
 def training_body(images: Path, name: str = "zqx", steps: int = 10, **loop: Any) -> dict[str, Any]:

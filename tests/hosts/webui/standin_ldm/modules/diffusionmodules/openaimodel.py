@@ -1,10 +1,10 @@
 """Stand-in for ldm's `openaimodel`: our UNet under ldm's class names and signatures."""
 
-import torch
-
 import ldm.modules.attention
 import ldm.modules.diffusionmodules.model
+import torch
 from ldm.modules.diffusionmodules.util import checkpoint
+
 from lib_training.models import attention as our_attention
 from lib_training.models import unet as ours
 from lib_training.models import vae as our_vae

@@ -1,6 +1,7 @@
 """Stand-in for `ldm.modules.attention`: our blocks under ldm's class names and call signatures."""
 
 from ldm.modules.diffusionmodules.util import checkpoint
+
 from lib_training.models import attention as ours
 
 

@@ -1,11 +1,11 @@
 """Stand-in for sgm's `openaimodel`."""
 
+import sgm.modules.attention
+import sgm.modules.diffusionmodules.model
 import torch
 from ldm.modules.diffusionmodules import openaimodel as ldm_openaimodel
 from ldm.modules.diffusionmodules.util import checkpoint
 
-import sgm.modules.attention
-import sgm.modules.diffusionmodules.model
 from lib_training.models import attention as our_attention
 from lib_training.models import unet as ours
 from lib_training.models import vae as our_vae

@@ -2,7 +2,6 @@
 encoder; its constructor wraps the token embedding for textual inversion, as Forge's does."""
 
 import torch
-
 from backend.text_processing.textual_inversion import EmbeddingDatabase
 
 

@@ -1,7 +1,6 @@
 """Stand-in for Forge's `VAE` patcher object."""
 
 import torch
-
 from backend.patcher.base import ModelPatcher
 
 CPU = torch.device("cpu")

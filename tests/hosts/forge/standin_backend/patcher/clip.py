@@ -1,7 +1,6 @@
 """Stand-in for Forge's `CLIP` patcher object: text encoders, tokenizers, one ModelPatcher."""
 
 import torch
-
 from backend.patcher.base import ModelPatcher
 
 CPU = torch.device("cpu")
