@@ -33,6 +33,7 @@ class Tokenizer(Protocol):
     bos_id: int
     eos_id: int
     pad_id: int
+    comma_backtrack: int  # a full chunk moves the tokens after a comma fewer than this many back on (0: never)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without BOS/EOS."""

@@ -2,8 +2,9 @@
 
 As in the WebUIs, a long prompt is split into chunks of 75 tokens, each encoded as BOS + 75 + EOS
 (padded) and the encoder outputs are concatenated along the sequence. A chunk that fills up breaks
-after the last comma within `COMMA_BACKTRACK` tokens, so phrases stay together; an embedding is
-never split across chunks.
+after its last comma when that is near the end, so phrases stay together; an embedding is never
+split across chunks. The rules (`_split_chunks`) are the WebUIs' to the token, quirks included:
+an embedding must be conditioned in training as it will be at generation.
 
 An embedding is named in a prompt by its name (the file name), which is tokenized and searched for
 in the prompt's tokens; where it occurs, its n vectors take the place of those tokens. The vectors
@@ -13,7 +14,7 @@ stay differentiable, which is how textual inversion trains them.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from einops import rearrange
@@ -23,7 +24,6 @@ from lib_training.interface import EmbeddingVectors, TextEncoder, TextEncoderOut
 
 CHUNK_TOKENS = 75  # tokens per chunk between BOS and EOS
 CONTEXT_TOKENS = CHUNK_TOKENS + 2
-COMMA_BACKTRACK = 20  # a full chunk breaks at a comma at most this many tokens back
 
 
 @dataclass(frozen=True)
@@ -80,28 +80,56 @@ def _find_embeddings(tokens: list[int], patterns: Mapping[str, list[int]], lengt
     return pieces
 
 
-def _split_chunks(pieces: list[_Piece], comma_id: int | None) -> list[list[_Piece]]:
-    """Group pieces into chunks of at most CHUNK_TOKENS positions."""
-    chunks: list[list[_Piece]] = []
-    current: list[_Piece] = []
-    used = 0
+@dataclass
+class _Chunk:
+    """Up to CHUNK_TOKENS token ids (0 where an embedding's vectors go) and the embeddings placed in it."""
+
+    tokens: list[int] = field(default_factory=list)
+    embeddings: list[tuple[int, str]] = field(default_factory=list)  # (index in `tokens`, name)
+
+
+def _split_chunks(pieces: list[_Piece], comma_id: int | None, backtrack: int) -> list[_Chunk]:
+    """Group pieces into chunks of CHUNK_TOKENS positions exactly as A1111 and Forge do:
+
+    - a chunk is closed when it is full and another piece comes (or at the end);
+    - if that piece is not a comma and at most `backtrack - 1` tokens follow the chunk's last comma,
+      those tokens move on to the next chunk (none when `backtrack` is 0). Only the token ids move:
+      an embedding among them stays recorded where it was placed (the WebUIs keep its vectors in the
+      closed chunk and leave ids 0 in the next one), so that training conditions prompts as
+      generation will;
+    - a comma that arrives at a full chunk opens the next one and is no break point there;
+    - an embedding that does not fit opens the next chunk, with no going back to a comma.
+    """
+    chunks: list[_Chunk] = []
+    chunk = _Chunk()
+    last_comma = -1  # index in chunk.tokens of its latest comma; -1 when it has none
+
+    def close() -> None:
+        nonlocal chunk, last_comma
+        chunks.append(chunk)
+        chunk, last_comma = _Chunk(), -1
+
     for piece in pieces:
-        if used + piece.length > CHUNK_TOKENS:
-            # Break after the last comma if it is close enough to the end; carry the rest over.
-            cut = len(current)
-            if comma_id is not None and piece.embedding is None:
-                commas = [k for k, p in enumerate(current) if p.token == comma_id and p.embedding is None]
-                if commas and used - sum(p.length for p in current[: commas[-1] + 1]) <= COMMA_BACKTRACK:
-                    cut = commas[-1] + 1
-            chunks.append(current[:cut])
-            current = current[cut:]
-            used = sum(p.length for p in current)
+        if piece.embedding is None and piece.token == comma_id:
+            last_comma = len(chunk.tokens)
+        elif len(chunk.tokens) == CHUNK_TOKENS and last_comma != -1 and CHUNK_TOKENS - last_comma <= backtrack:
+            moved = chunk.tokens[last_comma + 1 :]
+            del chunk.tokens[last_comma + 1 :]
+            close()
+            chunk.tokens = moved
+        if len(chunk.tokens) == CHUNK_TOKENS:
+            close()
+        if piece.embedding is None:
+            chunk.tokens.append(piece.token)
+            continue
         if piece.length > CHUNK_TOKENS:
             raise ValueError(f"embedding {piece.embedding!r} has {piece.length} vectors; at most {CHUNK_TOKENS} fit")
-        current.append(piece)
-        used += piece.length
-    if current or not chunks:
-        chunks.append(current)
+        if len(chunk.tokens) + piece.length > CHUNK_TOKENS:
+            close()
+        chunk.embeddings.append((len(chunk.tokens), piece.embedding))
+        chunk.tokens.extend([0] * piece.length)
+    if chunk.tokens or not chunks:
+        chunks.append(chunk)
     return chunks
 
 
@@ -123,23 +151,20 @@ def tokenize(
     comma_id = comma[0] if len(comma) == 1 else None
 
     per_prompt = [
-        _split_chunks(_find_embeddings(tokenizer.encode(p), patterns, embedding_lengths), comma_id) for p in prompts
+        _split_chunks(
+            _find_embeddings(tokenizer.encode(p), patterns, embedding_lengths), comma_id, tokenizer.comma_backtrack
+        )
+        for p in prompts
     ]
     n_chunks = max([min_chunks, *(len(c) for c in per_prompt)])
     ids = torch.full((len(prompts), n_chunks, CONTEXT_TOKENS), tokenizer.pad_id, dtype=torch.long)
     slots: list[EmbeddingSlot] = []
     for row, chunks in enumerate(per_prompt):
         for c in range(n_chunks):
-            pieces = chunks[c] if c < len(chunks) else []
-            tokens = [tokenizer.bos_id]
-            for piece in pieces:
-                if piece.embedding is not None:
-                    slots.append(EmbeddingSlot(row, c, len(tokens), piece.embedding))
-                    tokens.extend([0] * piece.length)
-                else:
-                    tokens.append(piece.token)
-            tokens.append(tokenizer.eos_id)
+            chunk = chunks[c] if c < len(chunks) else _Chunk()
+            tokens = [tokenizer.bos_id, *chunk.tokens, tokenizer.eos_id]
             ids[row, c, : len(tokens)] = torch.tensor(tokens)
+            slots.extend(EmbeddingSlot(row, c, 1 + index, name) for index, name in chunk.embeddings)
     return TokenizedPrompts(ids, slots)
 
 

@@ -55,6 +55,54 @@ def test_full_chunk_breaks_after_a_nearby_comma() -> None:
     assert second[1:11] == TOK.encode("dog")[0:1] * 10
 
 
+CAT, COMMA = TOK.encode("cat")[0], TOK.encode(",")[0]
+
+
+def _chunks(words: list[str], embeddings: dict[str, int] | None = None) -> list[list[int]]:
+    """The 75 positions between BOS and EOS of each chunk of the prompt `words` (one token each)."""
+    ids = tokenize([" ".join(words)], TOK, embeddings).ids[0]
+    return [chunk[1:76].tolist() for chunk in ids]
+
+
+def test_a_full_chunk_moves_at_most_19_tokens_after_its_comma_on() -> None:
+    """A1111's and Forge's comma backtrack of 20 counts the comma: 19 tokens move, 20 do not."""
+    moved = _chunks(["cat"] * 55 + [","] + ["cat"] * 25)  # 19 tokens after the comma when the chunk fills
+    kept = _chunks(["cat"] * 54 + [","] + ["cat"] * 26)  # 20 tokens after it
+
+    assert moved[0][55] == COMMA and moved[0][56] == TOK.eos_id
+    assert moved[1][:26] == [CAT] * 25 + [TOK.eos_id]
+    assert kept[0][54] == COMMA and kept[0][55:] == [CAT] * 20
+    assert kept[1][:7] == [CAT] * 6 + [TOK.eos_id]
+
+
+def test_a_comma_that_arrives_at_a_full_chunk_opens_the_next_one() -> None:
+    chunks = _chunks(["cat"] * 70 + [","] + ["cat"] * 4 + [","] + ["cat"] * 3)
+
+    assert chunks[0] == [CAT] * 70 + [COMMA] + [CAT] * 4  # no going back to the earlier comma
+    assert chunks[1][:5] == [COMMA, CAT, CAT, CAT, TOK.eos_id]
+
+
+def test_an_embedding_after_a_full_chunk_moves_the_tokens_after_the_comma_on() -> None:
+    tokens = tokenize([" ".join(["cat"] * 69 + [","] + ["cat"] * 5 + ["thing"])], TOK, {"thing": 2})
+
+    assert tokens.ids[0, 0, 70:72].tolist() == [COMMA, TOK.eos_id]
+    assert tokens.ids[0, 1, 1:9].tolist() == [CAT] * 5 + [0, 0, TOK.eos_id]
+    assert [(slot.chunk, slot.position) for slot in tokens.slots] == [(1, 6)]
+
+
+def test_an_embedding_moved_on_by_a_comma_keeps_its_vectors_where_the_webuis_put_them() -> None:
+    """The WebUIs move only the token ids of the phrase after the comma; an embedding in it keeps
+    its vectors in the chunk it was placed in (over the padding), and its ids 0 move on."""
+    tokens = tokenize(
+        [" ".join(["cat"] * 60 + [","] + ["cat"] * 10 + ["thing"] + ["cat"] * 2 + ["dog"])], TOK, {"thing": 2}
+    )
+
+    (slot,) = tokens.slots
+    assert (slot.chunk, slot.position) == (0, 72)
+    assert tokens.ids[0, 0, 61:63].tolist() == [COMMA, TOK.eos_id]
+    assert tokens.ids[0, 1, 1:17].tolist() == [CAT] * 10 + [0, 0] + [CAT] * 2 + [TOK.encode("dog")[0], TOK.eos_id]
+
+
 def test_embedding_name_becomes_its_vector_slots() -> None:
     tokens = tokenize(["a photo of my-thing, outdoors"], TOK, {"my-thing": 3})
     (slot,) = tokens.slots

@@ -155,16 +155,21 @@ def build_model(sd_model: Any, checkpointing: Checkpointing | None = None) -> Ho
         )
     device = torch.device(devices.device)
     skip = max(1, int(getattr(opts, "CLIP_stop_at_last_layers", 1)))
+    backtrack = int(getattr(opts, "comma_padding_backtrack", 20))
     encoders: list[TextEncoder] = []
     if arch is Arch.SD1:
         wrapper = sd_model.cond_stage_model
         text_model = wrapper.wrapped.transformer.text_model
         encoders.append(
-            HFTextEncoder("clip_l", HostTokenizer(wrapper), text_model, layer=-skip, final_norm=True, device=device)
+            HFTextEncoder(
+                "clip_l", HostTokenizer(wrapper, backtrack), text_model, layer=-skip, final_norm=True, device=device
+            )
         )
     elif arch is Arch.SD2:
         wrapper = sd_model.cond_stage_model
-        encoders.append(OpenClipTextEncoder("clip_h", HostTokenizer(wrapper), wrapper.wrapped, device=device))
+        encoders.append(
+            OpenClipTextEncoder("clip_h", HostTokenizer(wrapper, backtrack), wrapper.wrapped, device=device)
+        )
     else:
         clip_l, clip_g = _sdxl_towers(sd_model)  # type: ignore[misc]
         embedder = clip_l.wrapped
@@ -177,10 +182,15 @@ def build_model(sd_model: Any, checkpointing: Checkpointing | None = None) -> Ho
         text_model = embedder.transformer.text_model
         encoders.append(
             HFTextEncoder(
-                "clip_l", HostTokenizer(clip_l), text_model, layer=layer, final_norm=final_norm, device=device
+                "clip_l",
+                HostTokenizer(clip_l, backtrack),
+                text_model,
+                layer=layer,
+                final_norm=final_norm,
+                device=device,
             )
         )
-        encoders.append(OpenClipTextEncoder("clip_g", HostTokenizer(clip_g), clip_g.wrapped, device=device))
+        encoders.append(OpenClipTextEncoder("clip_g", HostTokenizer(clip_g, backtrack), clip_g.wrapped, device=device))
     alphas = getattr(sd_model, "alphas_cumprod_original", None)
     if alphas is None:
         alphas = sd_model.alphas_cumprod

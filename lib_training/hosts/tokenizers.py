@@ -14,8 +14,9 @@ from typing import Any
 class HostTokenizer:
     """`lib_training.interface.Tokenizer` over a host text wrapper or text-processing engine."""
 
-    def __init__(self, host: Any) -> None:
+    def __init__(self, host: Any, comma_backtrack: int = 20) -> None:
         self.host = host
+        self.comma_backtrack = comma_backtrack  # A1111's "Prompt word wrap length limit"; Forge's is 20
         self.bos_id = int(host.id_start)
         self.eos_id = int(host.id_end)
         self.pad_id = int(host.id_pad)

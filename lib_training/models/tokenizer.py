@@ -32,6 +32,7 @@ class ClipTokenizer:
 
     bos_id: int = BOS_ID
     eos_id: int = EOS_ID
+    comma_backtrack: int = 20  # the WebUIs' default ("Prompt word wrap length limit")
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id

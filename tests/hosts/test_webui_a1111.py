@@ -12,6 +12,7 @@ from webui_support import finish, training_body
 
 from lib_training.hosts import extension, settings
 from lib_training.hosts.a1111 import LOWVRAM_MESSAGE, sdpa_attention_forward
+from lib_training.prompt import tokenize
 
 
 def test_lowvram_is_refused_with_a_clear_message(a1111, standalone, red_ball) -> None:
@@ -149,3 +150,17 @@ def test_the_embedding_loads_in_the_webui_at_once_and_the_logs_stay_out_of_its_f
     assert {p.name for p in log.iterdir()} >= {"config.json", "loss.csv", "resume.pt", "checkpoints"}
     assert [p.name for p in (log / "checkpoints").iterdir()] == ["zqx-2.safetensors"]
     assert [o.name for o in extension.service().outputs()] == ["zqx"]
+
+
+@pytest.mark.parametrize(("limit", "moved"), [(20, True), (5, False)])
+def test_prompts_wrap_at_commas_as_a1111s_word_wrap_setting_says(a1111, standalone, limit, moved) -> None:
+    """ "Prompt word wrap length limit" (`comma_padding_backtrack`): the 10 tokens after the comma
+    move to the second chunk when the limit is 20, and stay in the first when it is 5."""
+    a1111.load(standalone["sd1"])
+    a1111.shared.opts.comma_padding_backtrack = limit
+    with extension.make_host().session() as model:
+        tokenizer = model.text_encoders[0].tokenizer
+        ids = tokenize([" ".join(["ball"] * 64 + [","] + ["ball"] * 15)], tokenizer).ids[0]
+    ball = tokenizer.encode("ball")[0]
+    assert (ids[1, 1:16] == ball).all().item() is moved
+    assert (ids[0, 66:76] == ball).all().item() is not moved

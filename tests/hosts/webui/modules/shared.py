@@ -29,6 +29,7 @@ cmd_opts = argparse.Namespace(
 _builtin = {
     "sd_model_checkpoint": "tiny.safetensors [0123456789]",
     "CLIP_stop_at_last_layers": 1,
+    "comma_padding_backtrack": 20,
     "sdxl_clip_l_skip": False,
     "training_xattention_optimizations": False,
     "cross_attention_optimization": "Automatic",
