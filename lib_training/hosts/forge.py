@@ -7,8 +7,9 @@ patches) and undoes every step in reverse on exit:
    any LoRA merge; afterwards the patchers that were loaded before are loaded again (merging the
    user's LoRAs again, as Forge does after every refresh), in their order of before.
 2. Inference tensors: Forge loads every weight under `torch.inference_mode()`, and autograd cannot
-   save those for backward. Each one is replaced by a normal frozen copy for the job, and the
-   original `Parameter` objects go back afterwards (`snapshots.trainable_parameters`).
+   save those for backward. Each one is replaced for the job by a normal frozen tensor over the
+   same memory (no copy), and the original `Parameter` objects go back afterwards
+   (`snapshots.trainable_parameters`).
 3. Every other parameter frozen (the VAE's; its flags come back).
 4. Forge's `BasicTransformerBlock._forward` adds in place after LayerNorms that saved their input,
    which breaks backward: each block gets an instance `_forward` doing the same out of place

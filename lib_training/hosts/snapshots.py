@@ -72,15 +72,16 @@ def frozen(parameters: Iterable[nn.Parameter]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def trainable_parameters(modules: Iterable[nn.Module], park: bool = True) -> Iterator[int]:
-    """Replace every inference-tensor parameter of `modules` by a normal frozen copy, for autograd.
+def trainable_parameters(modules: Iterable[nn.Module]) -> Iterator[int]:
+    """Replace every inference-tensor parameter of `modules` by a normal frozen one, for autograd.
 
     Tensors created under `torch.inference_mode()` (how Forge loads models) cannot be saved for
     backward, even when frozen. Each is replaced in every slot that held it (a Parameter can be
-    registered under two names) by a new `nn.Parameter` with the same values; with `park` the
-    original's storage waits in CPU memory meanwhile. On exit the originals come back into their
-    slots with the current values, on the device the copies are on then (a memory manager may have
-    moved them). Yields how many parameters were replaced.
+    registered under two names) by a new `nn.Parameter` over the same memory: a normal tensor set
+    to the original's storage, so nothing is copied (an SDXL UNet would otherwise take its size
+    again in VRAM or RAM). On exit the originals come back into their slots; where a memory manager
+    moved the replacement to another device meanwhile, the original takes its values there. Yields
+    how many parameters were replaced.
     """
     slots: dict[int, list[tuple[nn.Module, str]]] = {}
     originals: dict[int, nn.Parameter] = {}
@@ -90,26 +91,28 @@ def trainable_parameters(modules: Iterable[nn.Module], park: bool = True) -> Ite
                 if param is not None and param.is_inference():
                     slots.setdefault(id(param), []).append((module, name))
                     originals[id(param)] = param
-    parked: set[int] = set()
     try:
         for key, original in originals.items():
-            copy = nn.Parameter(original.detach().clone(), requires_grad=False)
+            replacement = nn.Parameter(_normal_alias(original), requires_grad=False)
             for module, name in slots[key]:
-                module._parameters[name] = copy
-            if park and original.device.type != "cpu":
-                with torch.inference_mode():
-                    original.data = original.data.to("cpu", copy=True)
-                parked.add(key)
+                module._parameters[name] = replacement
         yield len(originals)
     finally:
         for key, original in originals.items():
             module, name = slots[key][0]
             current = module._parameters[name]
-            if current is not original and (key in parked or current.device != original.device):
+            if current is not original and current.data_ptr() != original.data_ptr():
                 with torch.inference_mode():
                     original.data = current.detach().to(current.device, copy=True)
             for module, name in slots[key]:
                 module._parameters[name] = original
+
+
+def _normal_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal (not inference) tensor viewing `tensor`'s memory; outside inference mode, a tensor
+    set to a storage is normal whoever created the storage."""
+    alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+    return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 class HostModelChangedError(RuntimeError):

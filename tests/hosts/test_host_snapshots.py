@@ -56,7 +56,7 @@ def test_frozen_restores_each_flag_also_of_inference_tensors() -> None:
     assert (inference.requires_grad, normal.requires_grad, fixed.requires_grad) == (True, True, False)
 
 
-def test_trainable_parameters_replace_inference_tensors_in_every_slot_and_give_them_back() -> None:
+def test_trainable_parameters_replace_inference_tensors_in_every_slot_without_a_copy_and_give_them_back() -> None:
     with torch.inference_mode():
         embedding = nn.Embedding(4, 3)
         alias = nn.Module()
@@ -68,6 +68,7 @@ def test_trainable_parameters_replace_inference_tensors_in_every_slot_and_give_t
     with trainable_parameters([model]) as replaced:
         assert replaced == 3
         assert alias.weight is embedding.weight and not embedding.weight.is_inference()
+        assert embedding.weight.data_ptr() == originals[0][1].data_ptr()  # the same memory, not a copy
         norm(x + embedding.weight[:2]).sum().backward()
         assert x.grad is not None
     assert list(model.named_parameters(remove_duplicate=False)) == originals
