@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lib_training.devices import give_back_freed_memory
 from lib_training.errors import UserError
 from lib_training.training.progress import Progress
 
@@ -147,6 +148,7 @@ class JobManager:
             job.error = str(error)
             job.state = "failed"
         finally:
+            give_back_freed_memory()
             job.finished = time.time()
             job.done_event.set()
 

@@ -56,3 +56,11 @@ def test_progress_without_a_count_reads_as_its_phase_and_message() -> None:
     waiting = Progress("waiting for the WebUI", 0, 0, message="a generation or another task runs")
     assert waiting.describe() == "waiting for the WebUI: a generation or another task runs"
     assert Progress("training", 3, 10, loss=0.5).describe() == "training 3/10, loss 0.5000"
+
+
+def test_a_finished_job_gives_the_memory_it_freed_back(monkeypatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr("lib_training.jobs.give_back_freed_memory", lambda: calls.append("given back"))
+    jobs = JobManager()
+    job = jobs.wait(jobs.start("test", "finishing", lambda context: {"ok": True}).id, 10)
+    assert job.state == "finished" and calls == ["given back"]
