@@ -192,16 +192,19 @@ def encode_with_encoder(
     embeddings: Mapping[str, EmbeddingVectors],
     min_chunks: int = 1,
 ) -> TextEncoderOutput:
-    """Encode prompts with one text encoder: hidden [B, 77 * chunks, C], pooled of the first chunk."""
+    """Encode prompts with one text encoder: hidden [B, 77 * chunks, C], pooled of the first chunk.
+
+    One encoder call per chunk, as the WebUIs make them: the same batch shapes give the same
+    rounding, so the conditioning equals the host's to the bit.
+    """
     lengths = {name: _vector_count(vectors, encoder.key, name) for name, vectors in embeddings.items()}
     tokens = tokenize(prompts, encoder.tokenizer, lengths, min_chunks)
-    embeds = embed_tokens(encoder, tokens, embeddings)
-    out = encoder.encode_embeddings(embeds, rearrange(tokens.ids, "b c t -> (b c) t").to(embeds.device))
-    hidden = rearrange(out.hidden, "(b c) t d -> b (c t) d", c=tokens.chunks)
-    pooled = None
-    if out.pooled is not None:
-        pooled = rearrange(out.pooled, "(b c) d -> b c d", c=tokens.chunks)[:, 0]
-    return TextEncoderOutput(hidden, pooled)
+    embeds = rearrange(embed_tokens(encoder, tokens, embeddings), "(b c) t d -> b c t d", c=tokens.chunks)
+    outputs = [
+        encoder.encode_embeddings(embeds[:, c], tokens.ids[:, c].to(embeds.device)) for c in range(tokens.chunks)
+    ]
+    hidden = torch.cat([out.hidden for out in outputs], dim=1)  # [B, 77 * chunks, C]
+    return TextEncoderOutput(hidden, outputs[0].pooled)
 
 
 def count_chunks(prompts: Sequence[str], tokenizer: Tokenizer, embeddings: Mapping[str, EmbeddingVectors]) -> int:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from lib_training.interface import TextEncoderOutput
 from lib_training.models.tokenizer import ClipTokenizer
-from lib_training.prompt import CONTEXT_TOKENS, embed_tokens, tokenize
+from lib_training.prompt import CONTEXT_TOKENS, embed_tokens, encode_with_encoder, tokenize
 
 TOK = ClipTokenizer(pad_id=49407)
 OPEN_CLIP_TOK = ClipTokenizer(pad_id=0)
@@ -121,11 +122,18 @@ def test_embedding_is_never_split_across_chunks() -> None:
 
 
 class _FakeEncoder:
+    """Hidden states are the token embeddings; pooled is the first position's; calls are recorded."""
+
     key = "clip_l"
     tokenizer = TOK
 
     def __init__(self) -> None:
         self.token_embedding = torch.nn.Embedding(49408, 8)
+        self.calls: list[tuple[int, ...]] = []
+
+    def encode_embeddings(self, embeds: torch.Tensor, ids: torch.Tensor) -> TextEncoderOutput:
+        self.calls.append(tuple(embeds.shape))
+        return TextEncoderOutput(embeds, embeds[:, 0])
 
 
 def test_embedding_vectors_replace_token_embeddings_and_stay_differentiable() -> None:
@@ -137,3 +145,16 @@ def test_embedding_vectors_replace_token_embeddings_and_stay_differentiable() ->
     assert torch.equal(embeds[0, slot.position : slot.position + 2], vectors)
     embeds.sum().backward()
     assert vectors.grad is not None and torch.equal(vectors.grad, torch.ones(2, 8))
+
+
+def test_each_chunk_is_encoded_in_a_call_of_its_own_as_the_webuis_do() -> None:
+    """Same batch shapes as the hosts' encoder calls, hence the same rounding in their matmuls."""
+    encoder = _FakeEncoder()
+    prompts = ["a cat", " ".join(["dog"] * 100)]
+
+    out = encode_with_encoder(encoder, prompts, {})
+
+    assert encoder.calls == [(2, CONTEXT_TOKENS, 8), (2, CONTEXT_TOKENS, 8)]
+    embeds = encoder.token_embedding(tokenize(prompts, TOK).ids)  # [B, chunks, 77, 8]
+    assert torch.equal(out.hidden, torch.cat([embeds[:, 0], embeds[:, 1]], dim=1))
+    assert torch.equal(out.pooled, embeds[:, 0, 0])
