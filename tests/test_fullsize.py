@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import torch
+from fullsize import full_size_checkpoint
 
-from lib_training.family import Arch, ModelFamily
+from lib_training.family import Arch
 from lib_training.layout import detect_family
-from lib_training.models.text_encoder import ClipTextEncoder, TextEncoderConfig
-from lib_training.models.unet import UNetConfig, UNetModel, unet_config_from_shapes
-from lib_training.models.vae import AutoencoderKL, VAEConfig
-from lib_training.standalone import StandaloneModel, assemble
-
-
-def _meta_model(arch: Arch, unet: UNetConfig) -> StandaloneModel:
-    with torch.device("meta"):
-        modules = (UNetModel(unet), AutoencoderKL(VAEConfig.sd()))
-        encoders = [ClipTextEncoder(c) for c in TextEncoderConfig.for_arch(arch)]
-    return assemble(ModelFamily(arch), *modules, encoders, device=torch.device("meta"), dtype=torch.float16)
+from lib_training.models.unet import UNetConfig, unet_config_from_shapes
 
 
 def test_sd15_checkpoint_has_the_real_tensor_and_parameter_counts() -> None:
     """SD1.5 pruned: 1,066,235,307 parameters in 1,131 tensors (UNet + CLIP-L + VAE + position_ids)."""
-    tensors = _meta_model(Arch.SD1, UNetConfig.sd15()).checkpoint_state_dict()
+    tensors = full_size_checkpoint(Arch.SD1)
     assert len(tensors) == 1131
     assert sum(t.numel() for t in tensors.values() if t.is_floating_point()) == 1_066_235_307
     assert tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"].shape == (1, 77)
@@ -32,7 +22,7 @@ def test_sd15_checkpoint_has_the_real_tensor_and_parameter_counts() -> None:
 
 
 def test_sdxl_checkpoint_keys_detect_as_sdxl_and_reinfer_the_unet() -> None:
-    tensors = _meta_model(Arch.SDXL, UNetConfig.sdxl_base()).checkpoint_state_dict()
+    tensors = full_size_checkpoint(Arch.SDXL)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     assert detect_family(shapes, {}, "sdxl").name == "sdxl"
     unet = {k.removeprefix("model.diffusion_model."): s for k, s in shapes.items() if k.startswith("model.")}
@@ -42,7 +32,7 @@ def test_sdxl_checkpoint_keys_detect_as_sdxl_and_reinfer_the_unet() -> None:
 
 
 def test_sd21_checkpoint_keys_detect_as_sd2() -> None:
-    tensors = _meta_model(Arch.SD2, UNetConfig.sd21()).checkpoint_state_dict()
+    tensors = full_size_checkpoint(Arch.SD2)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     assert detect_family(shapes, {}, "sd21").arch is Arch.SD2
     assert shapes["cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight"] == (3072, 1024)

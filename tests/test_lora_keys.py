@@ -2,59 +2,32 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
-import torch
+from fullsize import full_size_checkpoint, full_size_shapes
 
-from lib_training.family import Arch, ModelFamily
+from lib_training.family import Arch
 from lib_training.layout import UNET_PREFIX
 from lib_training.lora_keys import diffusers_unet_path, lora_targets, targets_by_name
-
-
-@functools.cache
-def full_size_checkpoint(arch: Arch) -> dict[str, torch.Tensor]:
-    """Checkpoint key -> meta tensor of a full-size model of the family."""
-    from lib_training.models.text_encoder import ClipTextEncoder, TextEncoderConfig
-    from lib_training.models.unet import UNetConfig, UNetModel
-    from lib_training.models.vae import AutoencoderKL, VAEConfig
-    from lib_training.standalone import assemble
-
-    unet = {Arch.SD1: UNetConfig.sd15, Arch.SD2: UNetConfig.sd21, Arch.SDXL: UNetConfig.sdxl_base}[arch]()
-    with torch.device("meta"):
-        model = assemble(
-            ModelFamily(arch),
-            UNetModel(unet),
-            AutoencoderKL(VAEConfig.sd()),
-            [ClipTextEncoder(c) for c in TextEncoderConfig.for_arch(arch)],
-            device=torch.device("meta"),
-            dtype=torch.float16,
-        )
-    return model.checkpoint_state_dict()
-
-
-def shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(t.shape) for key, t in full_size_checkpoint(arch).items()}
 
 
 @pytest.mark.parametrize(("arch", "text", "unet"), [(Arch.SD1, 72, 192), (Arch.SD2, 144, 192), (Arch.SDXL, 264, 722)])
 def test_default_targets_count_as_kohya_lora_does(arch: Arch, text: int, unet: int) -> None:
     # kohya: SD1.5 72 text-encoder + 192 UNet modules, SDXL 264 + 722 (SD2's file keeps all 24 layers)
-    targets = [t for t in lora_targets(shapes(arch), arch) if t.default]
+    targets = [t for t in lora_targets(full_size_shapes(arch), arch) if t.default]
     assert sum(t.component != "unet" for t in targets) == text
     assert sum(t.component == "unet" for t in targets) == unet
 
 
 @pytest.mark.parametrize("arch", list(Arch))
 def test_every_name_and_alias_points_to_one_target(arch: Arch) -> None:
-    targets = lora_targets(shapes(arch), arch)
+    targets = lora_targets(full_size_shapes(arch), arch)
     names = [name for t in targets for name in (t.name, *t.aliases)]
     assert len(names) == len(set(names))
     assert len(targets_by_name(targets)) == len(names)
 
 
 def test_sd1_names_follow_the_diffusers_to_ldm_conversion() -> None:
-    index = targets_by_name(lora_targets(shapes(Arch.SD1), Arch.SD1))
+    index = targets_by_name(lora_targets(full_size_shapes(Arch.SD1), Arch.SD1))
     expected = {
         "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (
             "input_blocks.1.1.transformer_blocks.0.attn1.to_q"
@@ -81,7 +54,7 @@ def test_sd1_names_follow_the_diffusers_to_ldm_conversion() -> None:
 
 
 def test_sdxl_unet_names_are_the_ldm_paths() -> None:
-    index = targets_by_name(lora_targets(shapes(Arch.SDXL), Arch.SDXL))
+    index = targets_by_name(lora_targets(full_size_shapes(Arch.SDXL), Arch.SDXL))
     target = index["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"]
     assert target.name == "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"
     assert target.key == UNET_PREFIX + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
@@ -111,7 +84,7 @@ def test_diffusers_names_match_the_modules_of_the_diffusers_unet(arch: Arch) -> 
 @pytest.mark.parametrize(("arch", "component"), [(Arch.SD2, "clip_h"), (Arch.SDXL, "clip_g")])
 def test_open_clip_q_k_v_are_rows_of_the_fused_in_proj(arch: Arch, component: str) -> None:
     prefix = "lora_te" if arch is Arch.SD2 else "lora_te2"
-    index = targets_by_name(lora_targets(shapes(arch), arch))
+    index = targets_by_name(lora_targets(full_size_shapes(arch), arch))
     width = index[f"{prefix}_text_model_encoder_layers_3_self_attn_q_proj"].shape[1]
     for i, projection in enumerate("qkv"):
         target = index[f"{prefix}_text_model_encoder_layers_3_self_attn_{projection}_proj"]
@@ -126,20 +99,20 @@ def test_open_clip_q_k_v_are_rows_of_the_fused_in_proj(arch: Arch, component: st
 
 
 def test_sd1_text_encoder_names_are_the_hf_clip_paths() -> None:
-    index = targets_by_name(lora_targets(shapes(Arch.SD1), Arch.SD1))
+    index = targets_by_name(lora_targets(full_size_shapes(Arch.SD1), Arch.SD1))
     target = index["lora_te_text_model_encoder_layers_11_mlp_fc1"]
     assert target.key == "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc1.weight"
     assert target.rows is None
 
 
 def test_sdxl_clip_l_uses_the_te1_prefix() -> None:
-    index = targets_by_name(lora_targets(shapes(Arch.SDXL), Arch.SDXL))
+    index = targets_by_name(lora_targets(full_size_shapes(Arch.SDXL), Arch.SDXL))
     target = index["lora_te1_text_model_encoder_layers_0_self_attn_k_proj"]
     assert target.key == "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.k_proj.weight"
 
 
 def test_locon_targets_are_the_resblock_and_sampler_layers() -> None:
-    targets = lora_targets(shapes(Arch.SD1), Arch.SD1)
+    targets = lora_targets(full_size_shapes(Arch.SD1), Arch.SD1)
     conv = {t.name for t in targets if t.conv}
     assert "lora_unet_down_blocks_0_resnets_0_conv1" in conv
     assert "lora_unet_down_blocks_0_resnets_0_time_emb_proj" in conv

@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
-import torch
+from fullsize import full_size_shapes
 
 from lib_training.errors import ConfigError
-from lib_training.family import Arch, ModelFamily
+from lib_training.family import Arch
 from lib_training.layout import TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIX
 from lib_training.merge.blocks import PRESETS, block_names, block_of, parse_blocks, preset
-
-
-@functools.cache
-def full_size_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
-    """Checkpoint key -> shape of a full-size model of the family (built on the meta device)."""
-    from lib_training.models.text_encoder import ClipTextEncoder, TextEncoderConfig
-    from lib_training.models.unet import UNetConfig, UNetModel
-    from lib_training.models.vae import AutoencoderKL, VAEConfig
-    from lib_training.standalone import assemble
-
-    unet = {Arch.SD1: UNetConfig.sd15, Arch.SD2: UNetConfig.sd21, Arch.SDXL: UNetConfig.sdxl_base}[arch]()
-    with torch.device("meta"):
-        model = assemble(
-            ModelFamily(arch),
-            UNetModel(unet),
-            AutoencoderKL(VAEConfig.sd()),
-            [ClipTextEncoder(c) for c in TextEncoderConfig.for_arch(arch)],
-            device=torch.device("meta"),
-            dtype=torch.float16,
-        )
-    return {key: tuple(t.shape) for key, t in model.checkpoint_state_dict().items()}
 
 
 @pytest.mark.parametrize(("arch", "count"), [(Arch.SD1, 26), (Arch.SD2, 26), (Arch.SDXL, 20)])

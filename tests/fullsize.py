@@ -1,0 +1,32 @@
+"""Full-size SD1.5, SD2.1 and SDXL-base checkpoints as the tests see them: built on the meta device
+(real key names and shapes, no memory), once per family."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lib_training.family import Arch, ModelFamily
+from lib_training.models.text_encoder import ClipTextEncoder, TextEncoderConfig
+from lib_training.models.unet import UNetConfig, UNetModel
+from lib_training.models.vae import AutoencoderKL, VAEConfig
+from lib_training.standalone import assemble
+
+UNET_PRESETS = {Arch.SD1: UNetConfig.sd15, Arch.SD2: UNetConfig.sd21, Arch.SDXL: UNetConfig.sdxl_base}
+
+
+@functools.cache
+def full_size_checkpoint(arch: Arch) -> dict[str, torch.Tensor]:
+    """Checkpoint key -> meta tensor (fp16) of the family's full-size model."""
+    with torch.device("meta"):
+        modules = (UNetModel(UNET_PRESETS[arch]()), AutoencoderKL(VAEConfig.sd()))
+        encoders = [ClipTextEncoder(c) for c in TextEncoderConfig.for_arch(arch)]
+    model = assemble(ModelFamily(arch), *modules, encoders, device=torch.device("meta"), dtype=torch.float16)
+    return model.checkpoint_state_dict()
+
+
+@functools.cache
+def full_size_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape of the family's full-size model."""
+    return {key: tuple(tensor.shape) for key, tensor in full_size_checkpoint(arch).items()}
