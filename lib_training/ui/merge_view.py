@@ -16,9 +16,7 @@ import gradio as gr
 from lib_training.jobs import Job
 from lib_training.merge_service import MergeService, MergeTool, format_size
 from lib_training.training.progress import format_duration
-from lib_training.ui.snippets import failure_html, progress_html
-
-_ENDED = {"finished": "Finished", "interrupted": "Interrupted", "failed": "Failed"}
+from lib_training.ui.snippets import ENDED_LABELS, another_job_text, failure_html, progress_html
 
 
 @dataclass
@@ -91,15 +89,18 @@ class MergeView:
     def progress_html(self, job: Job | None, other: Job | None, state: str) -> str:
         fraction, parts = 0.0, []
         if state == "busy" and other is not None:
-            parts = [f"Another job is running: {other.title}. Start is possible when it has finished."]
+            parts = [another_job_text(other.title)]
         elif job is None:
             parts = [self.idle_text]
         elif job.progress is None:
-            parts = ["Starting…" if job.running else _ENDED.get(job.state, job.state)]
+            parts = ["Starting…" if job.running else ENDED_LABELS.get(job.state, job.state)]
         else:
             p = job.progress
             fraction = 1.0 if job.state == "finished" else p.fraction
-            parts = [_ENDED.get(job.state, p.phase.capitalize()), f"{p.step}/{p.total} {getattr(p, 'unit', 'steps')}"]
+            parts = [
+                ENDED_LABELS.get(job.state, p.phase.capitalize()),
+                f"{p.step}/{p.total} {getattr(p, 'unit', 'steps')}",
+            ]
             if job.running and p.message:
                 parts.append(p.message)
             if job.running and p.eta_seconds is not None:

@@ -24,7 +24,7 @@ from lib_training.jobs import Job
 from lib_training.service import TrainingService
 from lib_training.training.plot import plot_loss
 from lib_training.training.progress import format_duration
-from lib_training.ui.snippets import failure_html, progress_html
+from lib_training.ui.snippets import ENDED_LABELS, another_job_text, failure_html, progress_html
 
 _STEP_IN_NAME = re.compile(r"-(\d+)\.png$")
 OUTPUTS_TTL = 10.0  # seconds between scans of the results folders while nothing changes
@@ -131,17 +131,16 @@ class RunView:
     def progress_html(self, job: Job | None, other: Job | None, state: str) -> str:
         fraction, parts = 0.0, []
         if state == "busy" and other is not None:
-            parts = [f"Another job is running: {other.title}. Start is possible when it has finished."]
+            parts = [another_job_text(other.title)]
         elif job is None:
             parts = ["No run yet: preview the dataset, then press Start."]
         else:
             p = job.progress
-            label = {"finished": "Finished", "interrupted": "Interrupted", "failed": "Failed"}
             if p is None:
-                parts = ["Starting…" if job.running else label.get(job.state, job.state)]
+                parts = ["Starting…" if job.running else ENDED_LABELS.get(job.state, job.state)]
             else:
                 fraction = 1.0 if job.state == "finished" else p.fraction
-                parts = [label.get(job.state, p.phase.capitalize()), f"step {p.step}/{p.total}"]
+                parts = [ENDED_LABELS.get(job.state, p.phase.capitalize()), f"step {p.step}/{p.total}"]
                 if job.running and p.steps_per_second:
                     parts.append(f"{p.steps_per_second:.2f} it/s")
                 if job.running and p.eta_seconds is not None:

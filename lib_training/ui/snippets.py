@@ -5,6 +5,13 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
+ENDED_LABELS = {"finished": "Finished", "interrupted": "Interrupted", "failed": "Failed"}  # job state -> label
+
+
+def another_job_text(title: str) -> str:
+    """What a form says while another job holds the one job slot."""
+    return f"Another job is running: {title}. Start is possible when it has finished."
+
 
 def message_html(text: str, kind: str = "info") -> str:
     """A one-line message; `kind` is "info" or "error" (styled by style.css)."""
