@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def worker(args: argparse.Namespace) -> dict[str, float]:
     import torch
 
-    from lib_training.models.unet import UNetConfig, UNetModel
-    from lib_training.tiny import randomize_weights
+    from lib_training.model.networks.unet import UNetConfig, UNetModel
+    from lib_training.model.tiny import randomize_weights
 
     torch.manual_seed(0)
     config = UNetConfig.sd15() if args.full else replace(UNetConfig.sd15(), model_channels=args.width)

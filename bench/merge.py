@@ -50,11 +50,11 @@ def _shapes(small: bool) -> dict[str, tuple[tuple[int, ...], str]]:
     """Checkpoint key -> (shape, dtype name) of SD1.5 (or of the tiny SD1 model)."""
     import torch
 
-    from lib_training.family import Arch, ModelFamily
-    from lib_training.models.text_encoder import ClipTextEncoder, TextEncoderConfig
-    from lib_training.models.unet import UNetConfig, UNetModel
-    from lib_training.models.vae import AutoencoderKL, VAEConfig
-    from lib_training.standalone import assemble
+    from lib_training.formats.family import Arch, ModelFamily
+    from lib_training.model.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
+    from lib_training.model.networks.unet import UNetConfig, UNetModel
+    from lib_training.model.networks.vae import AutoencoderKL, VAEConfig
+    from lib_training.model.standalone import assemble
 
     unet_config = UNetConfig.tiny(Arch.SD1) if small else UNetConfig.sd15()
     vae_config = VAEConfig.tiny() if small else VAEConfig.sd()
@@ -75,7 +75,7 @@ def generate(path: Path, small: bool, seed: int) -> None:
     """Write a checkpoint of random fp16 weights, one tensor at a time."""
     import torch
 
-    from lib_training.safetensors_writer import StreamWriter, TensorEntry
+    from lib_training.formats.safetensors_writer import StreamWriter, TensorEntry
 
     shapes = _shapes(small)
     dtypes = {"fp16": torch.float16, "int64": torch.int64}

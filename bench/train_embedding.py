@@ -86,10 +86,10 @@ class Shapes:
 
 def model_shapes(arch: str, args: argparse.Namespace) -> Shapes:
     """The model structure and image size of `arch` at the chosen scale (--tiny, default, --full)."""
-    from lib_training.family import ModelFamily
-    from lib_training.models.text_encoder import TextEncoderConfig
-    from lib_training.models.unet import UNetConfig
-    from lib_training.models.vae import VAEConfig
+    from lib_training.formats.family import ModelFamily
+    from lib_training.model.networks.text_encoder import TextEncoderConfig
+    from lib_training.model.networks.unet import UNetConfig
+    from lib_training.model.networks.vae import VAEConfig
 
     family = ModelFamily.parse(arch)
     if args.tiny:
@@ -123,7 +123,7 @@ def build_model(shapes: Shapes, device: torch.device, dtype: torch.dtype):  # ->
 
     As when loading a checkpoint, SDXL's VAE stays fp32 when the rest is fp16.
     """
-    from lib_training.standalone import assemble, build_random
+    from lib_training.model.standalone import assemble, build_random
 
     model = build_random(shapes.family, shapes.unet, shapes.vae, shapes.text, SEED)
     if device.type == "cpu" and dtype == torch.float32:
@@ -282,7 +282,7 @@ def reference_batches(model, args: argparse.Namespace, shapes: Shapes, total: in
     batch position).
     """
     from lib_training.dataset import DatasetConfig, TrainingDataset
-    from lib_training.prompt import tokenize
+    from lib_training.model.prompt import tokenize
     from lib_training.seeding import derive_seed
 
     dataset = TrainingDataset(DatasetConfig(path=args.data, size=shapes.size, template=TEMPLATE, seed=SEED), NAME)
@@ -359,8 +359,8 @@ def hf_text_encoder(encoder, start: torch.Tensor) -> torch.nn.Module:
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from lib_training.models.text_encoder import open_clip_to_hf
-    from lib_training.models.tokenizer import BOS_ID, EOS_ID
+    from lib_training.model.networks.text_encoder import open_clip_to_hf
+    from lib_training.model.networks.tokenizer import BOS_ID, EOS_ID
 
     config = encoder.config
     hf_config = CLIPTextConfig(

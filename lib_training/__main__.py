@@ -1,5 +1,5 @@
 """`python -m lib_training ...`: the command-line interface."""
 
-from lib_training.cli import main
+from lib_training.app.cli import main
 
 raise SystemExit(main())

@@ -243,10 +243,14 @@ def _jsonable(value: Any) -> Any:
 
 
 def add_arguments(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, skip: Sequence[str] = ()
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    skip: Sequence[str] = (),
+    defaults: Mapping[str, Any] | None = None,
 ) -> None:
-    """Add one option per field of `cls` (help text, default and range shown)."""
-    for info in describe(cls):
+    """Add one option per field of `cls` (help text, default and range shown; `defaults` replaces
+    some of the class's defaults, as a method does for the loop's learning rate)."""
+    for info in describe(cls, defaults):
         text = info.help
         if info.min is not None or info.max is not None:
             low = "" if info.min is None else f"{info.min:g}"
@@ -269,10 +273,14 @@ def add_arguments(
             )
 
 
+def namespace_values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of `cls` given on the command line (those not given are left out)."""
+    return {info.name: getattr(args, info.name) for info in describe(cls) if getattr(args, info.name, None) is not None}
+
+
 def from_namespace(cls: type[T], args: argparse.Namespace, defaults: Mapping[str, Any] | None = None) -> T:
     """Settings from parsed CLI options: options not given keep their defaults."""
-    data = {info.name: getattr(args, info.name) for info in describe(cls) if getattr(args, info.name, None) is not None}
-    return from_dict(cls, data, defaults)
+    return from_dict(cls, namespace_values(cls, args), defaults)
 
 
 def json_schema(cls: type, defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:

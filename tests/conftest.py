@@ -24,7 +24,7 @@ def _private_user_cache(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Paths of tiny random checkpoints: "sd1", "sd2", "sdxl" (seed 0), written on first use."""
-    from lib_training.tiny import make_tiny
+    from lib_training.model.tiny import make_tiny
 
     folder = tmp_path_factory.mktemp("tiny")
     paths: dict[str, Path] = {}
@@ -37,13 +37,13 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 
 @pytest.fixture(scope="session")
 def tiny_sd1(tiny_checkpoints: dict[str, Path]):
-    from lib_training.standalone import load_model
+    from lib_training.model.standalone import load_model
 
     return load_model(tiny_checkpoints["sd1"])
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tiny_checkpoints: dict[str, Path]):
-    from lib_training.standalone import load_model
+    from lib_training.model.standalone import load_model
 
     return load_model(tiny_checkpoints["sdxl"])

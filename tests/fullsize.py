@@ -7,11 +7,11 @@ import functools
 
 import torch
 
-from lib_training.family import Arch, ModelFamily
-from lib_training.models.text_encoder import ClipTextEncoder, TextEncoderConfig
-from lib_training.models.unet import UNetConfig, UNetModel
-from lib_training.models.vae import AutoencoderKL, VAEConfig
-from lib_training.standalone import assemble
+from lib_training.formats.family import Arch, ModelFamily
+from lib_training.model.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
+from lib_training.model.networks.unet import UNetConfig, UNetModel
+from lib_training.model.networks.vae import AutoencoderKL, VAEConfig
+from lib_training.model.standalone import assemble
 
 UNET_PRESETS = {Arch.SD1: UNetConfig.sd15, Arch.SD2: UNetConfig.sd21, Arch.SDXL: UNetConfig.sdxl_base}
 

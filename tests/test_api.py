@@ -15,15 +15,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import save_file
 
-from lib_training.api import PREFIX, build_router
-from lib_training.checkpoint import read_safetensors_header
-from lib_training.embedding_files import read_embedding
-from lib_training.family import Arch
-from lib_training.lora_keys import lora_targets
+from lib_training.app.api import PREFIX, build_router
+from lib_training.app.merge_service import TOOLS
+from lib_training.app.service import StandaloneWorkspace, TrainingService
+from lib_training.formats.embedding_files import read_embedding
+from lib_training.formats.family import Arch
+from lib_training.formats.lora_keys import lora_targets
+from lib_training.formats.tensor_files import read_safetensors_header
 from lib_training.merge import merge
 from lib_training.merge.lora_file import LoraModule, lora_tensors
-from lib_training.merge_service import TOOLS
-from lib_training.service import StandaloneWorkspace, TrainingService
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lib_training.checkpoint import open_tensors, read_safetensors_header, save_safetensors
 from lib_training.errors import CheckpointError
-from lib_training.family import Arch
-from lib_training.layout import detect_family, split_components
+from lib_training.formats.detection import detect_family, split_components
+from lib_training.formats.family import Arch
+from lib_training.formats.tensor_files import open_tensors, read_safetensors_header, save_safetensors
 
 
 def _sd1_shapes(in_channels: int = 4) -> dict[str, tuple[int, ...]]:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lib_training.cli import main
-from lib_training.standalone import load_model
+from lib_training.app.cli import main
+from lib_training.model.standalone import load_model
 
 
 def test_make_tiny_writes_a_loadable_checkpoint_of_the_family(tmp_path: Path, capsys) -> None:

@@ -16,8 +16,8 @@ from PIL import Image, PngImagePlugin
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lib_training.embedding_files import EmbeddingFile, read_embedding, write_embedding
 from lib_training.errors import CheckpointError, ConfigError
+from lib_training.formats.embedding_files import EmbeddingFile, read_embedding, write_embedding
 
 WIDTHS = {"sd1": {"clip_l": 768}, "sd2": {"clip_h": 1024}, "sdxl": {"clip_l": 768, "clip_g": 1280}}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lib_training import file_hashes as hashing
+from lib_training.formats import file_hashes as hashing
 
 
 @pytest.fixture()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from fullsize import full_size_checkpoint
 
-from lib_training.family import Arch
-from lib_training.layout import detect_family
-from lib_training.models.unet import UNetConfig, unet_config_from_shapes
+from lib_training.formats.detection import detect_family
+from lib_training.formats.family import Arch
+from lib_training.model.networks.unet import UNetConfig, unet_config_from_shapes
 
 
 def test_sd15_checkpoint_has_the_real_tensor_and_parameter_counts() -> None:

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from lib_training.jobs import JobBusyError, JobManager
+from lib_training.app.jobs import JobBusyError, JobManager
 
 
 def test_a_second_job_is_refused_while_one_runs() -> None:
@@ -60,7 +60,7 @@ def test_progress_without_a_count_reads_as_its_phase_and_message() -> None:
 
 def test_a_finished_job_gives_the_memory_it_freed_back(monkeypatch) -> None:
     calls: list[str] = []
-    monkeypatch.setattr("lib_training.jobs.give_back_freed_memory", lambda: calls.append("given back"))
+    monkeypatch.setattr("lib_training.app.jobs.give_back_freed_memory", lambda: calls.append("given back"))
     jobs = JobManager()
     job = jobs.wait(jobs.start("test", "finishing", lambda context: {"ok": True}).id, 10)
     assert job.state == "finished" and calls == ["given back"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from fullsize import full_size_checkpoint, full_size_shapes
 
-from lib_training.family import Arch
-from lib_training.layout import UNET_PREFIX
-from lib_training.lora_keys import diffusers_unet_path, lora_targets, targets_by_name
+from lib_training.formats.detection import UNET_PREFIX
+from lib_training.formats.family import Arch
+from lib_training.formats.lora_keys import diffusers_unet_path, lora_targets, targets_by_name
 
 
 @pytest.mark.parametrize(("arch", "text", "unet"), [(Arch.SD1, 72, 192), (Arch.SD2, 144, 192), (Arch.SDXL, 264, 722)])
@@ -66,7 +66,7 @@ def test_diffusers_names_match_the_modules_of_the_diffusers_unet(arch: Arch) -> 
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
     from test_unet import diffusers_config  # the LDM -> diffusers config the UNet parity tests use
 
-    from lib_training.models.unet import UNetConfig
+    from lib_training.model.networks.unet import UNetConfig
 
     checkpoint = {k: v for k, v in full_size_checkpoint(arch).items() if k.startswith(UNET_PREFIX)}
     config = UNetConfig.sd15() if arch is Arch.SD1 else UNetConfig.sdxl_base()

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from lib_training.errors import ConfigError
-from lib_training.loss import diffusion_loss, min_snr_weights, noise_offset
-from lib_training.schedule import NoiseSchedule
+from lib_training.model.noise_schedule import NoiseSchedule
+from lib_training.training.loss import diffusion_loss, min_snr_weights, noise_offset
 
 
 def _pair(seed: int = 0, shape: tuple[int, ...] = (3, 4, 5, 6)) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lib_training.errors import ConfigError
-from lib_training.lr_schedule import SCHEDULE_NAMES, parse_schedule, set_learning_rate
+from lib_training.training.lr_schedule import SCHEDULE_NAMES, parse_schedule, set_learning_rate
 
 # --- WebUI syntax -------------------------------------------------------------------------------
 

@@ -6,8 +6,8 @@ import pytest
 from fullsize import full_size_shapes
 
 from lib_training.errors import ConfigError
-from lib_training.family import Arch
-from lib_training.layout import TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIX
+from lib_training.formats.detection import TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIX
+from lib_training.formats.family import Arch
 from lib_training.merge.blocks import PRESETS, block_names, block_of, parse_blocks, preset
 
 

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lib_training.errors import CheckpointError, ConfigError
+from lib_training.formats.safetensors_writer import NotEnoughSpaceError
 from lib_training.merge import CancelledError, MergeConfig, Progress, merge
-from lib_training.safetensors_writer import NotEnoughSpaceError
 
 U = "model.diffusion_model."
 TE = "cond_stage_model.transformer.text_model."
@@ -74,7 +74,7 @@ def f32(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
 
 
 def test_weighted_sum_of_tiny_checkpoints_follows_the_formula_for_every_key(tmp_path: Path, tiny_checkpoints) -> None:
-    from lib_training.tiny import make_tiny
+    from lib_training.model.tiny import make_tiny
 
     b_path = tmp_path / "b.safetensors"
     make_tiny("sd1", seed=1).save(b_path)
@@ -271,7 +271,7 @@ def test_a_pickled_input_is_loaded_whole_and_said_so(tmp_path: Path, abc) -> Non
 
 
 def test_the_merged_tiny_model_loads_as_a_checkpoint(tmp_path: Path, tiny_checkpoints) -> None:
-    from lib_training.standalone import load_model
+    from lib_training.model.standalone import load_model
 
     out = tmp_path / "merged.safetensors"
     merge(MergeConfig(method="slerp", a=str(tiny_checkpoints["sdxl"]), b=str(tiny_checkpoints["sdxl"]), out=str(out)))

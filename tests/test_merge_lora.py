@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lib_training.errors import CheckpointError
-from lib_training.family import Arch
-from lib_training.lora_keys import lora_targets, targets_by_name
+from lib_training.formats.family import Arch
+from lib_training.formats.lora_keys import lora_targets, targets_by_name
 from lib_training.merge import (
     LoraBakeConfig,
     LoraExtractConfig,

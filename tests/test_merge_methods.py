@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lib_training.merge.methods import (
-    METHODS,
+    MERGE_METHODS,
     KeyContext,
     add_difference,
     clip_to_inputs,
@@ -189,8 +189,8 @@ def test_registry_applies_each_method_to_the_models_it_names(abc) -> None:
         "train_difference": train_difference(a, b, c, 0.3),
         "cosine": cosine(a, b, 0.3),
     }
-    assert set(expected) == set(METHODS)
-    for name, method in METHODS.items():
+    assert set(expected) == set(MERGE_METHODS)
+    for name, method in MERGE_METHODS.items():
         result = method.apply([inputs[letter] for letter in method.models], 0.3, 0.2, context)
         assert torch.allclose(result, expected[name]), name
 
@@ -198,7 +198,7 @@ def test_registry_applies_each_method_to_the_models_it_names(abc) -> None:
 def test_methods_that_return_a_at_zero_ratios_say_so(abc) -> None:
     a, b, c = (t.float() for t in abc)
     inputs = {"a": a, "b": b, "c": c}
-    for method in METHODS.values():
+    for method in MERGE_METHODS.values():
         if method.is_identity(0.0, 0.0):
             result = method.apply([inputs[x] for x in method.models], 0.0, 0.0, KeyContext("k"))
             assert torch.allclose(result, a, atol=1e-6), method.name

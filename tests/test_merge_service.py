@@ -8,13 +8,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lib_training.app.jobs import JobManager
+from lib_training.app.merge_service import TOOLS, MergeService, field_used, file_roles, job_progress
+from lib_training.app.service import StandaloneWorkspace, Workspace
 from lib_training.errors import ConfigError
-from lib_training.jobs import JobManager
 from lib_training.merge import MergeConfig
 from lib_training.merge import Progress as FileProgress
-from lib_training.merge_service import TOOLS, MergeService, field_used, file_roles, job_progress
 from lib_training.options import SettingsError, describe
-from lib_training.service import StandaloneWorkspace, Workspace
 
 
 class RecordingWorkspace(StandaloneWorkspace):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lib_training.errors import ConfigError
-from lib_training.optim import OPTIMIZER_NAMES, available_optimizers, build_optimizer, clip_gradients
+from lib_training.training.optim import OPTIMIZER_NAMES, available_optimizers, build_optimizer, clip_gradients
 
 
 def _param(*values: float, grad: list[float] | None = None) -> torch.nn.Parameter:

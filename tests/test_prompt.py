@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from lib_training.interface import TextEncoderOutput
-from lib_training.models.tokenizer import ClipTokenizer
-from lib_training.prompt import CONTEXT_TOKENS, embed_tokens, encode_with_encoder, tokenize
+from lib_training.model.diffusion import TextEncoderOutput
+from lib_training.model.networks.tokenizer import ClipTokenizer
+from lib_training.model.prompt import CONTEXT_TOKENS, embed_tokens, encode_with_encoder, tokenize
 
 TOK = ClipTokenizer(pad_id=49407)
 OPEN_CLIP_TOK = ClipTokenizer(pad_id=0)

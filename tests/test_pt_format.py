@@ -1,7 +1,7 @@
 """.pt files the WebUI's restricted unpickler opens: checked entry by entry and opcode by opcode.
 
 The allow-lists below are written out from A1111's modules/safe.py independently of
-lib_training.pt_format, so that a mistake there cannot hide itself here.
+lib_training.formats.pt_format, so that a mistake there cannot hide itself here.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib_training.embedding_files import EmbeddingFile, write_embedding
-from lib_training.pt_format import pickle_globals, save_pt_for_webui, to_webui_pt_bytes, webui_pt_problems
+from lib_training.formats.embedding_files import EmbeddingFile, write_embedding
+from lib_training.formats.pt_format import pickle_globals, save_pt_for_webui, to_webui_pt_bytes, webui_pt_problems
 
 # The newest A1111 accepts these zip entries; releases before it only data.pkl, version and data/N.
 A1111_ENTRY = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|.data/serialization_id|(data\.pkl))$")

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lib_training.safetensors_writer import (
+from lib_training.formats.safetensors_writer import (
     NotEnoughSpaceError,
     StreamWriter,
     TensorEntry,

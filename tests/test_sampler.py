@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lib_training.errors import ConfigError
-from lib_training.sampler import SampleSettings, generate, sample_latents, spaced_timesteps
+from lib_training.model.sampler import SampleSettings, generate, sample_latents, spaced_timesteps
 
 SMALL = {"width": 64, "height": 64, "steps": 3}
 
@@ -56,8 +56,8 @@ def test_sdxl_generation_conditions_on_the_requested_size(tiny_sdxl, monkeypatch
 
 
 def test_sdxl_size_vector_is_pooled_then_six_sinusoids(tiny_sdxl) -> None:
-    from lib_training.interface import SizeConditioning
-    from lib_training.models.timestep import timestep_embedding
+    from lib_training.model.diffusion import SizeConditioning
+    from lib_training.model.networks.timestep import timestep_embedding
 
     pooled = torch.randn(1, 128)
     y = tiny_sdxl.size_vector(pooled, [SizeConditioning((48, 64), (2, 3), (40, 56))])

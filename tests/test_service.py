@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from lib_training.file_hashes import file_sha256
-from lib_training.service import StandaloneWorkspace, TrainingService
+from lib_training.app.service import StandaloneWorkspace, TrainingService
+from lib_training.formats.file_hashes import file_sha256
 
 
 def test_standalone_identity_is_the_checkpoint_name_and_its_hash_once_known(tiny_checkpoints, tmp_path) -> None:

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib_training.checkpoint import open_tensors, save_safetensors
 from lib_training.errors import CheckpointError
-from lib_training.layout import PREDICTION_METADATA
-from lib_training.standalone import load_model
-from lib_training.tiny import make_tiny
+from lib_training.formats.detection import PREDICTION_METADATA
+from lib_training.formats.tensor_files import open_tensors, save_safetensors
+from lib_training.model.standalone import load_model
+from lib_training.model.tiny import make_tiny
 
 
 def _file_tensors(path: Path) -> dict[str, torch.Tensor]:

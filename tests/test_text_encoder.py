@@ -13,17 +13,17 @@ from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from lib_training.errors import CheckpointError, ConfigError
-from lib_training.family import Arch
-from lib_training.interface import TextEncoder
-from lib_training.models.text_encoder import (
+from lib_training.formats.family import Arch
+from lib_training.model.diffusion import TextEncoder
+from lib_training.model.networks.text_encoder import (
     ClipTextEncoder,
     TextEncoderConfig,
     hf_to_open_clip,
     open_clip_to_hf,
     text_encoder_config_from_shapes,
 )
-from lib_training.models.tokenizer import ClipTokenizer
-from lib_training.tiny import randomize_weights
+from lib_training.model.networks.tokenizer import ClipTokenizer
+from lib_training.model.tiny import randomize_weights
 
 PROMPTS = [
     "a photo of a cat",

@@ -11,13 +11,13 @@ import torch
 from learning import fixed_eval_loss, random_like
 from PIL import Image, ImageDraw
 
-from lib_training.checkpoint import open_tensors
 from lib_training.dataset import DatasetConfig
-from lib_training.embedding_files import EmbeddingFile, read_embedding, write_embedding
 from lib_training.errors import ConfigError, UserError
-from lib_training.integrity import hooks_snapshot, requires_grad_snapshot, weights_fingerprint
+from lib_training.formats.embedding_files import EmbeddingFile, read_embedding, write_embedding
+from lib_training.formats.fingerprint import hooks_snapshot, requires_grad_snapshot, weights_fingerprint
+from lib_training.formats.tensor_files import open_tensors
 from lib_training.methods.embedding import EmbeddingConfig, EmbeddingMethod, initial_vectors
-from lib_training.standalone import load_model
+from lib_training.model.standalone import load_model
 from lib_training.training.config import LoopConfig
 from lib_training.training.run import train
 from lib_training.training.trainer import TrainingError
@@ -321,7 +321,7 @@ def test_empty_dataset_folder_is_refused_before_training(tiny_sd1, tmp_path) -> 
 
 
 def test_cli_trains_and_writes_name_safetensors(tiny_checkpoints, red_ball, tmp_path, capsys) -> None:
-    from lib_training.cli import main
+    from lib_training.app.cli import main
 
     out = tmp_path / "run"
     code = main(["train", "embedding", "--ckpt", str(tiny_checkpoints["sd1"]), "--data", str(red_ball),

@@ -15,24 +15,25 @@ import gradio as gr
 import pytest
 from fastapi.testclient import TestClient
 
+from lib_training.app.merge_service import ROLE_FOLDERS, TOOLS, MergeService, field_used
+from lib_training.app.service import StandaloneWorkspace, TrainingService
+from lib_training.app.ui.app import build_app
+from lib_training.app.ui.compat import choice_values
+from lib_training.app.ui.demo import DemoAssets, demo_assets, training_preset, write_shapes
+from lib_training.app.ui.form import ERROR_MARK, SettingsForm, is_slider, range_text
+from lib_training.app.ui.generate_tab import build_generate_tab
+from lib_training.app.ui.merge_form import visible_fields
+from lib_training.app.ui.merge_tab import ToolPanel, build_merge_tab
+from lib_training.app.ui.run_view import RunView
+from lib_training.app.ui.runs import run_configs
+from lib_training.app.ui.training_tab import MethodPanel, build_training_tab
 from lib_training.merge import LoraSpec, MergeConfig
 from lib_training.merge.blocks import PRESETS
-from lib_training.merge_service import ROLE_FOLDERS, TOOLS, MergeService, field_used
+from lib_training.methods import registered
 from lib_training.options import describe
-from lib_training.service import StandaloneWorkspace, TrainingService
-from lib_training.training.catalog import GROUPS, METHODS, parse_request
-from lib_training.ui.app import build_app
-from lib_training.ui.compat import choice_values
-from lib_training.ui.demo import DemoAssets, demo_assets, training_preset, write_shapes
-from lib_training.ui.form import ERROR_MARK, SettingsForm, is_slider, range_text
-from lib_training.ui.generate_tab import build_generate_tab
-from lib_training.ui.merge_form import visible_fields
-from lib_training.ui.merge_tab import ToolPanel, build_merge_tab
-from lib_training.ui.run_view import RunView
-from lib_training.ui.runs import run_configs
-from lib_training.ui.training_tab import MethodPanel, build_training_tab
+from lib_training.training.request import GROUPS, group_settings, parse_request
 
-EMBEDDING = METHODS["embedding"]
+EMBEDDING = registered()["embedding"]
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +74,15 @@ def _wait(service: TrainingService, timeout: float = 120):
 def test_training_tab_has_one_sub_tab_per_method(service) -> None:
     blocks = build_training_tab(service)
     tabs = {b.elem_id: b for b in blocks.blocks.values() if isinstance(b, gr.Tab)}
-    assert set(tabs) == {f"sdwt-train-{kind}" for kind in METHODS}
-    assert [tabs[f"sdwt-train-{kind}"].label for kind in METHODS] == [spec.title for spec in METHODS.values()]
+    assert set(tabs) == {f"sdwt-train-{kind}" for kind in registered()}
+    assert [tabs[f"sdwt-train-{kind}"].label for kind in registered()] == [spec.title for spec in registered().values()]
 
 
 def test_form_controls_match_the_settings_described_by_the_method_config(service) -> None:
     with gr.Blocks():
         form = SettingsForm(EMBEDDING)
     by_key = {control.key: control.component for control in form.controls}
-    expected = [(g, info) for g in GROUPS for info in describe(*EMBEDDING.group(g))]
+    expected = [(g, info) for g in GROUPS for info in describe(*group_settings(EMBEDDING, g))]
     assert sorted(by_key) == sorted(f"{g}.{info.name}" for g, info in expected) and len(by_key) == len(expected)
     for group, info in expected:
         component = by_key[f"{group}.{info.name}"]
@@ -207,21 +208,21 @@ def test_earlier_runs_are_found_under_the_workspace_runs_root(tmp_path) -> None:
     """A WebUI keeps runs in LOG/DATE/NAME: runs of earlier days are offered too."""
     import json
 
-    from lib_training.service import StandaloneWorkspace, TrainingService
-    from lib_training.ui.runs import run_configs
+    from lib_training.app.service import StandaloneWorkspace, TrainingService
+    from lib_training.app.ui.runs import run_configs
 
     class DatedWorkspace(StandaloneWorkspace):
-        def run_folder(self, kind, name):
+        def run_folder(self, spec, name):
             return self.root / "log" / "2026-11-21" / name
 
-        def runs_root(self, kind):
+        def runs_root(self, spec):
             return self.root / "log"
 
     workspace = DatedWorkspace(tmp_path / "model.safetensors", tmp_path / "out")
     old = workspace.root / "log" / "2026-11-20" / "cat" / "config.json"
     old.parent.mkdir(parents=True)
     old.write_text(json.dumps({"method": {"kind": "embedding", "name": "cat"}}))
-    assert run_configs(TrainingService(workspace), "embedding") == [old.resolve()]
+    assert run_configs(TrainingService(workspace), EMBEDDING) == [old.resolve()]
 
 
 def test_dataset_problems_are_shown_before_training(service, demo, tmp_path) -> None:
@@ -255,12 +256,12 @@ def test_a_finished_run_shows_progress_preview_loss_and_result(service, demo) ->
 
 
 def test_progress_of_a_running_job_shows_step_speed_eta_and_loss(service) -> None:
-    from lib_training.jobs import Job
+    from lib_training.app.jobs import Job
     from lib_training.training.progress import Progress
 
     job = Job("j1", "train/embedding", "Textual inversion: x", {"method": {"name": "x"}})
     job.progress = Progress("training", 12, 40, loss=0.1234, lr=0.005, steps_per_second=2.5, eta_seconds=11.2)
-    text = RunView(service, "embedding", "poll").progress_html(job, None, "running")
+    text = RunView(service, EMBEDDING, "poll").progress_html(job, None, "running")
     for part in ("step 12/40", "2.50 it/s", "ETA 0:11", "loss 0.1234", "width: 30.0%", 'data-sdwt-poll="poll"'):
         assert part in text
 
@@ -284,7 +285,7 @@ def test_settings_of_a_previous_run_fill_the_form(service, demo) -> None:
     preset["method"]["vectors"] = 3
     service.start_training("embedding", preset)
     assert _wait(service).state == "finished"
-    configs = run_configs(service, "embedding")
+    configs = run_configs(service, EMBEDDING)
     assert len(configs) == 1 and configs[0].name == "config.json"
 
     panel = _panel(service)
@@ -313,7 +314,7 @@ def test_demo_dataset_is_a_few_small_captioned_images(tmp_path) -> None:
 
 
 def test_serve_without_a_model_says_how_to_give_one(capsys) -> None:
-    from lib_training.cli import main
+    from lib_training.app.cli import main
 
     assert main(["serve"]) == 2
     error = capsys.readouterr().err

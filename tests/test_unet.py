@@ -13,10 +13,10 @@ from diffusers.loaders.single_file_utils import (
 )
 
 from lib_training.errors import CheckpointError
-from lib_training.family import Arch
-from lib_training.models.timestep import timestep_embedding
-from lib_training.models.unet import ResBlock, UNetConfig, UNetModel, unet_config_from_shapes
-from lib_training.tiny import randomize_weights
+from lib_training.formats.family import Arch
+from lib_training.model.networks.timestep import timestep_embedding
+from lib_training.model.networks.unet import ResBlock, UNetConfig, UNetModel, unet_config_from_shapes
+from lib_training.model.tiny import randomize_weights
 
 LDM_PREFIX = "model.diffusion_model."
 SIZE_EMBED_DIM = 256  # SGM embeds each of SDXL's six size values with a 256-wide sinusoid

@@ -11,13 +11,13 @@ from diffusers.loaders.single_file_utils import (
 )
 
 from lib_training.errors import CheckpointError
-from lib_training.models.vae import (
+from lib_training.model.networks.vae import (
     AutoencoderKL,
     VAEConfig,
     normalize_vae_state_dict,
     vae_config_from_shapes,
 )
-from lib_training.tiny import randomize_weights
+from lib_training.model.tiny import randomize_weights
 
 PREFIX = "first_stage_model."
 SD_VAE_PARAMETERS = 83_653_863

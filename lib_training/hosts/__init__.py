@@ -1,6 +1,6 @@
 """Adapters for the WebUIs that host the extension: AUTOMATIC1111 (1.10) and Forge.
 
-Each adapter builds the model interface (`lib_training.interface.DiffusionModel`) from the model
+Each adapter builds the model interface (`lib_training.model.diffusion.DiffusionModel`) from the model
 the WebUI has loaded, inside a *session* that prepares that model for training and restores it
 exactly afterwards. `exclusive.run_exclusive` holds the WebUI's queue lock for a whole job and
 reports through its progress state; `workspace.WebUIWorkspace` says where results go and makes

@@ -37,14 +37,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lib_training.errors import ConfigError, UserError
-from lib_training.family import Arch, ModelFamily
+from lib_training.formats.family import Arch, ModelFamily
 from lib_training.hosts.model import HostDiffusionModel
-from lib_training.hosts.snapshots import AttributeSnapshot, InstanceOverrides, frozen, verified_unchanged
+from lib_training.hosts.snapshots import AttributeSnapshot, frozen, verified_unchanged
 from lib_training.hosts.text import HFTextEncoder, OpenClipTextEncoder
 from lib_training.hosts.tokenizers import HostTokenizer
 from lib_training.hosts.vae import HostVAE
-from lib_training.interface import TextEncoder
-from lib_training.schedule import NoiseSchedule
+from lib_training.model.diffusion import TextEncoder
+from lib_training.model.hooks import ModuleHooks
+from lib_training.model.noise_schedule import NoiseSchedule
 
 LOWVRAM_MESSAGE = (
     "Training needs the whole model on the GPU, and --lowvram moves it there block by block during each "
@@ -367,7 +368,7 @@ class Checkpointing:
             if isinstance(cls, type)
         )
         self.blocks = [m for m in diffusion_model.modules() if classes and isinstance(m, classes)]
-        self.overrides = InstanceOverrides()
+        self.overrides = ModuleHooks()
 
     def __call__(self, enabled: bool) -> None:
         self.overrides.clear()
@@ -403,16 +404,18 @@ class A1111Host:
             yield build_model(sd_model, checkpointing)
 
     # --- results ------------------------------------------------------------------------------
-    def publish(self, kind: str, result: Path) -> None:
-        """Make a new result usable without a restart: reload embeddings / hypernetworks / LoRAs."""
+    def publish(self, role: str, result: Path) -> None:
+        """Make a new result usable without a restart: reload A1111's list for its folder's role."""
         from modules import sd_hijack, shared
 
-        if kind == "embedding":
-            sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(force_reload=True)
-        elif kind == "hypernetwork":
-            shared.reload_hypernetworks()
-        elif kind == "lora":
-            refresh_lora_list()
+        refresh = {
+            "embeddings": lambda: sd_hijack.model_hijack.embedding_db.load_textual_inversion_embeddings(
+                force_reload=True
+            ),
+            "hypernetworks": shared.reload_hypernetworks,
+            "loras": refresh_lora_list,
+        }
+        refresh[role]()
 
     def refresh_checkpoints(self) -> None:
         from modules import sd_models

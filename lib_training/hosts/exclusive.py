@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from lib_training.jobs import Job
+from lib_training.app.jobs import Job
 from lib_training.training.progress import Progress
 
 POLL_SECONDS = 0.25

@@ -10,12 +10,12 @@ import threading
 import weakref
 from typing import Any
 
+from lib_training.app.jobs import JobManager
+from lib_training.app.service import TrainingService
 from lib_training.hosts import settings
 from lib_training.hosts.detect import host_kind
 from lib_training.hosts.exclusive import run_exclusive
 from lib_training.hosts.workspace import HostAdapter, WebUIWorkspace
-from lib_training.jobs import JobManager
-from lib_training.service import TrainingService
 
 _service: TrainingService | None = None
 _lock = threading.Lock()
@@ -44,8 +44,8 @@ def service() -> TrainingService:
 
 def ui_tabs() -> list[tuple[Any, str, str]]:
     """`on_ui_tabs`: the Training and Merge tabs."""
-    from lib_training.ui.merge_tab import build_merge_tab
-    from lib_training.ui.training_tab import build_training_tab
+    from lib_training.app.ui.merge_tab import build_merge_tab
+    from lib_training.app.ui.training_tab import build_training_tab
 
     return [
         (build_training_tab(service()), "Training", "sd_webui_training"),
@@ -61,7 +61,7 @@ def ui_settings() -> None:
 def app_started(demo: Any, app: Any) -> None:
     """`on_app_started`: our HTTP API on the WebUI's FastAPI app (also with --nowebui, where `demo` is None).
     After a UI reload the WebUI passes a new app, which gets the routes again."""
-    from lib_training.api import build_router
+    from lib_training.app.api import build_router
 
     app.include_router(build_router(service()))
     _apps.add(app)

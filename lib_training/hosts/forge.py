@@ -33,15 +33,16 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lib_training.errors import UserError
-from lib_training.family import Arch, ModelFamily
+from lib_training.formats.family import Arch, ModelFamily
 from lib_training.hosts.a1111 import refresh_lora_list
 from lib_training.hosts.model import HostDiffusionModel
-from lib_training.hosts.snapshots import InstanceOverrides, frozen, trainable_parameters, verified_unchanged
+from lib_training.hosts.snapshots import frozen, trainable_parameters, verified_unchanged
 from lib_training.hosts.text import HFTextEncoder
 from lib_training.hosts.tokenizers import HostTokenizer
 from lib_training.hosts.vae import HostVAE
-from lib_training.interface import TextEncoder
-from lib_training.schedule import NoiseSchedule
+from lib_training.model.diffusion import TextEncoder
+from lib_training.model.hooks import ModuleHooks
+from lib_training.model.noise_schedule import NoiseSchedule
 
 # Text-processing engines of each family, with the text encoder (TI key) each one runs.
 _ENGINES = {
@@ -190,8 +191,8 @@ class ForgeBlocks:
         ]
         self.res_blocks = [m for m in diffusion_model.modules() if isinstance(m, forge_unet.ResBlock)]
         self.checkpointing = False
-        self._blocks = InstanceOverrides()
-        self._res = InstanceOverrides()
+        self._blocks = ModuleHooks()
+        self._res = ModuleHooks()
 
     def install(self) -> None:
         for block in self.transformer_blocks:
@@ -263,31 +264,38 @@ class ForgeHost:
             yield build_model(sd_model, blocks)
 
     # --- results ------------------------------------------------------------------------------
-    def publish(self, kind: str, result: Path) -> None:
-        """Make a new result usable without a restart: reload embeddings / hypernetworks / LoRAs."""
-        import sys
-
+    def publish(self, role: str, result: Path) -> None:
+        """Make a new result usable without a restart: reload Forge's list for its folder's role."""
         from modules import shared
 
-        if kind == "embedding":
-            sd_model = getattr(shared, "sd_model", None)
-            for attribute in ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g"):
-                engine = getattr(sd_model, attribute, None)
-                if engine is not None:
-                    engine.embeddings.load_textual_inversion_embeddings()
-            page = sys.modules.get("modules.ui_extra_networks_textual_inversion")
-            databases = [page.embedding_db] if page is not None else []
-            for database in [*databases, *_api_embedding_databases()]:
-                database.load_textual_inversion_embeddings(force_reload=True, sync_with_sd_model=False)
-        elif kind == "hypernetwork":
-            shared.reload_hypernetworks()
-        elif kind == "lora":
-            refresh_lora_list()
+        refresh = {
+            "embeddings": _reload_embeddings,
+            "hypernetworks": shared.reload_hypernetworks,
+            "loras": refresh_lora_list,
+        }
+        refresh[role]()
 
     def refresh_checkpoints(self) -> None:
         from modules import sd_models
 
         sd_models.list_models()
+
+
+def _reload_embeddings() -> None:
+    """Every embedding list Forge keeps: its text engines', the extra-networks page's and the API's."""
+    import sys
+
+    from modules import shared
+
+    sd_model = getattr(shared, "sd_model", None)
+    for attribute in ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g"):
+        engine = getattr(sd_model, attribute, None)
+        if engine is not None:
+            engine.embeddings.load_textual_inversion_embeddings()
+    page = sys.modules.get("modules.ui_extra_networks_textual_inversion")
+    databases = [page.embedding_db] if page is not None else []
+    for database in [*databases, *_api_embedding_databases()]:
+        database.load_textual_inversion_embeddings(force_reload=True, sync_with_sd_model=False)
 
 
 def _api_embedding_databases() -> list[Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lib_training.interface import DiffusionModel
+from lib_training.model.diffusion import DiffusionModel
 
 
 @dataclass

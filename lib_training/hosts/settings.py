@@ -21,7 +21,8 @@ LOG_DIR = "sd_webui_training_log_dir"
 SDPA_ATTENTION = "sd_webui_training_sdpa_attention"
 VERIFY_MODEL = "sd_webui_training_verify_model"
 
-RESULT_DIRS = {"embedding": EMBEDDINGS_DIR, "hypernetwork": HYPERNETWORKS_DIR, "lora": LORA_DIR}
+# A method's results go to the folder of its result role (`MethodSpec.result_role`).
+RESULT_DIRS = {"embeddings": EMBEDDINGS_DIR, "hypernetworks": HYPERNETWORKS_DIR, "loras": LORA_DIR}
 
 
 def _cmd_opts() -> Any:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lib_training.integrity import hooks_snapshot, requires_grad_snapshot, weights_fingerprint
+from lib_training.formats.fingerprint import hooks_snapshot, requires_grad_snapshot, weights_fingerprint
 
 _MISSING = object()
 
@@ -33,27 +33,6 @@ class AttributeSnapshot:
                     delattr(self.target, name)
             elif vars(self.target).get(name, _MISSING) is not value:
                 setattr(self.target, name, value)
-
-
-class InstanceOverrides:
-    """Attributes set on module instances (e.g. a replacement `forward`), all removed by `clear`."""
-
-    def __init__(self) -> None:
-        self._installed: list[tuple[nn.Module, str]] = []
-
-    def install(self, module: nn.Module, name: str, value: Any) -> None:
-        if name in module.__dict__:
-            raise RuntimeError(f"{type(module).__name__} already has an instance attribute {name!r}")
-        object.__setattr__(module, name, value)
-        self._installed.append((module, name))
-
-    def clear(self) -> None:
-        while self._installed:
-            module, name = self._installed.pop()
-            module.__dict__.pop(name, None)
-
-    def __len__(self) -> int:
-        return len(self._installed)
 
 
 @contextlib.contextmanager

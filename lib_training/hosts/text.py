@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lib_training.interface import TextEncoderOutput
-from lib_training.interface import Tokenizer as TokenizerProtocol
+from lib_training.model.diffusion import TextEncoderOutput
+from lib_training.model.diffusion import Tokenizer as TokenizerProtocol
 
 
 def unwrap_embedding(module: nn.Module) -> nn.Embedding:

@@ -12,7 +12,7 @@ from typing import Any
 
 
 class HostTokenizer:
-    """`lib_training.interface.Tokenizer` over a host text wrapper or text-processing engine."""
+    """`lib_training.model.diffusion.Tokenizer` over a host text wrapper or text-processing engine."""
 
     def __init__(self, host: Any, comma_backtrack: int = 20) -> None:
         self.host = host

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from lib_training.interface import LatentDistribution
+from lib_training.model.diffusion import LatentDistribution
 
 LOGVAR_RANGE = (-30.0, 20.0)
 

@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from lib_training.app.service import Workspace
 from lib_training.errors import UserError
 from lib_training.hosts import settings
-from lib_training.interface import DiffusionModel
-from lib_training.service import Workspace
-from lib_training.training.catalog import METHODS
+from lib_training.methods import registered
+from lib_training.model.diffusion import DiffusionModel
+from lib_training.training.method import MethodSpec
 from lib_training.training.outputs import RunFolder
 
 
@@ -26,7 +27,9 @@ class HostAdapter(Protocol):
 
     def session(self, verify: bool = False, use_sdpa: bool = True) -> contextlib.AbstractContextManager[Any]: ...
 
-    def publish(self, kind: str, result: Path) -> None: ...
+    def publish(self, role: str, result: Path) -> None:
+        """Make a new result usable at once: `role` is where it went ("embeddings", "loras", ...)."""
+        ...
 
     def refresh_checkpoints(self) -> None: ...
 
@@ -74,10 +77,10 @@ class WebUIWorkspace(Workspace):
         return identity
 
     # --- folders --------------------------------------------------------------------------------
-    def run_folder(self, kind: str, name: str) -> Path:
-        """LOG_DIR/DATE/NAME (NAME.KIND for kinds other than embeddings). A run of that name with a
-        saved state on an earlier day is continued there, unless today's folder already exists."""
-        leaf = name if kind == "embedding" else f"{name}.{kind}"
+    def run_folder(self, spec: MethodSpec, name: str) -> Path:
+        """LOG_DIR/DATE/NAME.KIND (the method may choose another suffix: embeddings use none). A run of
+        that name with a saved state on an earlier day is continued there, unless today's folder exists."""
+        leaf = spec.run_folder_name(name)
         root = settings.folder(settings.LOG_DIR)
         today = root / self._today().isoformat() / leaf
         if today.exists():
@@ -85,18 +88,18 @@ class WebUIWorkspace(Workspace):
         earlier = sorted(root.glob(f"*/{_glob_escape(leaf)}/{RunFolder.RESUME_NAME}"), reverse=True)
         return earlier[0].parent if earlier else today
 
-    def runs_root(self, kind: str) -> Path:
+    def runs_root(self, spec: MethodSpec) -> Path:
         """LOG_DIR: run folders are LOG_DIR/DATE/NAME, so earlier days' runs are found too."""
         return settings.folder(settings.LOG_DIR)
 
-    def result_dir(self, kind: str, name: str) -> Path | None:
-        return self.result_folders()[kind]
+    def result_dir(self, spec: MethodSpec) -> Path | None:
+        return settings.folder(settings.RESULT_DIRS[spec.result_role])
 
     def result_folders(self) -> dict[str, Path]:
-        return {kind: settings.folder(settings.RESULT_DIRS[kind]) for kind in METHODS if kind in settings.RESULT_DIRS}
+        return {kind: self.result_dir(spec) for kind, spec in registered().items()}
 
-    def after_training(self, kind: str, result: Path) -> None:
-        self.host.publish(kind, result)
+    def after_training(self, spec: MethodSpec, result: Path) -> None:
+        self.host.publish(spec.result_role, result)
 
     # --- for the Merge tab --------------------------------------------------------------------------
     def model_folders(self) -> dict[str, list[Path]]:
@@ -120,7 +123,7 @@ class WebUIWorkspace(Workspace):
         if kind == "checkpoints":
             self.host.refresh_checkpoints()
         elif kind == "loras":
-            self.host.publish("lora", result)
+            self.host.publish("loras", result)
 
 
 def _glob_escape(text: str) -> str:

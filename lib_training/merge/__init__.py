@@ -21,11 +21,11 @@ from lib_training.merge.engine import MergeResult, merge
 from lib_training.merge.lora_bake import BakeResult, bake_loras
 from lib_training.merge.lora_extract import LoraResult, extract_lora
 from lib_training.merge.lora_resize import resize_lora
-from lib_training.merge.methods import METHODS
+from lib_training.merge.methods import MERGE_METHODS
 from lib_training.merge.progress import CancelledError, Progress
 
 __all__ = [
-    "METHODS",
+    "MERGE_METHODS",
     "BakeResult",
     "CancelledError",
     "LoraBakeConfig",

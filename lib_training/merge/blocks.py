@@ -19,8 +19,8 @@ import re
 from collections.abc import Callable
 
 from lib_training.errors import ConfigError
-from lib_training.family import Arch
-from lib_training.layout import TEXT_ENCODERS, UNET_PREFIX
+from lib_training.formats.detection import TEXT_ENCODERS, UNET_PREFIX
+from lib_training.formats.family import Arch
 
 BASE = "BASE"
 _LEVELS = {Arch.SD1: 12, Arch.SD2: 12, Arch.SDXL: 9}  # input (and output) blocks per family

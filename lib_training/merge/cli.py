@@ -21,7 +21,7 @@ from lib_training.merge.config import (
     LoraSpec,
     MergeConfig,
 )
-from lib_training.merge.methods import METHODS
+from lib_training.merge.methods import MERGE_METHODS
 from lib_training.merge.progress import Progress
 from lib_training.options import add_arguments, from_namespace
 
@@ -103,7 +103,7 @@ def _run_resize(args: argparse.Namespace) -> None:
 
 def add_merge_parsers(subparsers: Any) -> None:
     """Register `merge` and `lora` (bake, extract, resize) on an argparse subparsers object."""
-    methods = "; ".join(f"{m.name}: {m.formula}" for m in METHODS.values())
+    methods = "; ".join(f"{m.name}: {m.formula}" for m in MERGE_METHODS.values())
     merge = subparsers.add_parser(
         "merge",
         help="merge checkpoints (weighted sum, add difference, TIES, DARE, ...), streaming",

@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib_training.errors import ConfigError
-from lib_training.merge.methods import METHODS
+from lib_training.merge.methods import MERGE_METHODS
 from lib_training.options import option
 
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
 DYNAMIC_METHODS = ("none", "sv_ratio", "sv_fro", "sv_cumulative")
-_USES_C = tuple(name for name, m in METHODS.items() if "c" in m.models)
-_USES_B = tuple(name for name, m in METHODS.items() if "b" in m.models)
+_USES_C = tuple(name for name, m in MERGE_METHODS.items() if "c" in m.models)
+_USES_B = tuple(name for name, m in MERGE_METHODS.items() if "b" in m.models)
 
 
 @dataclass
@@ -31,7 +31,7 @@ class MergeConfig:
         label="Model A",
     )
     out: str = option(help="output .safetensors file", role="output", label="Output file")
-    method: str = option("weighted_sum", "merge formula (see the methods list)", choices=tuple(METHODS))
+    method: str = option("weighted_sum", "merge formula (see the methods list)", choices=tuple(MERGE_METHODS))
     b: str = option("", "model B", role="model", used_by=_USES_B, label="Model B")
     c: str = option(
         "",
@@ -84,13 +84,13 @@ class MergeConfig:
 
     def models(self) -> dict[str, Path]:
         """The input models the method uses, by letter."""
-        return {letter: Path(getattr(self, letter)) for letter in METHODS[self.method].models}
+        return {letter: Path(getattr(self, letter)) for letter in MERGE_METHODS[self.method].models}
 
     def validate(self) -> None:
         """Raise ConfigError for a setting that cannot work, naming the fix."""
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown merge method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        method = METHODS[self.method]
+        if self.method not in MERGE_METHODS:
+            raise ConfigError(f"unknown merge method {self.method!r}; choose one of: {', '.join(MERGE_METHODS)}")
+        method = MERGE_METHODS[self.method]
         for letter in method.models:
             if not getattr(self, letter):
                 raise ConfigError(f"the {self.method} method needs model {letter.upper()}: give --{letter}")

@@ -31,18 +31,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lib_training.checkpoint import TensorSource
 from lib_training.devices import DTYPES, pick_device
 from lib_training.errors import CheckpointError
-from lib_training.family import Arch, ModelFamily
-from lib_training.file_hashes import legacy_hash
-from lib_training.layout import EMA_PREFIX, TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIX, states_prediction
+from lib_training.formats.detection import EMA_PREFIX, TEXT_ENCODERS, UNET_PREFIX, VAE_PREFIX, states_prediction
+from lib_training.formats.family import Arch, ModelFamily
+from lib_training.formats.file_hashes import legacy_hash
+from lib_training.formats.safetensors_writer import TensorEntry, placeholder
+from lib_training.formats.tensor_files import TensorSource
 from lib_training.merge.blocks import block_of, parse_blocks
 from lib_training.merge.config import MergeConfig
 from lib_training.merge.hashing import HashJob
 from lib_training.merge.inputs import check_same_family, family_of, vae_entries
 from lib_training.merge.metadata import HASH_WIDTH, InputModel, merged_metadata
-from lib_training.merge.methods import METHODS, KeyContext, MergeMethod, clip_to_inputs
+from lib_training.merge.methods import MERGE_METHODS, KeyContext, MergeMethod, clip_to_inputs
 from lib_training.merge.progress import CancelToken, ProgressCallback
 from lib_training.merge.reader import get_flat_range, is_loaded_whole, open_input, prefetch
 from lib_training.merge.stream import (
@@ -54,7 +55,6 @@ from lib_training.merge.stream import (
     to_output,
     write_stream,
 )
-from lib_training.safetensors_writer import TensorEntry, placeholder
 
 UNET_INPUT_CONV = UNET_PREFIX + "input_blocks.0.0.weight"
 
@@ -127,7 +127,7 @@ class _Merger:
         vae: TensorSource | None,
     ) -> None:
         self.config = config
-        self.method: MergeMethod = METHODS[config.method]
+        self.method: MergeMethod = MERGE_METHODS[config.method]
         self.sources = sources
         self.key_sets = {letter: set(source.keys()) for letter, source in sources.items()}
         self.family = family

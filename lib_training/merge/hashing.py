@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from lib_training.file_hashes import file_sha256
+from lib_training.formats.file_hashes import file_sha256
 from lib_training.merge.progress import CancelToken, is_cancelled
 
 

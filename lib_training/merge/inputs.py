@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from lib_training.checkpoint import TensorSource
 from lib_training.errors import CheckpointError
-from lib_training.family import ModelFamily
-from lib_training.layout import VAE_PREFIX, detect_family
-from lib_training.models.vae import AutoencoderKL, vae_config_from_shapes
+from lib_training.formats.detection import VAE_PREFIX, detect_family
+from lib_training.formats.family import ModelFamily
+from lib_training.formats.tensor_files import TensorSource
+from lib_training.model.networks.vae import AutoencoderKL, vae_config_from_shapes
 
 _STAND_IN_VAE_KEY = VAE_PREFIX + "encoder.conv_in.weight"
 

@@ -19,13 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lib_training.checkpoint import TensorSource, read_safetensors_header
 from lib_training.devices import DTYPES, pick_device
 from lib_training.errors import CheckpointError
-from lib_training.family import ModelFamily
-from lib_training.file_hashes import file_sha256, legacy_hash
-from lib_training.layout import EMA_PREFIX, states_prediction
-from lib_training.lora_keys import LoraTarget, lora_targets, targets_by_name
+from lib_training.formats.detection import EMA_PREFIX, states_prediction
+from lib_training.formats.family import ModelFamily
+from lib_training.formats.file_hashes import file_sha256, legacy_hash
+from lib_training.formats.lora_keys import LoraTarget, lora_targets, targets_by_name
+from lib_training.formats.safetensors_writer import TensorEntry, placeholder
+from lib_training.formats.tensor_files import TensorSource, read_safetensors_header
 from lib_training.merge.blocks import block_of, parse_blocks
 from lib_training.merge.config import LoraBakeConfig
 from lib_training.merge.engine import output_dtype
@@ -43,7 +44,6 @@ from lib_training.merge.stream import (
     to_output,
     write_stream,
 )
-from lib_training.safetensors_writer import TensorEntry, placeholder
 
 
 @dataclass

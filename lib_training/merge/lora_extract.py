@@ -21,9 +21,9 @@ from torch import Tensor
 
 from lib_training.devices import DTYPES, pick_device
 from lib_training.errors import CheckpointError
-from lib_training.family import Arch, ModelFamily
-from lib_training.layout import states_prediction
-from lib_training.lora_keys import LoraTarget, lora_targets
+from lib_training.formats.detection import states_prediction
+from lib_training.formats.family import Arch, ModelFamily
+from lib_training.formats.lora_keys import LoraTarget, lora_targets
 from lib_training.merge.config import LoraExtractConfig
 from lib_training.merge.inputs import check_same_family, family_of
 from lib_training.merge.lora_file import LoraModule, lora_tensors, write_lora

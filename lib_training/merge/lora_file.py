@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lib_training.checkpoint import open_tensors
 from lib_training.errors import CheckpointError
-from lib_training.safetensors_writer import (
+from lib_training.formats.safetensors_writer import (
     StreamWriter,
     TensorEntry,
     WriteResult,
@@ -27,6 +26,7 @@ from lib_training.safetensors_writer import (
     plan_layout,
     tensor_bytes,
 )
+from lib_training.formats.tensor_files import open_tensors
 
 _PART = re.compile(r"^(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
 _OTHER_ADAPTERS = {

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lib_training.checkpoint import open_tensors
 from lib_training.devices import DTYPES, pick_device
+from lib_training.formats.tensor_files import open_tensors
 from lib_training.merge.config import LoraResizeConfig
 from lib_training.merge.lora_extract import LoraResult, low_rank
 from lib_training.merge.lora_file import LoraModule, lora_tensors, read_lora, write_lora

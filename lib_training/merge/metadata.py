@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lib_training.family import Arch, ModelFamily
+from lib_training.formats.family import Arch, ModelFamily
 
 RECIPE_TYPE = "sd-webui-training"
 MODELSPEC_ARCHITECTURES = {

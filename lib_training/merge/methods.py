@@ -207,7 +207,7 @@ def _method(
     return MergeMethod(name, models, formula, uses_beta, elementwise, apply, identity_at_zero)
 
 
-METHODS: dict[str, MergeMethod] = {
+MERGE_METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
         _method("none", "a", "A", lambda t, al, be, ctx: t[0]),

@@ -4,7 +4,7 @@ Safetensors files are read with plain reads at the offsets their header gives, n
 a mapping keeps every page it touched in the process's resident memory, so streaming a 7 GB file
 through `safe_open` would show a 7 GB RSS although nothing needs it. Plain reads go through the
 page cache and leave the process small. Pickled `.ckpt` files cannot be read in parts: they are
-loaded whole (safely, see `lib_training.checkpoint.open_tensors`).
+loaded whole (safely, see `lib_training.formats.tensor_files.open_tensors`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lib_training.checkpoint import (
+from lib_training.errors import CheckpointError
+from lib_training.formats.safetensors_writer import DTYPE_NAMES
+from lib_training.formats.tensor_files import (
     PICKLE_SUFFIXES,
     TensorSource,
     open_tensors,
     read_safetensors_header,
 )
-from lib_training.errors import CheckpointError
-from lib_training.safetensors_writer import DTYPE_NAMES
 
 _DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 

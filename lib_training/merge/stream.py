@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lib_training.atomic import write_bytes
+from lib_training.formats.atomic import write_bytes
+from lib_training.formats.safetensors_writer import StreamWriter, TensorEntry, WriteResult
 from lib_training.merge.progress import CancelToken, ProgressCallback, ProgressMeter, check_cancel
-from lib_training.safetensors_writer import StreamWriter, TensorEntry, WriteResult
 
 CHUNK_ELEMENTS = 1 << 20  # elements per piece of an element-wise computation (16 MB in fp32)
 

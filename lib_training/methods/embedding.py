@@ -1,7 +1,7 @@
 """Textual inversion: train new token vectors, one set per text encoder, and nothing else.
 
 The embedding's name is its prompt token: wherever the name appears in a prompt, its vectors take
-the place of the name's tokens (`lib_training.prompt`). The model stays frozen and untouched; the
+the place of the name's tokens (`lib_training.model.prompt`). The model stays frozen and untouched; the
 vectors are fp32 parameters owned by this method. SDXL trains a `clip_l` and a `clip_g` part
 together.
 
@@ -11,28 +11,25 @@ vectors (with 4 vectors and "red car" tokens [red, car]: red, red, car, car), as
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from lib_training.dataset import TrainingDataset
-from lib_training.embedding_files import EmbeddingFile, read_embedding, write_embedding
 from lib_training.errors import ConfigError
-from lib_training.interface import DiffusionModel, EmbeddingVectors, TextEncoder
+from lib_training.formats.embedding_files import EmbeddingFile, read_embedding, write_embedding
+from lib_training.model.diffusion import DiffusionModel, EmbeddingVectors, TextEncoder
 from lib_training.options import option
-from lib_training.training.method import TrainingMethod
+from lib_training.training.method import MethodSettings, MethodSpec, ParamGroup, TrainingMethod
 
 MAX_VECTORS = 75
-_BAD_NAME = re.compile(r"[\\/:*?\"<>|\x00-\x1f]")
 
 
 @dataclass
-class EmbeddingConfig:
+class EmbeddingConfig(MethodSettings):
     """What to train: a new embedding (or an existing one, continued)."""
 
     name: str = option(
@@ -51,11 +48,7 @@ class EmbeddingConfig:
     def check(self) -> None:
         if not self.name.strip():
             raise ConfigError("the embedding needs a name")
-        if _BAD_NAME.search(self.name) or self.name.strip() != self.name or self.name.startswith("."):
-            raise ConfigError(
-                f'the name {self.name!r} cannot be a file name: avoid / \\ : * ? " < > |, leading dots and '
-                "leading or trailing spaces"
-            )
+        super().check()
 
 
 def initial_vectors(encoder: TextEncoder, init_text: str, count: int) -> Tensor:
@@ -71,14 +64,17 @@ def initial_vectors(encoder: TextEncoder, init_text: str, count: int) -> Tensor:
 
 class EmbeddingMethod(TrainingMethod):
     kind = "embedding"
+    settings_type = EmbeddingConfig
+    settings: EmbeddingConfig
 
-    def __init__(self, config: EmbeddingConfig) -> None:
-        config.check()
-        super().__init__(config.name)
-        self.config = config
-        self.suffix = "." + config.file_format
+    def __init__(self, settings: EmbeddingConfig) -> None:
+        super().__init__(settings)
         self._vectors: dict[str, nn.Parameter] = {}
         self._source: str | None = None
+
+    @property
+    def suffix(self) -> str:
+        return "." + self.settings.file_format
 
     def check_dataset(self, dataset: TrainingDataset) -> None:
         missing = [line for line in dataset.template.lines if "[name]" not in line]
@@ -92,13 +88,15 @@ class EmbeddingMethod(TrainingMethod):
     def attach(self, model: DiffusionModel) -> None:
         expect = {encoder.key: encoder.width for encoder in model.text_encoders}
         start: Mapping[str, Tensor]
-        if self.config.continue_from:
-            loaded = read_embedding(self.config.continue_from, expect=expect)
+        if self.settings.continue_from:
+            loaded = read_embedding(self.settings.continue_from, expect=expect)
             start = loaded.vectors
         else:
-            if self.config.vectors > MAX_VECTORS:
+            if self.settings.vectors > MAX_VECTORS:
                 raise ConfigError(f"at most {MAX_VECTORS} vectors per token fit in a prompt chunk")
-            start = {e.key: initial_vectors(e, self.config.init_text, self.config.vectors) for e in model.text_encoders}
+            start = {
+                e.key: initial_vectors(e, self.settings.init_text, self.settings.vectors) for e in model.text_encoders
+            }
         device = model.device
         self._vectors = {key: nn.Parameter(t.detach().float().to(device).clone()) for key, t in start.items()}
         self._source = model.family.name
@@ -106,8 +104,8 @@ class EmbeddingMethod(TrainingMethod):
     def detach(self) -> None:
         pass  # nothing was attached to the model: the vectors only enter through prompts
 
-    def parameters(self) -> list[nn.Parameter]:
-        return list(self._vectors.values())
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("embedding", list(self._vectors.values()))]
 
     def prompt_embeddings(self) -> Mapping[str, EmbeddingVectors]:
         return {self.name: self._vectors}
@@ -129,5 +127,24 @@ class EmbeddingMethod(TrainingMethod):
         meta = {**metadata, "sd_checkpoint_family": self._source or ""}
         write_embedding(path, EmbeddingFile(self.name, self.vectors(), step, meta), overwrite=True)
 
-    def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, **vars(self.config)}
+    @classmethod
+    def load(cls, path: Path, model: DiffusionModel) -> EmbeddingMethod:
+        """An embedding file, its vectors on the model's device; its name is the file's stem."""
+        expect = {encoder.key: encoder.width for encoder in model.text_encoders}
+        loaded = read_embedding(path, expect=expect)
+        method = cls(EmbeddingConfig(name=Path(path).stem))
+        method._vectors = {
+            key: nn.Parameter(v.to(model.device), requires_grad=False) for key, v in loaded.vectors.items()
+        }
+        method._source = model.family.name
+        return method
+
+
+SPEC = MethodSpec(
+    method=EmbeddingMethod,
+    title="Textual inversion",
+    summary="textual inversion: new prompt words (SD1, SD2, SDXL)",
+    result_role="embeddings",
+    loop_defaults={"lr": "0.005"},
+    run_folder_suffix="",
+)

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from PIL import Image, PngImagePlugin
 
-from lib_training.atomic import OutputError, atomic_path, write_bytes, write_text
 from lib_training.errors import UserError
+from lib_training.formats.atomic import OutputError, atomic_path, write_bytes, write_text
 from lib_training.training.plot import plot_loss
 
 RESUME_VERSION = 1

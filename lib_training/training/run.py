@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from lib_training.dataset import DatasetConfig, TrainingDataset
 from lib_training.errors import ConfigError
-from lib_training.interface import DiffusionModel
+from lib_training.model.diffusion import DiffusionModel
 from lib_training.options import to_dict
 from lib_training.training.config import LoopConfig
 from lib_training.training.method import TrainingMethod
@@ -32,7 +31,7 @@ def train(
     *,
     overwrite: bool = False,
     resume: bool = False,
-    settings: dict[str, Any] | None = None,
+    model_title: str = "",
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     cache_dir: Path | None = None,
@@ -41,6 +40,7 @@ def train(
 ) -> TrainingResult:
     """Train `method` on `model`; results go to the folder `out` (see `RunFolder`).
 
+    `model_title` names the model in the run's config.json (a checkpoint path, a WebUI's model title);
     `result_dir` puts the result file there instead of in `out` (a WebUI's embeddings folder);
     `file_metadata` goes into every file saved (the WebUIs show `sd_checkpoint` and
     `sd_checkpoint_name`: the hash and name of the model it was trained on).
@@ -56,7 +56,7 @@ def train(
         )
     dataset = data if isinstance(data, TrainingDataset) else prepare_dataset(method, data, loop)
     method.check_dataset(dataset)
-    record = {"loop": to_dict(loop), "data": to_dict(dataset.config), **(settings or {})}
+    record = {"loop": to_dict(loop), "data": to_dict(dataset.config), "model": {"title": model_title}}
     if loop.cache_latents_to_disk and cache_dir is None:
         cache_dir = Path(out) / "latent-cache"
     trainer = Trainer(

@@ -27,15 +27,15 @@ from torch import Tensor
 
 from lib_training.dataset import Batch, LatentCache, LatentSampler, TrainingDataset
 from lib_training.errors import UserError
-from lib_training.integrity import weights_fingerprint
-from lib_training.interface import DiffusionModel, SizeConditioning
-from lib_training.loss import diffusion_loss, noise_offset
-from lib_training.lr_schedule import StepSchedule, parse_schedule, set_learning_rate
-from lib_training.optim import build_optimizer, clip_gradients
-from lib_training.sampler import SampleSettings, generate
+from lib_training.formats.fingerprint import weights_fingerprint
+from lib_training.model.diffusion import DiffusionModel, SizeConditioning
+from lib_training.model.sampler import SampleSettings, generate
 from lib_training.seeding import derive_seed
 from lib_training.training.config import LoopConfig
-from lib_training.training.method import TrainingMethod
+from lib_training.training.loss import diffusion_loss, noise_offset
+from lib_training.training.lr_schedule import StepSchedule, parse_schedule, set_learning_rate
+from lib_training.training.method import StepOutputs, TrainingMethod
+from lib_training.training.optim import build_optimizer, clip_gradients
 from lib_training.training.outputs import LossRecord, RunFolder
 from lib_training.training.progress import Progress, RateMeter
 
@@ -101,13 +101,7 @@ class Trainer:
         self.latent_cache_dir = latent_cache_dir
         self.file_metadata = file_metadata or {}  # written into every saved file (e.g. the model's name and hash)
         self.autocast = autocast_dtype(loop.precision, model.device, model.dtype)
-        self.lr_schedule: StepSchedule = parse_schedule(
-            loop.lr,
-            name=loop.lr_scheduler,
-            total_steps=loop.steps,
-            warmup_steps=loop.lr_warmup_steps,
-            cycles=loop.lr_cycles,
-        )
+        self.lr_schedule: StepSchedule = self._lr_schedule(loop.lr)
         self.clip_schedule: StepSchedule | None = None
         if loop.clip_grad != "none":
             self.clip_schedule = parse_schedule(loop.clip_grad_value, total_steps=loop.steps, what="gradient clip")
@@ -133,9 +127,14 @@ class Trainer:
         sampler = self.dataset.sampler(self.loop.batch_size)
 
         with self.method.attached(self.model), self._gradient_checkpointing():
-            params = self.method.parameters()
+            groups = self.method.param_groups()
+            params = [p for group in groups for p in group.params]
+            schedules = [self.lr_schedule if g.lr is None else self._lr_schedule(g.lr) for g in groups]
             optimizer = build_optimizer(
-                self.loop.optimizer, params, self.lr_schedule.value_at(0), weight_decay=self.loop.weight_decay
+                self.loop.optimizer,
+                [{"params": g.params, "lr": s.value_at(0)} for g, s in zip(groups, schedules)],
+                self.lr_schedule.value_at(0),
+                weight_decay=self.loop.weight_decay,
             )
             scaler = self._grad_scaler()
             step = 0
@@ -153,7 +152,9 @@ class Trainer:
                     interrupted = True
                     break
                 try:
-                    total_loss, lr, epoch = self._step(step, optimizer, scaler, sampler, cache, latents_for, params)
+                    total_loss, lr, epoch = self._step(
+                        step, optimizer, schedules, scaler, sampler, cache, latents_for, params
+                    )
                 except _OUT_OF_MEMORY as error:
                     optimizer.zero_grad(set_to_none=True)
                     self._free_memory()
@@ -180,9 +181,21 @@ class Trainer:
         )
 
     # --- one step -------------------------------------------------------------------------
-    def _step(self, step: int, optimizer, scaler, sampler, cache, latents_for, params) -> tuple[float, float, int]:
-        """One optimizer step over `grad_accumulation` batches; returns (mean loss, lr, epoch)."""
-        lr = set_learning_rate(optimizer, self.lr_schedule, step)
+    def _lr_schedule(self, text: str) -> StepSchedule:
+        loop = self.loop
+        return parse_schedule(
+            text,
+            name=loop.lr_scheduler,
+            total_steps=loop.steps,
+            warmup_steps=loop.lr_warmup_steps,
+            cycles=loop.lr_cycles,
+        )
+
+    def _step(
+        self, step: int, optimizer, schedules, scaler, sampler, cache, latents_for, params
+    ) -> tuple[float, float, int]:
+        """One optimizer step over `grad_accumulation` batches; returns (mean loss, lr of the first group, epoch)."""
+        lr = set_learning_rate(optimizer, schedules, step)
         total_loss = 0.0
         epoch = 0
         for _ in range(self.loop.grad_accumulation):
@@ -235,14 +248,16 @@ class Trainer:
             cond = model.encode_prompts(batch.prompts, self.method.prompt_embeddings(), sizes)
             prediction = model.predict(x_t.to(model.dtype), timesteps, cond)
         weight = None if batch.weights is None else batch.weights.to(model.device)
-        return diffusion_loss(
-            prediction.float(),
-            target.float(),
+        prediction, target = prediction.float(), target.float()
+        loss = diffusion_loss(
+            prediction,
+            target,
             weight=weight,
             timesteps=timesteps,
             schedule=model.schedule,
             min_snr_gamma=self.loop.min_snr_gamma or None,
         )
+        return self.method.objective(StepOutputs(batch, x_t, timesteps, target, prediction, cond, loss))
 
     def _encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
@@ -336,16 +351,15 @@ class Trainer:
         return int(state["step"])
 
     def _config_record(self, resumed: bool) -> dict[str, Any]:
-        return {
-            **self.settings,
-            "method": self.method.describe(),
-            "model": {
-                "family": self.model.family.name,
-                "dtype": str(self.model.dtype).removeprefix("torch."),
-                "device": str(self.model.device),
-            },
-            "resumed": resumed,
+        """config.json: the caller's record (loop, data, the model's title), the method's settings and
+        the facts of the model trained on, added to (never replacing) what the caller said of it."""
+        model = {
+            **self.settings.get("model", {}),
+            "family": self.model.family.name,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "device": str(self.model.device),
         }
+        return {**self.settings, "method": self.method.describe(), "model": model, "resumed": resumed}
 
     def preview_prompt(self) -> str:
         prompt = self.loop.preview_prompt or self.dataset.template.lines[0].replace("[filewords]", "").strip(" ,")
@@ -363,8 +377,8 @@ class Trainer:
             height=size,
             sampler=self.loop.preview_sampler,
         )
-        with torch.no_grad(), self._autocast():
-            image = generate(self.model, settings, self.method.prompt_embeddings())
+        with torch.no_grad(), self._autocast(), self.method.apply_for_generation(self.model) as embeddings:
+            image = generate(self.model, settings, embeddings)
         path = self.folder.preview(step)
         text = (
             f"{settings.prompt}\nNegative prompt: {settings.negative_prompt}\nSteps: {settings.steps}, "

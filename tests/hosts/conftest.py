@@ -32,7 +32,7 @@ def webui(request, tmp_path: Path) -> Iterator[WebUI]:
 @pytest.fixture(scope="session")
 def standalone(tiny_checkpoints) -> dict[str, Any]:
     """Our tiny standalone models by family; the stand-in WebUIs load copies of their weights."""
-    from lib_training.standalone import load_model
+    from lib_training.model.standalone import load_model
 
     return {arch: load_model(path) for arch, path in tiny_checkpoints.items()}
 

@@ -9,11 +9,11 @@ from torch import nn
 from lib_training.hosts.snapshots import (
     AttributeSnapshot,
     HostModelChangedError,
-    InstanceOverrides,
     frozen,
     trainable_parameters,
     verified_unchanged,
 )
+from lib_training.model.hooks import ModuleHooks
 
 
 class Base:
@@ -39,7 +39,7 @@ def test_attribute_snapshot_restores_the_same_objects_and_removes_what_was_inher
 
 def test_instance_overrides_are_removed_and_never_stack() -> None:
     module = nn.Linear(2, 2)
-    overrides = InstanceOverrides()
+    overrides = ModuleHooks()
     overrides.install(module, "forward", lambda x: x)
     with pytest.raises(RuntimeError):
         overrides.install(module, "forward", lambda x: x)

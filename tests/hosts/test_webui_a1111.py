@@ -12,7 +12,7 @@ from webui_support import finish, training_body
 
 from lib_training.hosts import extension, settings
 from lib_training.hosts.a1111 import LOWVRAM_MESSAGE, sdpa_attention_forward
-from lib_training.prompt import tokenize
+from lib_training.model.prompt import tokenize
 
 
 def test_lowvram_is_refused_with_a_clear_message(a1111, standalone, red_ball) -> None:

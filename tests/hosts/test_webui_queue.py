@@ -11,10 +11,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from webui_support import finish, training_body, wait_for
 
-from lib_training.api import PREFIX, build_router
+from lib_training.app.api import PREFIX, build_router
+from lib_training.app.jobs import JobBusyError
 from lib_training.hosts import extension
 from lib_training.hosts.exclusive import task_id
-from lib_training.jobs import JobBusyError
 
 
 def started(service, images, **loop):

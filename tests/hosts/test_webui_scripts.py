@@ -12,7 +12,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from lib_training.api import PREFIX
+from lib_training.app.api import PREFIX
 from lib_training.hosts import extension, settings
 
 ROOT = Path(__file__).resolve().parents[2]

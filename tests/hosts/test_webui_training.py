@@ -10,11 +10,11 @@ import torch
 from learning import fixed_eval_loss, random_like
 from webui_support import A1111_SHAPES, FORGE_SHAPES, finish, training_body, wait_for
 
-from lib_training.embedding_files import read_embedding
+from lib_training.formats.embedding_files import read_embedding
+from lib_training.formats.fingerprint import hooks_snapshot
 from lib_training.hosts import extension
-from lib_training.integrity import hooks_snapshot
-from lib_training.interface import SizeConditioning
 from lib_training.methods.embedding import initial_vectors
+from lib_training.model.diffusion import SizeConditioning
 
 SHAPES = [("a1111", arch) for arch in A1111_SHAPES] + [("forge", arch) for arch in FORGE_SHAPES]
 

@@ -8,9 +8,13 @@ import pytest
 
 from lib_training.errors import UserError
 from lib_training.hosts import extension, settings
+from lib_training.methods import spec_for
 from lib_training.training.outputs import RunFolder
 
 TODAY = datetime.date(2025, 6, 2)
+
+
+EMBEDDING = spec_for("embedding")
 
 
 def workspace(webui):
@@ -21,8 +25,8 @@ def workspace(webui):
 
 def test_results_go_to_the_webui_folders_and_logs_to_a_dated_run_folder(a1111) -> None:
     space = workspace(a1111)
-    assert space.result_dir("embedding", "cat") == settings.folder(settings.EMBEDDINGS_DIR)
-    assert space.run_folder("embedding", "cat") == a1111.data / "textual_inversion" / "2025-06-02" / "cat"
+    assert space.result_dir(EMBEDDING) == settings.folder(settings.EMBEDDINGS_DIR)
+    assert space.run_folder(EMBEDDING, "cat") == a1111.data / "textual_inversion" / "2025-06-02" / "cat"
     assert space.result_folders() == {"embedding": settings.folder(settings.EMBEDDINGS_DIR)}
 
 
@@ -41,10 +45,10 @@ def test_a_run_saved_on_an_earlier_day_is_continued_in_its_folder(a1111) -> None
         (logs / day / "cat").mkdir(parents=True)
         (logs / day / "cat" / RunFolder.RESUME_NAME).write_bytes(b"")
     (logs / "2025-05-31" / "dog").mkdir(parents=True)
-    assert space.run_folder("embedding", "cat") == logs / "2025-06-01" / "cat"
-    assert space.run_folder("embedding", "dog") == logs / "2025-06-02" / "dog"  # nothing saved to continue
+    assert space.run_folder(EMBEDDING, "cat") == logs / "2025-06-01" / "cat"
+    assert space.run_folder(EMBEDDING, "dog") == logs / "2025-06-02" / "dog"  # nothing saved to continue
     (logs / "2025-06-02" / "cat").mkdir(parents=True)
-    assert space.run_folder("embedding", "cat") == logs / "2025-06-02" / "cat"  # today's run is today's
+    assert space.run_folder(EMBEDDING, "cat") == logs / "2025-06-02" / "cat"  # today's run is today's
 
 
 def test_the_model_exists_only_inside_a_session(a1111, standalone) -> None:

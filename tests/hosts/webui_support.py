@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lib_training.integrity import hooks_snapshot, requires_grad_snapshot, weights_fingerprint
+from lib_training.formats.fingerprint import hooks_snapshot, requires_grad_snapshot, weights_fingerprint
 
 HERE = Path(__file__).parent
 WEBUI, FORGE = HERE / "webui", HERE / "forge"

@@ -13,9 +13,9 @@ import copy
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from lib_training.family import Arch
-from lib_training.models.text_encoder import ClipTextEncoder, causal_mask, open_clip_to_hf
-from lib_training.models.tokenizer import BOS_ID, EOS_ID, _bpe
+from lib_training.formats.family import Arch
+from lib_training.model.networks.text_encoder import ClipTextEncoder, causal_mask, open_clip_to_hf
+from lib_training.model.networks.tokenizer import BOS_ID, EOS_ID, _bpe
 
 
 class CLIPTokenizerLike:
@@ -97,7 +97,7 @@ def build_a1111(standalone, medvram: bool = False):
     from sgm.modules.diffusionmodules import openaimodel as sgm_unet
     from sgm.modules.encoders import modules as sgm_encoders
 
-    from lib_training.models.vae import AutoencoderKL
+    from lib_training.model.networks.vae import AutoencoderKL
 
     family = standalone.family
     sdxl = family.arch is Arch.SDXL

@@ -2,7 +2,7 @@
 
 import torch
 
-from lib_training.models.tokenizer import _bpe
+from lib_training.model.networks.tokenizer import _bpe
 
 tokenizer = _bpe()  # the host uses open_clip's module-level SimpleTokenizer
 

@@ -2,8 +2,8 @@
 including what training must work around: `checkpoint()` that raises when enabled, and residual
 adds in place in `BasicTransformerBlock._forward` (after LayerNorms that saved their input)."""
 
-from lib_training.models import attention as our_attention
-from lib_training.models import unet as ours
+from lib_training.model.networks import attention as our_attention
+from lib_training.model.networks import unet as ours
 
 
 def checkpoint(f, args, parameters, enable=False):

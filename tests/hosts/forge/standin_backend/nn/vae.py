@@ -1,6 +1,6 @@
 """Stand-in for Forge's `IntegratedAutoencoderKL`: our VAE with Forge's scaling attributes."""
 
-from lib_training.models.vae import AutoencoderKL
+from lib_training.model.networks.vae import AutoencoderKL
 
 
 class IntegratedAutoencoderKL(AutoencoderKL):

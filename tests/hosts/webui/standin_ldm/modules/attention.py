@@ -2,7 +2,7 @@
 
 from ldm.modules.diffusionmodules.util import checkpoint
 
-from lib_training.models import attention as ours
+from lib_training.model.networks import attention as ours
 
 
 def cross_attention_forward(self, x, context=None, mask=None, **kwargs):

@@ -5,9 +5,9 @@ import ldm.modules.diffusionmodules.model
 import torch
 from ldm.modules.diffusionmodules.util import checkpoint
 
-from lib_training.models import attention as our_attention
-from lib_training.models import unet as ours
-from lib_training.models import vae as our_vae
+from lib_training.model.networks import attention as our_attention
+from lib_training.model.networks import unet as ours
+from lib_training.model.networks import vae as our_vae
 
 th = torch
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from lib_training.models import vae as ours
+from lib_training.model.networks import vae as ours
 
 
 def nonlinearity(x):
