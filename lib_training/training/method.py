@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from lib_training.dataset import Batch, TrainingDataset
 from lib_training.errors import ConfigError
@@ -132,6 +133,14 @@ class TrainingMethod(ABC):
     @abstractmethod
     def save(self, path: Path, step: int, metadata: Mapping[str, str]) -> None:
         """Write the result as the hosts load it, atomically."""
+
+    def save_optimizer_state(self, path: Path, optimizer: Optimizer) -> None:  # noqa: B027  (optional)
+        """Write optimizer state beside the result just saved at `path`, where a host keeps it there
+        (A1111's NAME.pt.optim for hypernetworks). Most methods keep none."""
+
+    def initial_optimizer_state(self) -> Mapping[str, Any] | None:
+        """Optimizer state to start a new (not resumed) run from, e.g. that of a file continued."""
+        return None
 
     @classmethod
     @abstractmethod

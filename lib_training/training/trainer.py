@@ -140,6 +140,8 @@ class Trainer:
             step = 0
             if resume:
                 step = self._restore(self.folder.load_resume_state(), optimizer, scaler, sampler)
+            elif (start := self.method.initial_optimizer_state()) is not None:
+                optimizer.load_state_dict(start)
             first_step = step
             self.folder.write_config(self._config_record(resume))
             rate = RateMeter()
@@ -171,7 +173,7 @@ class Trainer:
 
             if step > first_step or not interrupted:  # stopped before any step: nothing new to save
                 self._report("saving", step)
-                self._save_result(step)
+                self._save_result(step, optimizer)
                 self._save_resume(step, optimizer, scaler, sampler)
                 self.folder.write_losses(self.losses)
         recent = [r.loss for r in self.losses[-20:]]
@@ -296,8 +298,10 @@ class Trainer:
     def _periodic_outputs(self, step: int, optimizer, scaler, sampler) -> None:
         if self.loop.save_every and step % self.loop.save_every == 0 and step < self.total_steps:
             self._report("saving", step)
-            self.method.save(self.folder.checkpoint(step), step, self._file_metadata(step))
-            self._save_result(step)
+            checkpoint = self.folder.checkpoint(step)
+            self.method.save(checkpoint, step, self._file_metadata(step))
+            self.method.save_optimizer_state(checkpoint, optimizer)
+            self._save_result(step, optimizer)
             self._save_resume(step, optimizer, scaler, sampler)
             self.folder.write_losses(self.losses)
         if self.loop.preview_every and step % self.loop.preview_every == 0:
@@ -305,8 +309,9 @@ class Trainer:
             self._preview(step)
             self.folder.write_losses(self.losses)
 
-    def _save_result(self, step: int) -> None:
+    def _save_result(self, step: int, optimizer) -> None:
         self.method.save(self.folder.result, step, self._file_metadata(step))
+        self.method.save_optimizer_state(self.folder.result, optimizer)
 
     def _file_metadata(self, step: int) -> dict[str, str]:
         return {**self.file_metadata, "step": str(step), "sd_checkpoint_family": self.model.family.name}

@@ -1,0 +1,369 @@
+"""Hypernetworks: residual MLPs on what the UNet's attention k and v projections read, in A1111's format.
+
+Per width in the file there are two `HypernetworkModule`s, one for k and one for v (q is left
+alone). A1111 replaces the forward of every attention layer (self-attention too, whose "context"
+is its own input) and runs the context through the pair for the context's width, so the text
+context width (768 SD1, 1024 SD2, 2048 SDXL) reaches the cross-attention layers and the feature
+widths (320, 640, 1280) the self-attention layers. Here the same happens without touching any
+class: `to_k(x)` becomes `to_k(x + mlp_k(x) * strength)` and `to_v` likewise, through
+`ModuleHooks.transform_input`, on every attention k/v projection whose input width has a module.
+
+SDXL: A1111 trains hypernetworks only on SD1/SD2 (its trainer calls the LDM model's forward), but
+its attention replacement is installed on sgm's CrossAttention as well, so A1111 applies a
+hypernetwork with 2048 (and 640/1280) modules to SDXL at generation time. This module trains and
+applies them on SDXL the same way.
+
+Settings follow A1111's Create tab: widths, layer structure, activation, weight init, layer norm,
+dropout (a structure, or A1111's default) and activate output. `continue_from` continues a file
+(one made by `python -m lib_training hypernetwork create`, by A1111, or by an earlier run): its
+structure, weights, step count and, when its `NAME.pt.optim` matches it, the AdamW state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lib_training.errors import CheckpointError, ConfigError
+from lib_training.formats.hypernetwork_file import (
+    HypernetworkFile,
+    default_dropout_structure,
+    read_hypernetwork,
+    read_optimizer_state,
+    write_hypernetwork,
+    write_optimizer_state,
+)
+from lib_training.methods.hypernetwork_attach import KVSite, find_kv_sites, widths_text
+from lib_training.methods.hypernetwork_net import (
+    ACTIVATIONS,
+    WEIGHT_INITS,
+    HypernetworkModule,
+    Structure,
+    check_activation,
+    check_dropout_structure,
+    check_layer_structure,
+    parse_numbers,
+)
+from lib_training.model.diffusion import DiffusionModel
+from lib_training.model.hooks import ModuleHooks
+from lib_training.options import option
+from lib_training.seeding import derive_seed
+from lib_training.training.method import MethodSettings, MethodSpec, ParamGroup, StepOutputs, TrainingMethod
+
+A1111_DEFAULT_WIDTHS = (768, 320, 640, 1280)  # A1111's Create tab ticks these
+_DROPOUT_CALLS = "hypernetwork.dropout_calls"
+
+
+@dataclass
+class HypernetworkConfig(MethodSettings):
+    """What to train: a new hypernetwork (or an existing file, continued)."""
+
+    name: str = option(help="Name of the hypernetwork: its file name NAME.pt.", flag="--name")
+    widths: str = option(
+        "auto",
+        "Widths that get modules: 'auto' (every width this model's attention k/v projections read: the text "
+        "context and the feature widths, A1111's choice for SD1) or a list such as '768, 320, 640, 1280'.",
+    )
+    layer_structure: str = option(
+        "1, 2, 1", "Width multipliers of the layers, starting and ending with 1 (e.g. '1, 2, 1' or '1, 1.5, 1.5, 1')."
+    )
+    activation: str = option(
+        "linear", "Activation after each layer but the last ('linear': none).", choices=ACTIVATIONS
+    )
+    weight_init: str = option("Normal", "Initial weights of the layers.", choices=WEIGHT_INITS, advanced=True)
+    layer_norm: bool = option(False, "Add a LayerNorm after each layer.")
+    dropout: str = option(
+        "",
+        "Dropout: a probability per layer-structure entry, first and last 0 (e.g. '0, 0.3, 0'); 'default' for "
+        "A1111's 0.3 after each hidden layer but the last; empty for none.",
+    )
+    last_layer_dropout: bool = option(
+        False, "With --dropout default: dropout after the last hidden layer too.", advanced=True
+    )
+    activate_output: bool = option(False, "Apply the activation after the last layer too.", advanced=True)
+    init_seed: int = option(0, "Seed of the initial weights and of the dropout masks.", min=0, advanced=True)
+    continue_from: str | None = option(
+        None,
+        "A hypernetwork file to continue training (A1111's, or one made by 'hypernetwork create'); its "
+        "structure is used and the structure settings here are ignored.",
+        advanced=True,
+    )
+    overwrite: bool = option(False, "Replace an existing hypernetwork of the same name in the output folder.")
+
+    def check(self) -> None:
+        super().check()
+        self.structure()
+        self.width_list()
+
+    def structure(self) -> Structure:
+        """The layer structure these settings describe; ConfigError naming a bad field."""
+        layers = check_layer_structure(parse_numbers(self.layer_structure, "layer structure", "1, 2, 1"))
+        text = self.dropout.strip()
+        if text.lower() == "default":
+            dropout = default_dropout_structure(layers, True, self.last_layer_dropout)
+        elif text:
+            dropout = check_dropout_structure(parse_numbers(text, "dropout structure", "0, 0.3, 0"), layers)
+        else:
+            dropout = [0.0] * len(layers)
+        return Structure(
+            tuple(layers),
+            check_activation(self.activation),
+            self.weight_init,
+            self.layer_norm,
+            tuple(dropout),
+            self.activate_output,
+        )
+
+    def width_list(self) -> list[int] | None:
+        """The widths asked for; None for 'auto'."""
+        if self.widths.strip().lower() == "auto":
+            return None
+        values = parse_numbers(self.widths, "widths", "768, 320, 640, 1280")
+        if any(v != int(v) or v < 1 for v in values) or len(set(values)) != len(values):
+            raise ConfigError(f"the widths {self.widths!r} must be different positive whole numbers, e.g. '768, 320'")
+        return [int(v) for v in values]
+
+
+def new_modules(
+    structure: Structure, widths: list[int], seed: int, device: torch.device | None = None
+) -> dict[int, tuple[HypernetworkModule, HypernetworkModule]]:
+    """Freshly initialised (k, v) module pairs per width, fp32, in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for width in widths:
+        pair = (HypernetworkModule(width, structure), HypernetworkModule(width, structure))
+        for module in pair:
+            module.initialise(structure.weight_init, structure.activation, generator)
+            module.to(device).eval().requires_grad_(False)
+        modules[width] = pair
+    return modules
+
+
+def modules_from_file(
+    loaded: HypernetworkFile, device: torch.device | None = None
+) -> tuple[Structure, dict[int, tuple[HypernetworkModule, HypernetworkModule]]]:
+    """The structure and (k, v) modules of a file; CheckpointError if they do not fit its settings."""
+    try:
+        structure = Structure(
+            tuple(loaded.layer_structure),
+            check_activation(loaded.activation_func),
+            loaded.weight_initialization,
+            loaded.is_layer_norm,
+            tuple(loaded.dropout_structure),
+            loaded.activate_output,
+        )
+    except ConfigError as error:
+        raise CheckpointError(f"the hypernetwork {loaded.name!r} cannot be built: {error}") from None
+    modules = {}
+    for width, states in loaded.layers.items():
+        pair = (HypernetworkModule(width, structure), HypernetworkModule(width, structure))
+        for module, state in zip(pair, states):
+            try:
+                module.load_state_dict(state)
+            except RuntimeError as error:
+                first = str(error).strip().splitlines()[0]
+                raise CheckpointError(
+                    f"the hypernetwork {loaded.name!r} does not match its own settings at width {width} ({first})"
+                ) from None
+            module.to(device).eval().requires_grad_(False)
+        modules[width] = pair
+    return structure, modules
+
+
+class HypernetworkMethod(TrainingMethod):
+    kind = "hypernetwork"
+    settings_type = HypernetworkConfig
+    settings: HypernetworkConfig
+
+    def __init__(self, settings: HypernetworkConfig) -> None:
+        super().__init__(settings)
+        self.structure = settings.structure()
+        self.modules: dict[int, tuple[HypernetworkModule, HypernetworkModule]] = {}
+        self.start_step = 0  # steps the file had before this run (continue_from)
+        self.dropout_calls = 0  # micro-batches trained: with the site, the seed of each dropout mask
+        self._hooks = ModuleHooks()
+        self._model: DiffusionModel | None = None
+        self._optimizer_start: dict[str, Any] | None = None
+
+    @property
+    def suffix(self) -> str:
+        return ".pt"
+
+    # --- training -------------------------------------------------------------------------------
+    def attach(self, model: DiffusionModel) -> None:
+        sites = find_kv_sites(model)
+        present = {site.width for site in sites}
+        if self.settings.continue_from:
+            path = Path(self.settings.continue_from)
+            loaded = read_hypernetwork(path)
+            self.structure, self.modules = modules_from_file(loaded, model.device)
+            self.start_step = loaded.step
+            saved = read_optimizer_state(path)
+            self._optimizer_start = saved[1] if saved and saved[0] == "AdamW" else None
+            if not present & set(self.modules):
+                raise ConfigError(
+                    f"{path.name} has modules for widths {widths_text(self.modules)}, but this model's attention "
+                    f"reads {widths_text(present)}: it was made for another model family"
+                )
+        else:
+            widths = self.settings.width_list() or sorted(present, key=lambda w: (w not in _context(sites), w))
+            missing = [w for w in widths if w not in present]
+            if missing:
+                raise ConfigError(
+                    f"this model's attention k/v projections read widths {widths_text(present, sites)}; "
+                    f"{widths_text(missing)} is not one of them. Choose from those, or 'auto'."
+                )
+            for width in widths:
+                self.structure.widths(width)  # a layer of width 0 is an error before anything is built
+            seed = derive_seed(self.settings.init_seed, "hypernetwork-init")
+            self.modules = new_modules(self.structure, widths, seed % 2**63, model.device)
+        for pair in self.modules.values():
+            for module in pair:
+                module.train().requires_grad_(True)
+        self._install(model, sites, strength=1.0)
+
+    def detach(self) -> None:
+        self._hooks.clear()
+        self._model = None
+        for pair in self.modules.values():
+            for module in pair:
+                module.eval().requires_grad_(False)
+
+    def param_groups(self) -> list[ParamGroup]:
+        # A1111's order (per width, k then v), so that NAME.pt.optim is A1111's optimizer state too
+        params = [p for pair in self.modules.values() for module in pair for p in module.parameters()]
+        return [ParamGroup("hypernetwork", params)]
+
+    def objective(self, step: StepOutputs) -> Tensor:
+        self.dropout_calls += 1  # the next micro-batch draws new dropout masks
+        return step.loss
+
+    def initial_optimizer_state(self) -> Mapping[str, Any] | None:
+        """AdamW state from NAME.pt.optim of the file continued, when it matches this run's parameters."""
+        state = self._optimizer_start
+        if not state or len(state.get("param_groups", [])) != 1:
+            return None
+        if len(state["param_groups"][0].get("params", [])) != len(self.param_groups()[0].params):
+            return None
+        return state
+
+    def _install(self, model: DiffusionModel, sites: list[KVSite], strength: float) -> None:
+        for index, site in enumerate(sites):
+            pair = self.modules.get(site.width)
+            if pair is None:
+                continue
+            self._hooks.transform_input(site.to_k, self._transform(pair[0], (index, "k"), strength))
+            self._hooks.transform_input(site.to_v, self._transform(pair[1], (index, "v"), strength))
+        self._model = model
+
+    def _transform(self, module: HypernetworkModule, site: tuple[int, str], strength: float):
+        def transform(x: Tensor) -> Tensor:  # x [B, M, width]: the context (or features) k or v reads
+            seed = None
+            if module.training:
+                seed = derive_seed(self.settings.init_seed, "dropout", self.dropout_calls, *site) % 2**62
+            return module(x.float(), strength, seed).to(x.dtype)
+
+        return transform
+
+    # --- resume -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        return {**super().state_dict(), _DROPOUT_CALLS: torch.tensor(self.dropout_calls)}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        state = dict(state)
+        calls = state.pop(_DROPOUT_CALLS, None)
+        super().load_state_dict(state)
+        if calls is not None:
+            self.dropout_calls = int(calls)
+
+    # --- results ------------------------------------------------------------------------------------
+    def to_file(self, step: int, metadata: Mapping[str, str]) -> HypernetworkFile:
+        s = self.structure
+        layers = {width: (_state(k), _state(v)) for width, (k, v) in self.modules.items()}
+        return HypernetworkFile(
+            name=self.name,
+            layers=layers,
+            layer_structure=list(s.layer_structure),
+            activation_func=s.activation,
+            weight_initialization=s.weight_init,
+            is_layer_norm=s.layer_norm,
+            use_dropout=any(s.dropout_structure),
+            dropout_structure=list(s.dropout_structure),
+            activate_output=s.activate_output,
+            step=self.start_step + step,
+            sd_checkpoint=metadata.get("sd_checkpoint") or None,
+            sd_checkpoint_name=metadata.get("sd_checkpoint_name") or None,
+        )
+
+    def save(self, path: Path, step: int, metadata: Mapping[str, str]) -> None:
+        write_hypernetwork(path, self.to_file(step, metadata))
+
+    def save_optimizer_state(self, path: Path, optimizer: torch.optim.Optimizer) -> None:
+        """NAME.pt.optim beside the file, as A1111 writes it (only for AdamW, the one A1111 reloads)."""
+        if type(optimizer) is torch.optim.AdamW:
+            write_optimizer_state(path, optimizer.state_dict(), "AdamW")
+
+    @classmethod
+    def load(cls, path: Path, model: DiffusionModel) -> HypernetworkMethod:
+        """A hypernetwork file ready for `apply_for_generation` on `model`; named by the file's stem."""
+        loaded = read_hypernetwork(path)
+        present = {site.width for site in find_kv_sites(model)}
+        if not present & set(loaded.layers):
+            raise CheckpointError(
+                f"the hypernetwork {Path(path).stem!r} has modules for widths {widths_text(loaded.layers)}, but "
+                f"this model's attention reads {widths_text(present)}: it was made for another model family"
+            )
+        method = cls(HypernetworkConfig(name=Path(path).stem))
+        method.structure, method.modules = modules_from_file(loaded, model.device)
+        method.start_step = loaded.step
+        return method
+
+    @contextlib.contextmanager
+    def apply_for_generation(self, model: DiffusionModel, strength: float = 1.0) -> Iterator[dict[str, Any]]:
+        """The modules on `model` at `strength` while inside (in eval mode: no dropout). While training
+        (a preview), the hooks are already there: only dropout is switched off."""
+        if self._model is model:
+            modes = [module.training for pair in self.modules.values() for module in pair]
+            for pair in self.modules.values():
+                for module in pair:
+                    module.eval()
+            try:
+                yield {}
+            finally:
+                flat = [module for pair in self.modules.values() for module in pair]
+                for module, mode in zip(flat, modes):
+                    module.train(mode)
+            return
+        hooks = ModuleHooks()
+        with hooks.applied():
+            for index, site in enumerate(find_kv_sites(model)):
+                pair = self.modules.get(site.width)
+                if pair is not None:
+                    hooks.transform_input(site.to_k, self._transform(pair[0], (index, "k"), strength))
+                    hooks.transform_input(site.to_v, self._transform(pair[1], (index, "v"), strength))
+            yield {}
+
+
+def _context(sites: list[KVSite]) -> set[int]:
+    return {site.width for site in sites if site.cross}
+
+
+def _state(module: nn.Module) -> OrderedDict[str, Tensor]:
+    return module.state_dict()
+
+
+SPEC = MethodSpec(
+    method=HypernetworkMethod,
+    title="Hypernetwork",
+    summary="hypernetwork: residual MLPs on attention k/v inputs, A1111's .pt (SD1, SD2, SDXL)",
+    result_role="hypernetworks",
+    prompt_tag="hypernet",
+    loop_defaults={"lr": "0.000005"},
+)
