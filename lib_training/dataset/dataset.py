@@ -72,7 +72,7 @@ class DatasetConfig:
     caption_extension: str = option(".txt", "Extension of the caption file beside each image.", advanced=True)
     template: str = option(
         "subject_filewords",
-        "Prompt template: subject, subject_filewords, style, style_filewords, none, or the path of a .txt "
+        "Prompt template: subject, subject_filewords, style, style_filewords, filewords, none, or the path of a .txt "
         "file with one prompt a line ([name] and [filewords] are filled in).",
     )
     shuffle_tags: bool = option(False, "Shuffle the comma-separated tags of each caption.", advanced=True)

@@ -277,11 +277,12 @@ class HypernetworkMethod(TrainingMethod):
         return {**super().state_dict(), _DROPOUT_CALLS: torch.tensor(self.dropout_calls)}
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        state = dict(state)
-        calls = state.pop(_DROPOUT_CALLS, None)
-        super().load_state_dict(state)
-        if calls is not None:
-            self.dropout_calls = int(calls)
+        params = self.param_groups()[0].params
+        if set(state) != {*(f"hypernetwork.{i}" for i in range(len(params))), _DROPOUT_CALLS}:
+            raise ValueError(f"resume state has {len(state)} tensors, the hypernetwork {len(params)} parameters")
+        for i, param in enumerate(params):
+            param.data.copy_(state[f"hypernetwork.{i}"])
+        self.dropout_calls = int(state[_DROPOUT_CALLS])
 
     # --- results ------------------------------------------------------------------------------------
     def to_file(self, step: int, metadata: Mapping[str, str]) -> HypernetworkFile:
@@ -366,4 +367,5 @@ SPEC = MethodSpec(
     result_role="hypernetworks",
     prompt_tag="hypernet",
     loop_defaults={"lr": "0.000005"},
+    data_defaults={"template": "filewords"},  # a hypernetwork has no prompt word: captions only
 )
