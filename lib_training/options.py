@@ -251,6 +251,8 @@ def add_arguments(
     """Add one option per field of `cls` (help text, default and range shown; `defaults` replaces
     some of the class's defaults, as a method does for the loop's learning rate)."""
     for info in describe(cls, defaults):
+        if info.name in skip:
+            continue
         text = info.help
         if info.min is not None or info.max is not None:
             low = "" if info.min is None else f"{info.min:g}"

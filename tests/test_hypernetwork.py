@@ -260,3 +260,47 @@ def test_sdxl_trains_modules_for_its_context_and_feature_widths(tiny_sdxl, balls
     with fresh.attached(tiny_sdxl):
         start = fresh.modules[192][0].state_dict()
     assert not torch.equal(saved.layers[192][0]["linear.0.weight"], start["linear.0.weight"])
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+
+def test_cli_trains_and_writes_name_pt(tiny_checkpoints, balls, tmp_path, capsys) -> None:
+    from lib_training.app.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "hypernetwork", "--ckpt", str(tiny_checkpoints["sd1"]), "--data", str(balls),
+                 "--name", "hn", "--out", str(out), "--steps", "2", "--size", "64", "--layer-structure", "1,2,1",
+                 "--activation", "relu", "--layer-norm", "--dropout", "0, 0.3, 0", "--preview-every", "0",
+                 "--device", "cpu"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    saved = read_hypernetwork(out / "hn.pt")
+    assert (saved.activation_func, saved.is_layer_norm, saved.dropout_structure) == ("relu", True, [0.0, 0.3, 0.0])
+    assert '"lr": "0.000005"' in (out / "config.json").read_text()  # the method's default learning rate
+    assert "finished after 2 steps" in capsys.readouterr().out
+
+
+def test_cli_create_writes_a_file_that_training_continues(tiny_checkpoints, balls, tmp_path, capsys) -> None:
+    from lib_training.app.cli import main
+
+    code = main(["hypernetwork", "create", "--name", "made", "--out", str(tmp_path), "--widths", "128, 32, 64",
+                 "--layer-structure", "1, 1.5, 1", "--activation", "swish",
+                 "--weight-init", "XavierNormal"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    made = read_hypernetwork(tmp_path / "made.pt")
+    assert list(made.layers) == [128, 32, 64] and made.step == 0 and made.layer_structure == [1.0, 1.5, 1.0]
+    assert "wrote" in capsys.readouterr().out
+    code = main(["train", "hypernetwork", "--ckpt", str(tiny_checkpoints["sd1"]), "--data", str(balls),
+                 "--name", "made", "--out", str(tmp_path / "run"), "--steps", "2", "--size", "64",
+                 "--continue-from", str(tmp_path / "made.pt"), "--preview-every", "0", "--device", "cpu"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    trained = read_hypernetwork(tmp_path / "run" / "made.pt")
+    assert trained.step == 2 and trained.activation_func == "swish" and trained.layer_structure == [1.0, 1.5, 1.0]
+
+
+def test_cli_create_refuses_a_bad_layer_structure(tmp_path, capsys) -> None:
+    from lib_training.app.cli import main
+
+    code = main(["hypernetwork", "create", "--name", "bad", "--out", str(tmp_path), "--layer-structure", "1, 2"])
+    assert code == 2 and "must start and end with 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad.pt").exists()

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from lib_training.app.hypernetwork_cli import add_hypernetwork_parser
 from lib_training.app.ui.serve import add_serve_parser
 from lib_training.errors import UserError
 from lib_training.merge.cli import add_merge_parsers
@@ -164,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_cmd_generate)
 
     _add_train_parsers(commands)
+    add_hypernetwork_parser(commands)
     add_merge_parsers(commands)
     add_serve_parser(commands)
     return parser

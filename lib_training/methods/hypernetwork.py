@@ -22,14 +22,13 @@ structure, weights, step count and, when its `NAME.pt.optim` matches it, the Ada
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lib_training.errors import CheckpointError, ConfigError
 from lib_training.formats.hypernetwork_file import (
@@ -287,7 +286,7 @@ class HypernetworkMethod(TrainingMethod):
     # --- results ------------------------------------------------------------------------------------
     def to_file(self, step: int, metadata: Mapping[str, str]) -> HypernetworkFile:
         s = self.structure
-        layers = {width: (_state(k), _state(v)) for width, (k, v) in self.modules.items()}
+        layers = {width: (k.state_dict(), v.state_dict()) for width, (k, v) in self.modules.items()}
         return HypernetworkFile(
             name=self.name,
             layers=layers,
@@ -352,12 +351,27 @@ class HypernetworkMethod(TrainingMethod):
             yield {}
 
 
+def create_hypernetwork(settings: HypernetworkConfig, out: str | Path) -> Path:
+    """A1111's Create step: write OUT/NAME.pt with new weights for the settings' widths (A1111's
+    default 768, 320, 640, 1280 for 'auto', as there is no model to ask), step 0, no optimizer state."""
+    settings.check()
+    if settings.continue_from:
+        raise ConfigError("create makes a new hypernetwork; continue_from belongs to training")
+    path = Path(out) / f"{settings.name}.pt"
+    if path.exists() and not settings.overwrite:
+        raise ConfigError(f"{path} already exists. Choose another name, or allow overwriting.")
+    method = HypernetworkMethod(settings)
+    widths = settings.width_list() or list(A1111_DEFAULT_WIDTHS)
+    for width in widths:
+        method.structure.widths(width)
+    method.modules = new_modules(method.structure, widths, derive_seed(settings.init_seed, "hypernetwork-init") % 2**63)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    method.save(path, 0, {})
+    return path
+
+
 def _context(sites: list[KVSite]) -> set[int]:
     return {site.width for site in sites if site.cross}
-
-
-def _state(module: nn.Module) -> OrderedDict[str, Tensor]:
-    return module.state_dict()
 
 
 SPEC = MethodSpec(
