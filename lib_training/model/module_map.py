@@ -221,10 +221,18 @@ def _not_found(message: str, wanted: str, known: Iterable[str]) -> str:
 # --- building ------------------------------------------------------------------------------------
 def build_module_map(arch: Arch, roots: Iterable[ModuleRoot]) -> ModuleMap:
     """The map of a model of family `arch` whose layers are under `roots` (one per component)."""
+    order = ["unet", *(slot.key for slot in TEXT_ENCODERS[arch])]
     entries: list[ModuleEntry] = []
-    for root in roots:
-        entries.extend(_unet_entries(root, arch) if root.component == "unet" else _text_entries(root, arch))
+    for root in sorted(roots, key=lambda r: order.index(r.component) if r.component in order else len(order)):
+        found = _unet_entries(root, arch) if root.component == "unet" else _text_entries(root, arch)
+        entries.extend(sorted(found, key=_canonical_order))  # hosts define their layers in different orders
     return ModuleMap(entries)
+
+
+def _canonical_order(entry: ModuleEntry) -> tuple:
+    """Checkpoint key with its numbers compared as numbers (input_blocks.2 before .10), then rows."""
+    parts = re.split(r"(\d+)", entry.key)
+    return tuple(int(p) if p.isdigit() else p for p in parts), entry.key_rows or (0, 0)
 
 
 def _live_weights(root: nn.Module) -> tuple[dict[str, Shape], dict[str, tuple[nn.Module, str]]]:
