@@ -10,29 +10,17 @@ import functools
 
 import pytest
 import torch
-from fullsize import UNET_PRESETS, full_size_shapes
+from fullsize import full_size_model, full_size_shapes
 from torch import nn
 
 from lib_training.formats.detection import UNET_PREFIX
-from lib_training.formats.family import Arch, ModelFamily
+from lib_training.formats.family import Arch
 from lib_training.formats.fingerprint import hooks_snapshot, weights_fingerprint
 from lib_training.formats.lora_keys import lora_targets
 from lib_training.model.diffusion import DiffusionModel
 from lib_training.model.module_map import ModuleEntry
-from lib_training.model.networks.text_encoder import ClipTextEncoder, TextEncoderConfig
-from lib_training.model.networks.unet import UNetModel
-from lib_training.model.networks.vae import AutoencoderKL, VAEConfig
-from lib_training.model.standalone import StandaloneModel, assemble
+from lib_training.model.standalone import StandaloneModel
 from lib_training.model.tiny import make_tiny
-
-
-@functools.cache
-def full_size_model(arch: Arch) -> StandaloneModel:
-    """The family's full-size standalone model on the meta device (real module tree, no memory)."""
-    with torch.device("meta"):
-        unet, vae = UNetModel(UNET_PRESETS[arch]()), AutoencoderKL(VAEConfig.sd())
-        encoders = [ClipTextEncoder(config) for config in TextEncoderConfig.for_arch(arch)]
-    return assemble(ModelFamily(arch), unet, vae, encoders, device=torch.device("meta"), dtype=torch.float16)
 
 
 @functools.cache
@@ -156,7 +144,7 @@ def test_each_entry_weight_is_the_checkpoint_tensor_at_its_key(arch: str) -> Non
 
 
 def test_building_the_map_only_reads_and_is_cached() -> None:
-    model = make_tiny("sdxl", seed=1)
+    model = make_tiny("sd1", seed=1)
     before = (weights_fingerprint(model.modules), hooks_snapshot(model.modules))
     first = model.module_map()
     assert (weights_fingerprint(model.modules), hooks_snapshot(model.modules)) == before

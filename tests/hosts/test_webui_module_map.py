@@ -1,18 +1,21 @@
 """The adapters build the module map of the WebUIs' loaded models exactly as the standalone model
 does: same kohya names, checkpoint keys, kinds and sizes, each entry on the host's live layer.
 
-On the tiny models (every A1111 and Forge shape of the stand-ins: ldm SD1/SD2, sgm SDXL, Forge
-SD1/SD2/SDXL), whose random weights show a layer mapped to the wrong key; the full-size names are
-checked on the standalone model in tests/test_module_map.py.
+Every A1111 and Forge shape of the stand-ins (ldm SD1/SD2, sgm SDXL, Forge SD1/SD2/SDXL): in a
+session on the tiny models, whose random weights show a layer mapped to the wrong key, and at full
+size on the meta device through the adapters' `build_model` (meta tensors cannot be hashed, so no
+session there). That the full-size names are kohya's is checked in tests/test_module_map.py.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from fullsize import full_size_model
 from torch import nn
 from webui_support import A1111_SHAPES, FORGE_SHAPES
 
+from lib_training.formats.family import Arch
 from lib_training.formats.fingerprint import hooks_snapshot, weights_fingerprint
 
 SHAPES = [("a1111", arch) for arch in A1111_SHAPES] + [("forge", arch) for arch in FORGE_SHAPES]
@@ -40,6 +43,23 @@ def test_host_map_equals_the_standalone_map_on_the_hosts_live_layers(kind, arch,
             if entry.key_rows is not None:
                 want = want[entry.key_rows[0] : entry.key_rows[1]]
             torch.testing.assert_close(entry.weight(), want, rtol=0, atol=0, msg=entry.kohya)
+
+
+@pytest.mark.parametrize(("kind", "arch"), SHAPES)
+def test_full_size_host_map_equals_the_standalone_map(kind, arch, request) -> None:
+    webui = request.getfixturevalue(kind)
+    ours = full_size_model(Arch(arch))
+    with torch.device("meta"):
+        webui.load(ours)
+    adapter = webui.module(f"lib_training.hosts.{'forge' if kind == 'forge' else 'a1111'}")
+    model = adapter.build_model(webui.shared.sd_model)
+    module_map = model.module_map()
+    assert [e.spec() for e in module_map] == [e.spec() for e in ours.module_map()]
+    roots = {root.component: root.module for root in model.module_roots}
+    for entry in module_map:
+        assert roots[entry.component].get_submodule(entry.path) is entry.module, entry.kohya
+        kernel = () if entry.kernel is None else entry.kernel
+        assert tuple(entry.weight().shape) == (entry.out_features, entry.in_features, *kernel), entry.kohya
 
 
 def _fused_text_entries(module_map) -> list:
