@@ -35,7 +35,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -81,6 +81,7 @@ _UNET_LEAVES = {  # LDM module path ending -> kinds
     "emb_layers.1": {"resblock", "res_time_emb"},
     "skip_connection": {"resblock", "res_skip"},
 }
+_UNET_PARTS = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
 _UNET_TOP = {"input_blocks.0.0": "conv_in", "out.2": "conv_out"}
 _TEXT_LEAVES = {  # HF CLIP layer part (in the kohya name) -> kinds
     "self_attn_q_proj": {"text_attention", "attn_q"},
@@ -114,7 +115,7 @@ class ModuleEntry:
     kinds: frozenset[str]  # tags, see UNET_KINDS / TEXT_KINDS
     default: bool  # in kohya's plain LoRA set
     conv: bool  # added by LoCon (ResBlocks, up/down samplers)
-    module: nn.Module  # the live Linear / Conv2d (fused q/k/v: the MultiheadAttention)
+    module: nn.Module = field(repr=False)  # the live Linear / Conv2d (fused q/k/v: the MultiheadAttention)
     rows: tuple[int, int] | None  # rows of module.in_proj_weight this entry owns (fused q/k/v), else None
     in_features: int
     out_features: int
@@ -183,6 +184,8 @@ class ModuleMap:
         for entry in entries:
             if entry.key_rows == rows:
                 return entry
+        if len(entries) == 1:
+            raise KeyError(f"checkpoint key {key!r} is one layer's whole weight ({entries[0].kohya}); omit rows=")
         owners = ", ".join(f"{e.kohya} (rows {e.key_rows})" for e in entries)
         raise KeyError(f"checkpoint key {key!r} is shared by {owners}; pass rows=, or look them up by name")
 
@@ -327,8 +330,8 @@ def _unet_kinds(target: LoraTarget) -> set[str]:
         kinds.add(_UNET_TOP[path])
     elif path.startswith(("time_embed.", "label_emb.")):
         kinds.add(path.split(".")[0])
-    else:
-        kinds.add({"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[path.split(".")[0]])
+    elif path.split(".")[0] in _UNET_PARTS:
+        kinds.add(_UNET_PARTS[path.split(".")[0]])
     if target.default:
         kinds.add("transformer")
     if ".transformer_blocks." in path:
