@@ -2,9 +2,9 @@
 
 A1111 runs the context of every attention layer through the hypernetwork modules of the context's
 width: cross-attention (attn2) reads the text context, self-attention (attn1) its own features.
-`find_kv_sites` lists those layers' `to_k` / `to_v` Linears with the width they read, in module
-order, on any UNet whose attention layers hold `to_k` and `to_v` Linears (ours, LDM/sgm's in A1111,
-ComfyUI's in Forge).
+`find_kv_sites` lists those layers' `to_k` / `to_v` Linears with the width they read, found
+through the model's module map (`DiffusionModel.module_map()`), so the same code finds them in our
+standalone model, in A1111's ldm/sgm UNet and in Forge's.
 """
 
 from __future__ import annotations
@@ -29,21 +29,27 @@ class KVSite:
 
 
 def find_kv_sites(model: DiffusionModel) -> list[KVSite]:
-    """Every attention layer of the UNet with Linear `to_k` and `to_v` of one input width."""
-    unet = model.modules.get("unet")
-    if unet is None:
-        raise ValueError("the model has no 'unet' module")
+    """Every UNet attention layer's k and v projections, from the model's module map (map order)."""
+    entries = model.module_map().select(component="unet", kinds={"attn_v"})
+    values = {_layer(entry.path): entry for entry in entries}
     sites = []
-    for name, module in unet.named_modules():
-        to_k, to_v = getattr(module, "to_k", None), getattr(module, "to_v", None)
-        if not (isinstance(to_k, nn.Linear) and isinstance(to_v, nn.Linear)):
-            continue
-        if to_k.in_features != to_v.in_features:
+    for key_entry in model.module_map().select(component="unet", kinds={"attn_k"}):
+        layer = _layer(key_entry.path)
+        value_entry = values.get(layer)
+        if value_entry is None or key_entry.in_features != value_entry.in_features:
             continue  # not an attention layer that reads one context
-        sites.append(KVSite(name, to_k, to_v, to_k.in_features, name.rsplit(".", 1)[-1] == "attn2"))
+        if not (isinstance(key_entry.module, nn.Linear) and isinstance(value_entry.module, nn.Linear)):
+            continue
+        cross = "cross_attn" in key_entry.kinds
+        sites.append(KVSite(layer, key_entry.module, value_entry.module, key_entry.in_features, cross))
     if not sites:
-        raise ValueError("no attention layers with to_k / to_v projections were found in the UNet")
+        raise ValueError("the model's module map lists no UNet attention k / v projections")
     return sites
+
+
+def _layer(path: str) -> str:
+    """'….attn2.to_k' -> '….attn2'."""
+    return path.rsplit(".", 1)[0]
 
 
 def widths_text(widths: Iterable[int], sites: list[KVSite] | None = None) -> str:
