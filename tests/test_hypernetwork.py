@@ -304,3 +304,18 @@ def test_cli_create_refuses_a_bad_layer_structure(tmp_path, capsys) -> None:
     code = main(["hypernetwork", "create", "--name", "bad", "--out", str(tmp_path), "--layer-structure", "1, 2"])
     assert code == 2 and "must start and end with 1" in capsys.readouterr().err
     assert not (tmp_path / "bad.pt").exists()
+
+
+def test_each_prompt_is_encoded_once_as_nothing_trained_changes_its_conditioning(
+    tiny_sd1, balls, tmp_path, monkeypatch
+):
+    calls = []
+    original = type(tiny_sd1).encode_prompts
+
+    def counting(self, prompts, *args, **kwargs):
+        calls.append(tuple(prompts))
+        return original(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_sd1), "encode_prompts", counting)
+    train(tiny_sd1, _method(), _data(balls), dataclasses.replace(FAST, steps=12), tmp_path)
+    assert len(calls) == len(set(calls)) < 12

@@ -179,6 +179,7 @@ def modules_from_file(
 class HypernetworkMethod(TrainingMethod):
     kind = "hypernetwork"
     settings_type = HypernetworkConfig
+    fixed_conditioning = True  # only the UNet's view of the conditioning changes
     settings: HypernetworkConfig
 
     def __init__(self, settings: HypernetworkConfig) -> None:

@@ -87,6 +87,9 @@ class TrainingMethod(ABC):
 
     kind: ClassVar[str]  # "embedding": the CLI subcommand, the URL part and the app's output folder
     settings_type: ClassVar[type[MethodSettings]] = MethodSettings
+    # True when nothing that trains changes the text conditioning (no prompt vectors, no text-encoder
+    # weights): the trainer then encodes each prompt once and reuses it, as A1111's trainers do.
+    fixed_conditioning: ClassVar[bool] = False
 
     def __init__(self, settings: MethodSettings) -> None:
         settings.check()

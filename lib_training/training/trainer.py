@@ -28,7 +28,7 @@ from torch import Tensor
 from lib_training.dataset import Batch, LatentCache, LatentSampler, TrainingDataset
 from lib_training.errors import UserError
 from lib_training.formats.fingerprint import weights_fingerprint
-from lib_training.model.diffusion import DiffusionModel, SizeConditioning
+from lib_training.model.diffusion import Conditioning, DiffusionModel, SizeConditioning
 from lib_training.model.sampler import SampleSettings, generate
 from lib_training.seeding import derive_seed
 from lib_training.training.config import LoopConfig
@@ -40,6 +40,7 @@ from lib_training.training.outputs import LossRecord, RunFolder
 from lib_training.training.progress import Progress, RateMeter
 
 ProgressCallback = Callable[[Progress], None]
+_CONDITIONING_CACHE_BYTES = 256 * 2**20  # at most this much conditioning kept for reuse
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
@@ -108,6 +109,7 @@ class Trainer:
         self.total_steps = min(loop.steps, self.lr_schedule.end_step or loop.steps)
         self.losses: list[LossRecord] = []
         self._latest_preview: Path | None = None
+        self._cond_cache: dict[tuple[Any, ...], Conditioning] = {}  # see _conditioning; oldest use first
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainingResult:
@@ -247,7 +249,7 @@ class Trainer:
                 for original, crop in zip(batch.original_sizes, batch.crops)
             ]
         with self._autocast():
-            cond = model.encode_prompts(batch.prompts, self.method.prompt_embeddings(), sizes)
+            cond = self._conditioning(batch.prompts, sizes)
             prediction = model.predict(x_t.to(model.dtype), timesteps, cond)
         weight = None if batch.weights is None else batch.weights.to(model.device)
         prediction, target = prediction.float(), target.float()
@@ -260,6 +262,21 @@ class Trainer:
             min_snr_gamma=self.loop.min_snr_gamma or None,
         )
         return self.method.objective(StepOutputs(batch, x_t, timesteps, target, prediction, cond, loss))
+
+    def _conditioning(self, prompts: list[str], sizes: list[SizeConditioning] | None) -> Conditioning:
+        """The batch's conditioning; encoded once per (prompts, sizes) when the method's is fixed."""
+        if not self.method.fixed_conditioning:
+            return self.model.encode_prompts(prompts, self.method.prompt_embeddings(), sizes)
+        key = (tuple(prompts), None if sizes is None else tuple(sizes))
+        cond = self._cond_cache.pop(key, None)
+        if cond is None:
+            with torch.no_grad():
+                cond = self.model.encode_prompts(prompts, None, sizes)
+            size = sum(t.numel() * t.element_size() for t in (cond.context, cond.y, cond.pooled) if t is not None)
+            while self._cond_cache and len(self._cond_cache) * size >= _CONDITIONING_CACHE_BYTES:
+                self._cond_cache.pop(next(iter(self._cond_cache)))  # the least recently used
+        self._cond_cache[key] = cond
+        return cond
 
     def _encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
