@@ -319,3 +319,37 @@ def test_each_prompt_is_encoded_once_as_nothing_trained_changes_its_conditioning
     monkeypatch.setattr(type(tiny_sd1), "encode_prompts", counting)
     train(tiny_sd1, _method(), _data(balls), dataclasses.replace(FAST, steps=12), tmp_path)
     assert len(calls) == len(set(calls)) < 12
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_context_modules_run_once_per_unet_call_with_the_same_result_and_gradients(
+    tiny_sd1, monkeypatch, checkpointing
+) -> None:
+    from lib_training.methods.hypernetwork_attach import Attachment
+
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
+    cond = tiny_sd1.encode_prompts(["a red ball", "a blue cube"])
+
+    def run(shared: bool):
+        if not shared:
+            monkeypatch.setattr(Attachment, "_unet_call", lambda self, forward, *a, **k: forward(*a, **k))
+        method = _method(activation="relu")
+        calls = []
+        with method.attached(tiny_sd1):
+            method.modules[128][0].register_forward_hook(lambda *_: calls.append(1))
+            tiny_sd1.set_gradient_checkpointing(checkpointing)
+            try:
+                tiny_sd1.predict(x, t, cond).square().mean().backward()
+            finally:
+                tiny_sd1.set_gradient_checkpointing(False)
+            grads = [p.grad.clone() for p in method.parameters()]
+        monkeypatch.undo()
+        return grads, len(calls)
+
+    separate, separate_calls = run(shared=False)
+    shared, shared_calls = run(shared=True)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(separate, shared))
+    self_128 = sum(1 for s in find_kv_sites(tiny_sd1) if not s.cross and s.width == 128)  # they have their own input
+    reruns = 2 if checkpointing else 1  # checkpointing runs each layer again in the backward pass
+    assert shared_calls == 1 + self_128 * reruns  # the context's once, at the UNet's entry
+    assert separate_calls == (16 + self_128) * reruns

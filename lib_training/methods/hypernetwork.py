@@ -39,7 +39,7 @@ from lib_training.formats.hypernetwork_file import (
     write_hypernetwork,
     write_optimizer_state,
 )
-from lib_training.methods.hypernetwork_attach import KVSite, find_kv_sites, widths_text
+from lib_training.methods.hypernetwork_attach import Attachment, KVSite, find_kv_sites, widths_text
 from lib_training.methods.hypernetwork_net import (
     ACTIVATIONS,
     WEIGHT_INITS,
@@ -190,6 +190,7 @@ class HypernetworkMethod(TrainingMethod):
         self.dropout_calls = 0  # micro-batches trained: with the site, the seed of each dropout mask
         self._hooks = ModuleHooks()
         self._model: DiffusionModel | None = None
+        self._attached: Attachment | None = None
         self._optimizer_start: dict[str, Any] | None = None
 
     @property
@@ -231,6 +232,9 @@ class HypernetworkMethod(TrainingMethod):
 
     def detach(self) -> None:
         self._hooks.clear()
+        if self._attached is not None:
+            self._attached.clear()
+        self._attached = None
         self._model = None
         for pair in self.modules.values():
             for module in pair:
@@ -254,23 +258,16 @@ class HypernetworkMethod(TrainingMethod):
             return None
         return state
 
+    def _attachment(self, strength: float) -> Attachment:
+        def dropout_seed(index: int, part: str) -> int:
+            return derive_seed(self.settings.init_seed, "dropout", self.dropout_calls, index, part) % 2**62
+
+        return Attachment(self.modules, strength, dropout_seed, any(self.structure.dropout_structure))
+
     def _install(self, model: DiffusionModel, sites: list[KVSite], strength: float) -> None:
-        for index, site in enumerate(sites):
-            pair = self.modules.get(site.width)
-            if pair is None:
-                continue
-            self._hooks.transform_input(site.to_k, self._transform(pair[0], (index, "k"), strength))
-            self._hooks.transform_input(site.to_v, self._transform(pair[1], (index, "v"), strength))
+        self._attached = self._attachment(strength)
+        self._attached.install(self._hooks, model, sites)
         self._model = model
-
-    def _transform(self, module: HypernetworkModule, site: tuple[int, str], strength: float):
-        def transform(x: Tensor) -> Tensor:  # x [B, M, width]: the context (or features) k or v reads
-            seed = None
-            if module.training:
-                seed = derive_seed(self.settings.init_seed, "dropout", self.dropout_calls, *site) % 2**62
-            return module(x.float(), strength, seed).to(x.dtype)
-
-        return transform
 
     # --- resume -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
@@ -343,13 +340,13 @@ class HypernetworkMethod(TrainingMethod):
                     module.train(mode)
             return
         hooks = ModuleHooks()
+        attachment = self._attachment(strength)
         with hooks.applied():
-            for index, site in enumerate(find_kv_sites(model)):
-                pair = self.modules.get(site.width)
-                if pair is not None:
-                    hooks.transform_input(site.to_k, self._transform(pair[0], (index, "k"), strength))
-                    hooks.transform_input(site.to_v, self._transform(pair[1], (index, "v"), strength))
-            yield {}
+            attachment.install(hooks, model, find_kv_sites(model))
+            try:
+                yield {}
+            finally:
+                attachment.clear()
 
 
 def create_hypernetwork(settings: HypernetworkConfig, out: str | Path) -> Path:

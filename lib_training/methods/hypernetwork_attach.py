@@ -9,12 +9,14 @@ standalone model, in A1111's ldm/sgm UNet and in Forge's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from lib_training.model.diffusion import DiffusionModel
+from lib_training.model.hooks import ModuleHooks
 
 
 @dataclass(frozen=True)
@@ -57,3 +59,61 @@ def widths_text(widths: Iterable[int], sites: list[KVSite] | None = None) -> str
     context = {site.width for site in sites or [] if site.cross}
     ordered = sorted(set(widths), key=lambda w: (w not in context, w))
     return ", ".join(f"{w} (text context)" if w in context else str(w) for w in ordered)
+
+
+class Attachment:
+    """One hypernetwork's modules on one model's k/v projections, at one strength.
+
+    Every site runs `to_k(x + mlp_k(x) * strength)` (v alike). The text context is the same tensor
+    for every cross-attention layer of one UNet call, so the (k, v) modules of its width run on it
+    once per call, when the UNet is entered, and each cross-attention layer reuses that result (A1111
+    runs them again in every layer: the same numbers, 16 times the work in SD1). Not while dropout
+    trains: each layer then draws its own mask. The result is kept until the next call, so that
+    gradient checkpointing, which reruns layers in the backward pass, finds it too.
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[int, tuple[nn.Module, nn.Module]],
+        strength: float,
+        dropout_seed: Callable[[int, str], int | None],
+        has_dropout: bool,
+    ) -> None:
+        self.modules = modules
+        self.strength = strength
+        self.dropout_seed = dropout_seed  # (site index, "k" or "v") -> seed of the masks, None in eval mode
+        self.has_dropout = has_dropout
+        self._shared: tuple[Tensor, Tensor, Tensor] | None = None  # (context, its k input, its v input)
+
+    def install(self, hooks: ModuleHooks, model: DiffusionModel, sites: list[KVSite]) -> None:
+        hooks.wrap_forward(model.modules["unet"], self._unet_call)
+        for index, site in enumerate(sites):
+            pair = self.modules.get(site.width)
+            if pair is not None:
+                hooks.transform_input(site.to_k, self._transform(pair[0], index, "k", site.cross))
+                hooks.transform_input(site.to_v, self._transform(pair[1], index, "v", site.cross))
+
+    def clear(self) -> None:
+        self._shared = None
+
+    def _unet_call(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        context = kwargs.get("context", args[2] if len(args) > 2 else None)
+        self._shared = None
+        pair = self.modules.get(context.shape[-1]) if isinstance(context, Tensor) and context.dim() == 3 else None
+        if pair is not None and not (self.has_dropout and pair[0].training):
+            k = pair[0](context.float(), self.strength).to(context.dtype)  # [B, M, width]
+            v = pair[1](context.float(), self.strength).to(context.dtype)
+            self._shared = (context, k, v)
+        return forward(*args, **kwargs)
+
+    def _transform(self, module: nn.Module, index: int, part: str, cross: bool) -> Callable[[Tensor], Tensor]:
+        position = 1 if part == "k" else 2
+
+        def transform(x: Tensor) -> Tensor:  # x [B, M, width]: the context (or features) k or v reads
+            shared = self._shared
+            if cross and shared is not None and x is shared[0]:
+                return shared[position]
+            seed = self.dropout_seed(index, part) if module.training else None
+            return module(x.float(), self.strength, seed).to(x.dtype)
+
+        return transform
