@@ -63,10 +63,10 @@ ACTIVATION = "relu"
 IMPLS = ("ours", "reference", "generate")
 
 
-def settings():
+def settings(args: argparse.Namespace):
     from lib_training.methods.hypernetwork import HypernetworkConfig
 
-    return HypernetworkConfig(name=NAME, layer_structure=LAYER_STRUCTURE, activation=ACTIVATION)
+    return HypernetworkConfig(name=NAME, widths=args.widths, layer_structure=LAYER_STRUCTURE, activation=ACTIVATION)
 
 
 # --- ours ---------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ def run_ours(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     total = args.warmup + args.steps
     model = build_model(shapes, device, dtype)
-    method = HypernetworkMethod(settings())
+    method = HypernetworkMethod(settings(args))
     loop = LoopConfig(steps=total, batch_size=args.batch, lr=str(LR), weight_decay=WEIGHT_DECAY, precision=args.dtype,
                       seed=SEED, save_every=0, preview_every=0, latent_sampling="mean")  # fmt: skip
     recorder = StepRecorder(args.warmup, total, device)
@@ -175,7 +175,7 @@ def run_reference(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
     total = args.warmup + args.steps
     model = build_model(shapes, device, dtype)
     batches = reference_batches(model, args, shapes, total)
-    ours = HypernetworkMethod(settings())
+    ours = HypernetworkMethod(settings(args))
     with ours.attached(model):  # the same initial weights as ours
         modules = {
             w: (A1111Module(k.linear), A1111Module(v.linear)) for w, (k, v) in ours.modules.items()
@@ -216,7 +216,7 @@ def run_generate(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     model = build_model(shapes, device, dtype)
-    method = HypernetworkMethod(settings())
+    method = HypernetworkMethod(settings(args))
     with tempfile.TemporaryDirectory(prefix="bench-hn-gen-") as out:
         with method.attached(model):
             method.save(Path(out) / "hn.pt", 0, {})
@@ -247,7 +247,7 @@ def run_generate(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
 
 
 # --- the parent ------------------------------------------------------------------------------------
-PASSED_ON = ("device", "dtype", "steps", "warmup", "batch", "width", "size", "gen_steps", "gen_repeats")
+PASSED_ON = ("device", "dtype", "steps", "warmup", "batch", "width", "size", "gen_steps", "gen_repeats", "widths")
 
 
 def child_argv(args: argparse.Namespace, arch: str, impl: str, data: Path) -> list[str]:
@@ -263,7 +263,8 @@ def child_argv(args: argparse.Namespace, arch: str, impl: str, data: Path) -> li
 def print_case(arch: str, shapes: Shapes, results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[str]:
     ours, ref, gen = results["ours"], results["reference"], results["generate"]
     scale = "full size" if args.full else ("tiny" if args.tiny else f"UNet width {shapes.unet.model_channels}")
-    print(f"{arch.upper()} ({scale}), {shapes.size} px, hypernetwork {LAYER_STRUCTURE} {ACTIVATION}, "
+    print(f"{arch.upper()} ({scale}), {shapes.size} px, hypernetwork {LAYER_STRUCTURE} {ACTIVATION} on widths "
+          f"{args.widths}, "
           f"{ours['trained_parameters']:,} trained parameters (reference {ref['trained_parameters']:,})")  # fmt: skip
     print(f"  {'':10s}{'ms/step':>9s}{'steps/s':>9s}{'peak growth MiB':>17s}{'peak total MiB':>16s}")
     for impl, r in (("ours", ours), ("reference", ref)):
@@ -300,15 +301,19 @@ def parse_args() -> argparse.Namespace:
     scale.add_argument("--full", action="store_true", help="full-size model (for a GPU)")
     scale.add_argument("--tiny", action="store_true", help="tiny model: a quick check of the script")
     parser.add_argument("--width", type=int, default=64, help="UNet model_channels of the default shapes (64)")
+    parser.add_argument(
+        "--widths", default="auto", help="widths with modules: auto (context and features) or a list, e.g. 768"
+    )
     parser.add_argument("--gen-steps", type=int, default=10, help="sampling steps per generated image (10)")
     parser.add_argument("--gen-repeats", type=int, default=5, help="images timed each way (5)")
     parser.add_argument("--threads", type=int, help="torch CPU threads of the workers (default: torch's choice)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each implementation; the fastest is kept (1)")
     parser.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.sdxl_depth, args.bigg_layers = 2, None  # what train_embedding's shapes read
-    if min(args.warmup, args.steps) < 1:
-        parser.error("--warmup and --steps must be at least 1")
+    if min(args.warmup, args.steps, args.rounds) < 1:
+        parser.error("--warmup, --steps and --rounds must be at least 1")
     if args.dtype is None:
         args.dtype = "fp32" if args.device == "cpu" else "bf16"
     return args
@@ -332,11 +337,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-hn-data-") as root:
         data = Path(root) / args.arch
         make_images(data, args.images, shapes.size)
-        results = {}
-        for impl in IMPLS:
-            results[impl] = run_child(child_argv(args, args.arch, impl, data))
-            if impl != "generate":
-                print(describe_run(args.arch, impl, results[impl], threads), flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "reference": []}
+        for _ in range(args.rounds):  # alternating, so that changing machine load hits both alike
+            for impl in runs:
+                runs[impl].append(run_child(child_argv(args, args.arch, impl, data)))
+                print(describe_run(args.arch, impl, runs[impl][-1], threads), flush=True)
+        results = {impl: min(found, key=lambda r: r["step_s"]) for impl, found in runs.items()}
+        results["generate"] = run_child(child_argv(args, args.arch, "generate", data))
         missed = print_case(args.arch, shapes, results, args)
     verdict = "meets the targets" if not missed else f"misses the target on {', '.join(missed)}"
     print(f"{args.arch.upper()}: {verdict}")
