@@ -146,7 +146,7 @@ def default_label(name: str) -> str:
     return " ".join(words)
 
 
-def _convert(info: FieldInfo, value: Any) -> Any:
+def convert(info: FieldInfo, value: Any) -> Any:
     """Coerce a JSON/CLI value to the field's kind; raise ValueError with a short reason."""
     if value is None:
         if info.optional:
@@ -195,7 +195,7 @@ def field_errors(cls: type, data: Mapping[str, Any], defaults: Mapping[str, Any]
                 errors[name] = "required"
             continue
         try:
-            value = _convert(info, data[name])
+            value = convert(info, data[name])
         except ValueError as error:
             errors[name] = str(error)
             continue
@@ -229,7 +229,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], defaults: Mapping[str, Any]
         raise SettingsError(errors)
     infos = {info.name: info for info in describe(cls, defaults)}
     values = {name: value for name, value in (defaults or {}).items() if name not in data}
-    values.update({name: _convert(infos[name], value) if name in infos else value for name, value in data.items()})
+    values.update({name: convert(infos[name], value) if name in infos else value for name, value in data.items()})
     return cls(**values)
 
 

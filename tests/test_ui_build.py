@@ -20,7 +20,7 @@ from lib_training.app.service import StandaloneWorkspace, TrainingService
 from lib_training.app.ui.app import build_app
 from lib_training.app.ui.compat import choice_values
 from lib_training.app.ui.demo import DemoAssets, demo_assets, training_preset, write_shapes
-from lib_training.app.ui.form import ERROR_MARK, SettingsForm, is_slider, range_text
+from lib_training.app.ui.form import ERROR_MARK, INVALID_CLASS, SettingsForm, is_slider, range_text
 from lib_training.app.ui.generate_tab import build_generate_tab
 from lib_training.app.ui.merge_form import visible_fields
 from lib_training.app.ui.merge_tab import ToolPanel, build_merge_tab
@@ -173,6 +173,30 @@ def test_invalid_values_are_reported_at_their_fields_and_nothing_starts(service,
     assert service.jobs.current() is None
 
 
+def test_three_bad_fields_are_all_marked_at_once(service, demo) -> None:
+    preset = training_preset(demo)
+    panel = _panel(service, preset)
+    bad = {
+        **preset,
+        "loop": {**preset["loop"], "steps": 0, "lr": "abc"},
+        "data": {**preset["data"], "path": "/nonexistent/folder"},
+    }
+    status, _progress, _start, _interrupt, *hints = panel.start_training(*_values(panel.form, bad), False)
+    assert "Training › Steps: must be at least 1" in status
+    assert "Training › Learning rate: &#x27;abc&#x27; in the learning rate is not a number" in status
+    assert "Dataset › Path: The dataset folder /nonexistent/folder does not exist" in status
+    marked = {c.key for c, hint in zip(panel.form.controls, hints) if INVALID_CLASS in hint["elem_classes"]}
+    assert marked == {"loop.steps", "loop.lr", "data.path"}
+    assert service.jobs.current() is None
+
+
+def test_overwrite_is_off_in_the_demo_preset_and_the_form(service, demo) -> None:
+    assert "overwrite" not in training_preset(demo)["method"]
+    panel = _panel(service, training_preset(demo))
+    overwrite = next(c for c in panel.form.controls if c.key == "method.overwrite")
+    assert overwrite.component.value is False
+
+
 def test_a_field_is_checked_alone_as_it_is_edited(service) -> None:
     panel = _panel(service)
     steps = next(c for c in panel.form.controls if c.key == "loop.steps")
@@ -180,6 +204,10 @@ def test_a_field_is_checked_alone_as_it_is_edited(service) -> None:
     assert panel.form.field_problem(steps, -3) == "must be at least 1 (got -3)"
     assert panel.form.field_problem(steps, 12) is None
     assert panel.form.field_problem(name, "") == "required"
+    lr = next(c for c in panel.form.controls if c.key == "loop.lr")
+    assert "not a number" in panel.form.field_problem(lr, "abc")
+    path = next(c for c in panel.form.controls if c.key == "data.path")
+    assert "does not exist" in panel.form.field_problem(path, "/nonexistent/folder")
 
 
 def test_dataset_preview_shows_the_count_and_samples_with_prompts(service, demo) -> None:
@@ -309,7 +337,9 @@ def test_demo_dataset_is_a_few_small_captioned_images(tmp_path) -> None:
     write_shapes(tmp_path)
     images = sorted(tmp_path.glob("*.png"))
     assert len(images) >= 4
-    assert all(image.with_suffix(".txt").read_text().startswith("a ") for image in images)
+    captions = [image.with_suffix(".txt").read_text().strip() for image in images]
+    assert all(caption.split()[0] == ("an" if caption.split()[1][0] in "aeiou" else "a") for caption in captions)
+    assert "an orange circle" in captions
     assert sum(path.stat().st_size for path in tmp_path.iterdir()) < 64_000
 
 

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lib_training.app.ui.serve import add_serve_parser
-from lib_training.errors import UserError
+from lib_training.errors import CheckpointError, ConfigError, UserError
 from lib_training.merge.cli import add_merge_parsers
+from lib_training.options import SettingsError
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> None:
@@ -95,6 +96,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from lib_training.methods import spec_for
     from lib_training.model.standalone import load_model
     from lib_training.options import namespace_values
+    from lib_training.training.outputs import RunFolder
     from lib_training.training.request import GROUPS, group_settings, parse_request
     from lib_training.training.run import prepare_dataset, train
 
@@ -102,6 +104,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
     body = {group: namespace_values(group_settings(spec, group)[0], args) for group in GROUPS}
     request = parse_request(spec, {**body, "resume": args.resume})  # every bad option at once, before any work
     method = request.build()
+    problem = RunFolder(args.out, method.name, method.suffix).start_problem(request.overwrite, request.resume)
+    if problem:
+        raise ConfigError(problem)
+    if not Path(args.ckpt).is_file():
+        raise CheckpointError(
+            f"the checkpoint {args.ckpt} does not exist. Give the path of a .safetensors or .ckpt file."
+        )
     dataset = prepare_dataset(method, request.data, request.loop)
     print(dataset.summary(batch_size=request.loop.batch_size))
     device = pick_device(args.device)
@@ -173,7 +182,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
+    except SettingsError as error:
+        print(f"error: invalid settings:\n{settings_lines(error, getattr(args, 'kind', None))}", file=sys.stderr)
+        return 2
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def settings_lines(error: SettingsError, kind: str | None) -> str:
+    """One line per bad setting, named by its command-line flag ("  --lr: ..."), or its dotted name."""
+    flags: dict[str, str] = {}
+    if kind is not None:
+        from lib_training.methods import spec_for
+        from lib_training.options import describe
+        from lib_training.training.request import GROUPS, group_settings
+
+        spec = spec_for(kind)
+        for group in GROUPS:
+            flags.update({f"{group}.{info.name}": info.flag for info in describe(*group_settings(spec, group))})
+        flags["resume"] = "--resume"
+    return "\n".join(f"  {flags.get(name, name) or 'settings'}: {problem}" for name, problem in error.errors.items())
