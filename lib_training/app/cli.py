@@ -139,7 +139,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lib_training", description=__doc__)
+    installed = Path(sys.argv[0]).name.startswith("sd-webui-training")  # the console command, not `-m`
+    parser = argparse.ArgumentParser(
+        prog="sd-webui-training" if installed else "python -m lib_training", description=__doc__
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tiny = commands.add_parser(
