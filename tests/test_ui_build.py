@@ -146,6 +146,21 @@ def test_standalone_app_serves_the_api_beside_the_page(service) -> None:
         assert "/training/v1/train/embedding" in client.get("/openapi.json").json()["paths"]
 
 
+def test_docs_page_loads_swagger_ui_from_this_server_not_a_cdn(service) -> None:
+    import re
+
+    app = build_app(service)
+    with TestClient(app) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200
+        sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert sources and all(source.startswith("/") for source in sources), sources
+        assert "cdn" not in page.text
+        for source in sources:
+            assert client.get(source).status_code == 200, source
+        assert "swagger-ui-bundle.js" in page.text
+
+
 # --- reading the form back ------------------------------------------------------------------------
 def test_form_values_become_a_valid_request_body(service, demo) -> None:
     preset = training_preset(demo)
