@@ -242,6 +242,21 @@ def _jsonable(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+
+
+def range_text(info: FieldInfo) -> str:
+    """'1 to 75', 'at least 0', 'at most 4,096' or '' for a field's bounds (the CLI and the UI alike)."""
+    if info.min is not None and info.max is not None:
+        return f"{_number(info.min)} to {_number(info.max)}"
+    if info.min is not None:
+        return f"at least {_number(info.min)}"
+    if info.max is not None:
+        return f"at most {_number(info.max)}"
+    return ""
+
+
 def add_arguments(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     cls: type,
@@ -252,14 +267,15 @@ def add_arguments(
     some of the class's defaults, as a method does for the loop's learning rate)."""
     for info in describe(cls, defaults):
         text = info.help
-        if info.min is not None or info.max is not None:
-            low = "" if info.min is None else f"{info.min:g}"
-            high = "" if info.max is None else f"{info.max:g}"
-            text += f" [{low}..{high}]"
+        bounds = range_text(info)
+        if bounds:
+            text += f" ({bounds})"
         if not info.required and info.default not in (None, "", False):
             text += f" (default: {info.default})"
         dest = info.name
-        if info.kind == "bool":
+        if info.kind == "bool" and info.flag.startswith("--no-"):  # already a negative: no --no-no-... twin
+            parser.add_argument(info.flag, dest=dest, action="store_const", const=True, default=None, help=text)
+        elif info.kind == "bool":
             parser.add_argument(info.flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             parser.add_argument(

@@ -83,3 +83,23 @@ def test_learning_rates_that_cannot_train_end_in_a_message_not_a_traceback(tmp_p
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: invalid settings:") and "--lr:" in err and "Traceback" not in err
+
+
+def test_train_help_shows_ranges_as_the_ui_does_and_no_double_negative_flag(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "embedding", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(1 to 10,000,000)" in text and "1e+07" not in text and "[1.." not in text
+    assert "--no-upscale" in text and "--no-no-upscale" not in text
+    assert "a multiple of 8" in text
+
+
+def test_no_upscale_is_set_by_its_flag() -> None:
+    from lib_training.app.cli import build_parser
+
+    args = build_parser().parse_args(["train", "embedding", "--ckpt", "c", "--out", "o", "--name", "n", "--data", "d"])
+    assert args.no_upscale is None
+    args = build_parser().parse_args(
+        ["train", "embedding", "--ckpt", "c", "--out", "o", "--name", "n", "--data", "d", "--no-upscale"]
+    )
+    assert args.no_upscale is True

@@ -96,3 +96,23 @@ def test_a_user_error_is_logged_as_its_message(caplog) -> None:
     jobs.wait(jobs.start("train/x", "Job", refused).id, 5)
     warning = next(r for r in caplog.records if r.levelno == logging.WARNING)
     assert "the dataset folder is empty" in warning.getMessage() and warning.exc_info is None
+
+
+def test_the_busy_message_is_the_same_in_the_api_and_the_forms() -> None:
+    from lib_training.app.ui.snippets import another_job_text
+
+    jobs = JobManager()
+    gate = threading.Event()
+    first = jobs.start("test", "first", lambda context: gate.wait(5) and {})
+    with pytest.raises(JobBusyError) as caught:
+        jobs.start("test", "second", lambda context: {})
+    assert str(caught.value) == another_job_text("first")
+    gate.set()
+    jobs.wait(first.id, 5)
+
+
+def test_a_finished_job_shows_no_eta() -> None:
+    from lib_training.training.progress import Progress
+
+    assert "ETA" not in Progress("merging", 10, 10, eta_seconds=0.0).describe()
+    assert "ETA 0:05" in Progress("merging", 5, 10, eta_seconds=5.0).describe()

@@ -575,7 +575,7 @@ def test_merge_panel_says_when_another_job_runs(service, demo) -> None:
     training.start_training(*_values(training.form, preset), False)
     try:
         updates, _, _ = panel.view.poll({})
-        assert "Another job is running: Textual inversion" in updates[0]["value"]
+        assert "Another job is already running (Textual inversion" in updates[0]["value"]
         assert updates[2]["interactive"] is False  # Start
         name = demo.checkpoint.name
         status, *_ = panel.start_job(*_tool_values(panel, {"a": name, "b": name, "out": "refused"}))

@@ -27,6 +27,11 @@ from lib_training.training.progress import Progress
 log = logging.getLogger(__name__)
 
 
+def busy_text(title: str) -> str:
+    """The one sentence for "another job holds the job slot": the API's 409, the UI's forms, the hosts."""
+    return f"Another job is already running ({title}); start this one when it has finished, or interrupt it."
+
+
 class JobBusyError(UserError):
     """Another job is running."""
 
@@ -119,7 +124,7 @@ class JobManager:
         """Raise JobBusyError if a job is running: the one place that question is answered."""
         current = self._current
         if current is not None and current.running:
-            raise JobBusyError(f"a job is already running ({current.title}); wait for it to finish or interrupt it")
+            raise JobBusyError(busy_text(current.title))
 
     def start(self, kind: str, title: str, work: Work, settings: dict[str, Any] | None = None) -> Job:
         """Run `work` on a background thread; raise JobBusyError if a job is running."""

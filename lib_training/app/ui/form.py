@@ -19,7 +19,7 @@ from typing import Any
 import gradio as gr
 
 from lib_training.app.ui.compat import QUICK
-from lib_training.options import FieldInfo, describe
+from lib_training.options import FieldInfo, describe, range_text
 from lib_training.training.method import MethodSpec
 from lib_training.training.request import GROUPS, group_settings, request_errors
 
@@ -32,21 +32,6 @@ INVALID_CLASS = "sdwt-invalid"  # a control whose value has a problem (red borde
 
 def group_title(spec: MethodSpec, group: str) -> str:
     return spec.title if group == "method" else GROUP_TITLES[group]
-
-
-def _number(value: float) -> str:
-    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
-
-
-def range_text(info: FieldInfo) -> str:
-    """'1 to 75', 'at least 0', 'at most 4,096' or '' for a field's bounds."""
-    if info.min is not None and info.max is not None:
-        return f"{_number(info.min)} to {_number(info.max)}"
-    if info.min is not None:
-        return f"at least {_number(info.min)}"
-    if info.max is not None:
-        return f"at most {_number(info.max)}"
-    return ""
 
 
 def is_slider(info: FieldInfo) -> bool:

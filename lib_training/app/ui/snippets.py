@@ -5,12 +5,14 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
+from lib_training.app.jobs import busy_text
+
 ENDED_LABELS = {"finished": "Finished", "interrupted": "Interrupted", "failed": "Failed"}  # job state -> label
 
 
 def another_job_text(title: str) -> str:
     """What a form says while another job holds the one job slot."""
-    return f"Another job is running: {title}. Start is possible when it has finished."
+    return busy_text(title)
 
 
 def message_html(text: str, kind: str = "info") -> str:
