@@ -127,6 +127,33 @@ def test_advanced_fields_sit_in_a_closed_advanced_accordion(service) -> None:
         assert in_advanced(control.component) == control.info.advanced, control.key
 
 
+def test_generate_tab_lists_the_results_afresh_on_every_page_load(service, tmp_path) -> None:
+    from lib_training.app.ui.generate_tab import results_text
+
+    blocks = build_generate_tab(service)
+    names = next(b for b in blocks.blocks.values() if isinstance(b, gr.Markdown))
+    loads = [
+        dependency
+        for dependency in (blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns)
+        if any(trigger[1] == "load" for trigger in dependency.targets) and names in dependency.outputs
+    ]
+    assert len(loads) == 1
+    folder = tmp_path / "outputs" / "embedding" / "late-cat"
+    folder.mkdir(parents=True)
+    (folder / "late-cat.safetensors").write_bytes(b"")  # trained after the page was built
+    assert "`late-cat`" in loads[0].fn() == results_text(service)
+
+
+def test_the_result_line_names_the_results_used() -> None:
+    from lib_training.app.ui.generate_tab import result_note
+    from lib_training.model.sampler import SampleSettings
+
+    settings = SampleSettings(prompt="x", width=128, height=128, seed=3)
+    note = result_note(settings, 1.25, ["embedding:my-cat", "lora:style:0.8"])
+    assert note == "128x128, seed 3, 1.2 s. Results used: embedding my-cat, lora style at 0.8."
+    assert "No results used" in result_note(settings, 1.0, [])
+
+
 def test_generate_tab_lists_the_embeddings_in_the_outputs(service, tmp_path) -> None:
     folder = tmp_path / "outputs" / "embedding" / "my-cat"
     folder.mkdir(parents=True)
@@ -230,7 +257,7 @@ def test_dataset_preview_shows_the_count_and_samples_with_prompts(service, demo)
     panel = _panel(service, preset)
     status, summary, samples, *_ = panel.preview_dataset(*_values(panel.form, preset))
     assert "images: 6" in summary
-    assert len(samples) == 4
+    assert len(samples) == 6  # every image of a small dataset (up to 8)
     image, prompt = samples[0]
     assert image.size[0] <= 192 and preset["method"]["name"] in prompt
     assert "sdwt-info" in status
@@ -307,6 +334,23 @@ def test_progress_of_a_running_job_shows_step_speed_eta_and_loss(service) -> Non
     text = RunView(service, EMBEDDING, "poll").progress_html(job, None, "running")
     for part in ("step 12/40", "2.50 it/s", "ETA 0:11", "loss 0.1234", "width: 30.0%", 'data-sdwt-poll="poll"'):
         assert part in text
+
+
+def test_latent_caching_and_training_are_shown_as_phases_each_with_its_own_bar(service) -> None:
+    from lib_training.app.jobs import Job
+    from lib_training.training.progress import Progress
+
+    view = RunView(service, EMBEDDING, "poll")
+    job = Job("j1", "train/embedding", "Textual inversion: x", {"method": {"name": "x"}})
+    job.progress = Progress("caching latents", 5, 6)
+    caching = view.progress_html(job, None, "running")
+    assert "Caching latents · 5/6 images" in caching and "step" not in caching
+    assert 'data-sdwt-phase="caching latents"' in caching and 'data-sdwt-phase-status="now">1. Caching' in caching
+    job.progress = Progress("training", 1, 40)
+    training = view.progress_html(job, None, "running")
+    assert 'data-sdwt-phase="training"' in training and "width: 2.5%" in training
+    assert 'data-sdwt-phase-status="done">✓ 1. Caching latents' in training
+    assert 'data-sdwt-phase-status="now">2. Training' in training
 
 
 def test_interrupt_stops_the_running_job_which_keeps_its_result(service, demo) -> None:

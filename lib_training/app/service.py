@@ -172,7 +172,7 @@ class TrainingService:
         settings = {**request.to_dict(), "resume": request.resume}
         return self.jobs.start(f"train/{spec.kind}", f"{spec.title}: {request.name}", work, settings)
 
-    def preview_dataset(self, kind: str, body: Mapping[str, Any], samples: int = 4) -> dict[str, Any]:
+    def preview_dataset(self, kind: str, body: Mapping[str, Any], samples: int = 8) -> dict[str, Any]:
         """Summary text, and a few (thumbnail, prompt) pairs, of the dataset a request would train on."""
         request = self.parse(kind, body)
         dataset = TrainingDataset(request.data, name=request.name)

@@ -77,7 +77,7 @@ class MethodPanel:
                     self.samples = gr.Gallery(
                         label="Samples and their prompts",
                         columns=4,
-                        height=170,
+                        height=None,  # as tall as the samples need: every one shown, none cut off
                         object_fit="contain",
                         elem_id=f"sdwt-{kind}-samples",
                     )
