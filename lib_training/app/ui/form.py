@@ -47,7 +47,7 @@ def help_text(info: FieldInfo, problem: str | None = None) -> str:
     bounds = range_text(info)
     if bounds and not is_slider(info):
         text = f"{text} ({bounds})" if text else bounds
-    return f"{ERROR_MARK} {problem}. {text}" if problem else text
+    return f"{ERROR_MARK} {problem.rstrip('.')}. {text}" if problem else text
 
 
 def field_update(info: FieldInfo, problem: str | None, **changes: Any) -> dict[str, Any]:
