@@ -49,9 +49,9 @@ def build_blocks(
             f"## {TITLE}\nModel: `{service.workspace.describe_model()}` · API: [/docs](/docs)",
             elem_id="sdwt-header",
         )
-        with gr.Tabs(elem_id="sdwt-tabs"):
+        with gr.Tabs(selected=tabs[0][1], elem_id="sdwt-tabs"):  # `selected`: no console warning per tab
             for title, elem_id, tab in tabs:
-                with gr.Tab(title, elem_id=elem_id):
+                with gr.Tab(title, id=elem_id, elem_id=elem_id):
                     tab.render()
         run_script_on_load(blocks, assets.script())
     return blocks
