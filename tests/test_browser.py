@@ -209,6 +209,15 @@ def test_three_bad_fields_are_all_marked_and_nothing_starts(page, server) -> Non
     expect(_block(page, "sdwt-embedding-data-path")).not_to_have_class(re.compile(r"\bsdwt-invalid\b"))
 
 
+def test_the_run_panel_stays_in_view_beside_the_long_form(page) -> None:
+    page.get_by_role("tab", name="Training").first.click()
+    page.evaluate("window.scrollTo(0, 700)")  # down the settings form, past the run panel's own top
+    page.wait_for_timeout(300)
+    start = _block(page, "sdwt-embedding-start").bounding_box()
+    assert start is not None and 0 <= start["y"] < page.viewport_size["height"], start
+    page.evaluate("window.scrollTo(0, 0)")
+
+
 def test_a_second_run_of_the_same_name_deletes_nothing_of_the_first(page, server) -> None:
     expect = sync_api.expect
     folder = server[1] / "embedding" / "browser-test"
