@@ -211,7 +211,7 @@ def test_three_bad_fields_are_all_marked_and_nothing_starts(page, server) -> Non
 
 def test_the_run_panel_stays_in_view_beside_the_long_form(page) -> None:
     page.get_by_role("tab", name="Training").first.click()
-    page.evaluate("window.scrollTo(0, 700)")  # down the settings form, past the run panel's own top
+    page.evaluate("window.scrollTo(0, 450)")  # down the settings form, past the run panel's own top
     page.wait_for_timeout(300)
     start = _block(page, "sdwt-embedding-start").bounding_box()
     assert start is not None and 0 <= start["y"] < page.viewport_size["height"], start
