@@ -109,3 +109,12 @@ def test_an_error_found_before_any_work_is_not_printed_after_a_progress_bar(tmp_
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "merging" not in err
+
+
+def test_merge_help_texts_are_sentences_like_the_training_ones() -> None:
+    from lib_training.merge.config import LoraBakeConfig, LoraExtractConfig, LoraResizeConfig
+    from lib_training.options import describe
+
+    for cls in (MergeConfig, LoraSpec, LoraBakeConfig, LoraExtractConfig, LoraResizeConfig):
+        for info in describe(cls):
+            assert info.help[:1].isupper() and info.help.endswith("."), (cls.__name__, info.name, info.help)
