@@ -90,15 +90,10 @@ def _add_train_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
-    from lib_training.devices import pick_device, pick_dtype
     from lib_training.methods import spec_for
-    from lib_training.model.standalone import load_model
     from lib_training.options import namespace_values
     from lib_training.training.outputs import RunFolder
     from lib_training.training.request import GROUPS, group_settings, parse_request
-    from lib_training.training.run import prepare_dataset, train
 
     spec = spec_for(args.kind)
     body = {group: namespace_values(group_settings(spec, group)[0], args) for group in GROUPS}
@@ -111,6 +106,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
         raise CheckpointError(
             f"the checkpoint {args.ckpt} does not exist. Give the path of a .safetensors or .ckpt file."
         )
+
+    # Only now what training needs: a bad option above is refused without these imports.
+    from tqdm import tqdm
+
+    from lib_training.devices import pick_device, pick_dtype
+    from lib_training.model.standalone import load_model
+    from lib_training.training.run import prepare_dataset, train
+
     dataset = prepare_dataset(method, request.data, request.loop)
     print(dataset.summary(batch_size=request.loop.batch_size))
     device = pick_device(args.device)
