@@ -306,3 +306,16 @@ def test_bad_settings_are_refused_with_a_clear_message(changes, message) -> None
 def test_a_layer_structure_that_makes_an_empty_layer_is_refused() -> None:
     with pytest.raises(ConfigError, match="width 0"):
         Structure((1.0, 0.01, 1.0)).layers(8)
+
+
+def test_a_request_names_each_bad_structure_field() -> None:
+    from lib_training.methods import spec_for
+    from lib_training.options import SettingsError
+    from lib_training.training.request import request_errors
+
+    body = {"method": {"name": "hn", "layer_structure": "2, 1", "widths": "0"}, "data": {}}
+    errors = request_errors(spec_for("hypernetwork"), body)
+    assert "start and end with 1" in errors["method.layer_structure"] and "positive whole" in errors["method.widths"]
+    body = {"method": {"name": "hn", "activation": "glu"}, "data": {}}
+    assert "must be one of linear, relu" in request_errors(spec_for("hypernetwork"), body)["method.activation"]
+    assert issubclass(SettingsError, ConfigError)

@@ -29,6 +29,7 @@ from lib_training.methods import registered, spec_for
 from lib_training.methods.applied import ResultFile, results_applied
 from lib_training.model.diffusion import DiffusionModel
 from lib_training.model.sampler import SampleSettings, generate
+from lib_training.options import SettingsError
 from lib_training.training.method import MethodSpec
 from lib_training.training.outputs import RunFolder
 from lib_training.training.request import TrainingRequest, parse_request
@@ -136,6 +137,11 @@ class TrainingService:
         spec = request.spec
         folder = self.workspace.run_folder(spec, request.name)
         result_dir = self.workspace.result_dir(spec)
+        problem = RunFolder(folder, request.name, request.build().suffix, result_dir).start_problem(
+            request.overwrite, request.resume
+        )
+        if problem:
+            raise SettingsError({"resume" if request.resume else "method.name": problem})
 
         def work(context: JobContext) -> dict[str, Any]:
             method = request.build()
@@ -166,7 +172,7 @@ class TrainingService:
         settings = {**request.to_dict(), "resume": request.resume}
         return self.jobs.start(f"train/{spec.kind}", f"{spec.title}: {request.name}", work, settings)
 
-    def preview_dataset(self, kind: str, body: Mapping[str, Any], samples: int = 4) -> dict[str, Any]:
+    def preview_dataset(self, kind: str, body: Mapping[str, Any], samples: int = 8) -> dict[str, Any]:
         """Summary text, and a few (thumbnail, prompt) pairs, of the dataset a request would train on."""
         request = self.parse(kind, body)
         dataset = TrainingDataset(request.data, name=request.name)
@@ -189,6 +195,8 @@ class TrainingService:
                 if path.suffix.lower() not in (".safetensors", ".pt") or not path.is_file():
                     continue
                 if path.name == RunFolder.RESUME_NAME or _RUN_SUBFOLDERS & set(path.relative_to(folder).parts[:-1]):
+                    continue
+                if RunFolder.is_archived_result(path):  # an earlier run kept aside (OUT/embedding/NAME.1/)
                     continue
                 stat = path.stat()
                 found.append(OutputFile(kind, path.stem, path, stat.st_size, stat.st_mtime))

@@ -48,11 +48,12 @@ from lib_training.methods.hypernetwork_net import (
     check_activation,
     check_dropout_structure,
     check_layer_structure,
+    check_weight_init,
     parse_numbers,
 )
 from lib_training.model.diffusion import DiffusionModel
 from lib_training.model.hooks import ModuleHooks
-from lib_training.options import option
+from lib_training.options import SettingsError, option
 from lib_training.seeding import derive_seed
 from lib_training.training.method import MethodSettings, MethodSpec, ParamGroup, StepOutputs, TrainingMethod
 
@@ -97,28 +98,48 @@ class HypernetworkConfig(MethodSettings):
     overwrite: bool = option(False, "Replace an existing hypernetwork of the same name in the output folder.")
 
     def check(self) -> None:
+        """Every bad structure field at once, by name (a SettingsError)."""
         super().check()
-        self.structure()
-        self.width_list()
+        errors: dict[str, str] = {}
+        checks = (
+            ("layer_structure", self._layers),
+            ("dropout", lambda: self._dropout(self._layers())),
+            ("activation", lambda: check_activation(self.activation)),
+            ("weight_init", lambda: check_weight_init(self.weight_init)),
+            ("widths", self.width_list),
+        )
+        for name, check in checks:
+            if name == "dropout" and "layer_structure" in errors:
+                continue  # checked against the layer structure
+            try:
+                check()
+            except ConfigError as error:
+                errors[name] = str(error)
+        if errors:
+            raise SettingsError(errors)
 
     def structure(self) -> Structure:
         """The layer structure these settings describe; ConfigError naming a bad field."""
-        layers = check_layer_structure(parse_numbers(self.layer_structure, "layer structure", "1, 2, 1"))
-        text = self.dropout.strip()
-        if text.lower() == "default":
-            dropout = default_dropout_structure(layers, True, self.last_layer_dropout)
-        elif text:
-            dropout = check_dropout_structure(parse_numbers(text, "dropout structure", "0, 0.3, 0"), layers)
-        else:
-            dropout = [0.0] * len(layers)
+        layers = self._layers()
         return Structure(
             tuple(layers),
             check_activation(self.activation),
             self.weight_init,
             self.layer_norm,
-            tuple(dropout),
+            tuple(self._dropout(layers)),
             self.activate_output,
         )
+
+    def _layers(self) -> list[float]:
+        return check_layer_structure(parse_numbers(self.layer_structure, "layer structure", "1, 2, 1"))
+
+    def _dropout(self, layers: list[float]) -> list[float]:
+        text = self.dropout.strip()
+        if text.lower() == "default":
+            return default_dropout_structure(layers, True, self.last_layer_dropout)
+        if text:
+            return check_dropout_structure(parse_numbers(text, "dropout structure", "0, 0.3, 0"), layers)
+        return [0.0] * len(layers)
 
     def width_list(self) -> list[int] | None:
         """The widths asked for; None for 'auto'."""

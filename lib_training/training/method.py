@@ -30,9 +30,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lib_training.dataset import Batch, TrainingDataset
-from lib_training.errors import ConfigError
 from lib_training.model.diffusion import Conditioning, DiffusionModel, EmbeddingVectors
-from lib_training.options import option, to_dict
+from lib_training.options import SettingsError, option, to_dict
 
 _BAD_NAME = re.compile(r"[\\/:*?\"<>|\x00-\x1f]")
 
@@ -52,11 +51,13 @@ class MethodSettings:
         """Raise ConfigError if the settings cannot work together (after each field is valid alone).
         Subclasses that check more call `super().check()` first."""
         if not self.name.strip():
-            raise ConfigError("the result needs a name")
+            raise SettingsError({"name": "required: give the result a name"})
         if _BAD_NAME.search(self.name) or self.name.strip() != self.name or self.name.startswith("."):
-            raise ConfigError(
-                f'the name {self.name!r} cannot be a file name: avoid / \\ : * ? " < > |, leading dots and '
-                "leading or trailing spaces"
+            raise SettingsError(
+                {
+                    "name": f'{self.name!r} cannot be a file name: avoid / \\ : * ? " < > |, leading dots and '
+                    "leading or trailing spaces"
+                }
             )
 
 

@@ -108,12 +108,27 @@ class Trainer:
             self.clip_schedule = parse_schedule(loop.clip_grad_value, total_steps=loop.steps, what="gradient clip")
         self.total_steps = min(loop.steps, self.lr_schedule.end_step or loop.steps)
         self.losses: list[LossRecord] = []
+        self._saved = False  # this run has written a result or a numbered copy
         self._latest_preview: Path | None = None
         self._cond_cache: dict[tuple[Any, ...], Conditioning] = {}  # see _conditioning; oldest use first
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainingResult:
-        self.folder.prepare()
+        """Train; a run that fails, or is stopped before its first step, leaves no folder behind (and an
+        earlier run moved aside for it is moved back: `RunFolder.discard`)."""
+        self._saved = False
+        self.folder.begin(resume)
+        try:
+            result = self._run(resume)
+        except BaseException:
+            if not self._saved and not resume:
+                self.folder.discard()
+            raise
+        if not self._saved and not resume:
+            self.folder.discard()
+        return result
+
+    def _run(self, resume: bool) -> TrainingResult:
         self._report("preparing", 0)
         cache = LatentCache(
             self._encode, weights_fingerprint({"vae": self.model.modules["vae"]}), self.latent_cache_dir
@@ -305,10 +320,21 @@ class Trainer:
         return None
 
     def _stop_on_nan(self, step: int, loss: Tensor) -> None:
-        kept = f"The last good result is {self.folder.result}." if self.folder.result.exists() else "Nothing was saved."
+        if self._saved:
+            kept = f"The last good result is {self.folder.result}."
+        elif self.folder.archived is not None:
+            kept = "Nothing of this run was saved; the earlier run of this name is kept as it was."
+        else:
+            kept = "Nothing was saved."
+        fixes = ["lower the learning rate", "use gradient clipping"]
+        if self.autocast is torch.float16:
+            fixes.append("train in bf16 (or fp32) instead of fp16")
+        elif self.autocast is torch.bfloat16:
+            fixes.append("train in fp32 instead of bf16")
+        advice = ", ".join(fixes[:-1]) + " or " + fixes[-1]
         raise TrainingError(
             f"training stopped at step {step + 1}: the loss became {loss.item()} (not a number). {kept} "
-            "Lower the learning rate, use gradient clipping, or train in bf16/fp32 instead of fp16."
+            f"To fix it, {advice}."
         )
 
     # --- outputs ----------------------------------------------------------------------------
@@ -318,6 +344,7 @@ class Trainer:
             checkpoint = self.folder.checkpoint(step)
             self.method.save(checkpoint, step, self._file_metadata(step))
             self.method.save_optimizer_state(checkpoint, optimizer)
+            self._saved = True
             self._save_result(step, optimizer)
             self._save_resume(step, optimizer, scaler, sampler)
             self.folder.write_losses(self.losses)
@@ -329,6 +356,7 @@ class Trainer:
     def _save_result(self, step: int, optimizer) -> None:
         self.method.save(self.folder.result, step, self._file_metadata(step))
         self.method.save_optimizer_state(self.folder.result, optimizer)
+        self._saved = True
 
     def _file_metadata(self, step: int) -> dict[str, str]:
         return {**self.file_metadata, "step": str(step), "sd_checkpoint_family": self.model.family.name}

@@ -40,6 +40,20 @@ def results_text(service: TrainingService) -> str:
     return "Results you can use in the prompt: " + ", ".join(f"`{name}`" for name in names)
 
 
+def result_note(settings: SampleSettings, seconds: float, used: list[str]) -> str:
+    """The line under a generated image: its size, seed and time, and which results it used
+    ("embedding:NAME" becomes "embedding NAME", "lora:NAME:0.8" becomes "lora NAME at 0.8")."""
+    note = f"{settings.width}x{settings.height}, seed {settings.seed}, {seconds:.1f} s. "
+    if not used:
+        return note + "No results used: write a result's name (or its tag) in the prompt to use it."
+    named = []
+    for entry in used:
+        kind, _, rest = entry.partition(":")
+        name, _, strength = rest.partition(":")
+        named.append(f"{kind} {name}" + (f" at {strength}" if strength else ""))
+    return note + "Results used: " + ", ".join(named) + "."
+
+
 def build_generate_tab(service: TrainingService, defaults: Mapping[str, Any] | None = None) -> gr.Blocks:
     """The Generate panel. `defaults` overrides `SampleSettings`' defaults (prompt, width, ...)."""
     values = sample_defaults(defaults)
@@ -88,11 +102,11 @@ def build_generate_tab(service: TrainingService, defaults: Mapping[str, Any] | N
                 picture, used = service.generate(settings)
             except UserError as error:
                 return [gr.update(), f'<div class="sdwt-error">{html.escape(str(error))}</div>']
-            note = f"{settings.width}x{settings.height}, seed {settings.seed}, {time.perf_counter() - started:.1f} s"
-            note += "; used " + ", ".join(used) if used else "; no results used"
-            return [picture, f'<div class="sdwt-info">{html.escape(note)}</div>']
+            note = result_note(settings, time.perf_counter() - started, used)
+            return [picture, f'<div class="sdwt-info" data-sdwt-used="{len(used)}">{html.escape(note)}</div>']
 
         inputs = [prompt, negative, seed, sampler_box, steps_box, cfg_box, width, height]
         run.click(generate, inputs, [image, status], **PRIVATE)
         refresh.click(lambda: results_text(service), None, [names], **QUICK)
+        blocks.load(lambda: results_text(service), None, [names], **QUICK)  # fresh on every page load
     return blocks
