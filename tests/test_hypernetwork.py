@@ -353,3 +353,24 @@ def test_context_modules_run_once_per_unet_call_with_the_same_result_and_gradien
     reruns = 2 if checkpointing else 1  # checkpointing runs each layer again in the backward pass
     assert shared_calls == 1 + self_128 * reruns  # the context's once, at the UNet's entry
     assert separate_calls == (16 + self_128) * reruns
+
+
+def test_the_standalone_app_offers_applies_and_routes_hypernetworks(tiny_checkpoints, tmp_path) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lib_training.app.api import build_router
+    from lib_training.app.service import StandaloneWorkspace, TrainingService
+    from lib_training.methods.hypernetwork import create_hypernetwork
+    from lib_training.model.sampler import SampleSettings
+
+    service = TrainingService(StandaloneWorkspace(tiny_checkpoints["sd1"], tmp_path / "outputs", device="cpu"))
+    create_hypernetwork(HypernetworkConfig(name="hn", widths="128"), tmp_path / "outputs" / "hypernetwork" / "hn")
+    assert "<hypernet:hn:1>" in service.usable_names()
+    settings = SampleSettings(prompt="<hypernet:hn:0.5> a red ball", steps=2, width=64, height=64)
+    _image, used = service.generate(settings)
+    assert used == ["hypernet:hn:0.5"]
+    app = FastAPI()
+    app.include_router(build_router(service))
+    with TestClient(app) as client:
+        assert "/training/v1/train/hypernetwork" in client.get("/openapi.json").json()["paths"]
