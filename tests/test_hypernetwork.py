@@ -374,3 +374,24 @@ def test_the_standalone_app_offers_applies_and_routes_hypernetworks(tiny_checkpo
     app.include_router(build_router(service))
     with TestClient(app) as client:
         assert "/training/v1/train/hypernetwork" in client.get("/openapi.json").json()["paths"]
+
+
+def test_two_hypernetworks_chain_in_prompt_order_as_in_a1111(tiny_sd1, tmp_path) -> None:
+    """A1111 runs the context through the first loaded hypernetwork, then the next."""
+    for name, seed in (("first", 1), ("second", 2)):
+        method = _method(widths="128")
+        with method.attached(tiny_sd1):
+            generator = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in method.parameters():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+            method.save(tmp_path / f"{name}.pt", 1, {})
+    files = [ResultFile("hypernetwork", n, tmp_path / f"{n}.pt") for n in ("first", "second")]
+    first, second = (HypernetworkMethod.load(f.path, tiny_sd1).modules[128][0] for f in files)
+    site = next(s for s in find_kv_sites(tiny_sd1) if s.cross)
+    context = torch.randn(1, 77, 128)
+    with torch.no_grad(), results_applied(tiny_sd1, ["<hypernet:first> <hypernet:second> x"], files):
+        chained = site.to_k(context)
+    expected = torch.nn.functional.linear(second(first(context)), site.to_k.weight)
+    assert torch.allclose(chained, expected, atol=1e-5)
+    assert not torch.allclose(chained, torch.nn.functional.linear(first(second(context)), site.to_k.weight), atol=1e-3)

@@ -76,6 +76,7 @@ def results_applied(model: DiffusionModel, prompts: Sequence[str], files: Sequen
     with contextlib.ExitStack() as stack:
         embeddings: dict[str, Any] = {}
         used: list[str] = []
+        loaded = []
         for tag in dict.fromkeys(tags):
             spec = for_prompt_tag(tag.tag)
             match = [f for f in files if spec is not None and f.kind == spec.kind and f.name == tag.name]
@@ -83,9 +84,12 @@ def results_applied(model: DiffusionModel, prompts: Sequence[str], files: Sequen
                 raise UserError(
                     f"there is no {tag.tag} named {tag.name!r} in the outputs; check the name in the prompt"
                 )
-            method = spec.method.load(match[0].path, model)
+            loaded.append((tag, spec.method.load(match[0].path, model)))
+        # Applied last to first: hooks applied later wrap those applied earlier and so see a layer's
+        # input first, which makes the first tag's result act first, as in A1111 (hypernetworks chain).
+        for tag, method in reversed(loaded):
             embeddings.update(stack.enter_context(method.apply_for_generation(model, tag.strength)))
-            used.append(f"{tag.tag}:{tag.name}:{tag.strength:g}")
+        used += [f"{tag.tag}:{tag.name}:{tag.strength:g}" for tag, _ in loaded]
         words = " ".join(cleaned)
         for file in files:
             spec = specs.get(file.kind)
