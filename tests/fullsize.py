@@ -19,14 +19,19 @@ UNET_PRESETS = {Arch.SD1: UNetConfig.sd15, Arch.SD2: UNetConfig.sd21, Arch.SDXL:
 @functools.cache
 def full_size_checkpoint(arch: Arch) -> dict[str, torch.Tensor]:
     """Checkpoint key -> meta tensor (fp16) of the family's full-size model."""
-    with torch.device("meta"):
-        modules = (UNetModel(UNET_PRESETS[arch]()), AutoencoderKL(VAEConfig.sd()))
-        encoders = [ClipTextEncoder(c) for c in TextEncoderConfig.for_arch(arch)]
-    model = assemble(ModelFamily(arch), *modules, encoders, device=torch.device("meta"), dtype=torch.float16)
-    return model.checkpoint_state_dict()
+    return full_size_model(arch).checkpoint_state_dict()
 
 
 @functools.cache
 def full_size_shapes(arch: Arch) -> dict[str, tuple[int, ...]]:
     """Checkpoint key -> shape of the family's full-size model."""
     return {key: tuple(tensor.shape) for key, tensor in full_size_checkpoint(arch).items()}
+
+
+@functools.cache
+def full_size_model(arch: Arch):
+    """The family's full-size standalone model on the meta device (live modules, no memory)."""
+    with torch.device("meta"):
+        modules = (UNetModel(UNET_PRESETS[arch]()), AutoencoderKL(VAEConfig.sd()))
+        encoders = [ClipTextEncoder(c) for c in TextEncoderConfig.for_arch(arch)]
+    return assemble(ModelFamily(arch), *modules, encoders, device=torch.device("meta"), dtype=torch.float16)

@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -32,6 +32,9 @@ from lib_training.dataset import Batch, TrainingDataset
 from lib_training.errors import ConfigError
 from lib_training.model.diffusion import Conditioning, DiffusionModel, EmbeddingVectors
 from lib_training.options import option, to_dict
+
+if TYPE_CHECKING:
+    from lib_training.training.config import LoopConfig
 
 _BAD_NAME = re.compile(r"[\\/:*?\"<>|\x00-\x1f]")
 
@@ -119,6 +122,10 @@ class TrainingMethod(ABC):
 
     def check_dataset(self, dataset: TrainingDataset) -> None:  # noqa: B027  (optional for subclasses)
         """Raise a UserError if this method cannot train on `dataset` (before any work is done)."""
+
+    def begin_run(self, dataset: TrainingDataset, loop: LoopConfig) -> None:  # noqa: B027  (optional)
+        """Called once before `attach` by the trainer: the run's data and loop settings, for methods
+        that seed their own randomness or record the run in their files."""
 
     def prompt_embeddings(self) -> Mapping[str, EmbeddingVectors]:
         """Textual-inversion vectors to use in prompts, by name (none for most methods)."""

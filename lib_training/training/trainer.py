@@ -125,6 +125,7 @@ class Trainer:
         )
         latents_for = LatentSampler(self.loop.latent_sampling, self.loop.seed)
         sampler = self.dataset.sampler(self.loop.batch_size)
+        self.method.begin_run(self.dataset, self.loop)
 
         with self.method.attached(self.model), self._gradient_checkpointing():
             groups = self.method.param_groups()

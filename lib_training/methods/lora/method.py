@@ -1,0 +1,324 @@
+"""LoRA, LoCon and DoRA training in kohya format (SD1, SD2, SDXL).
+
+Which layers train: kohya's default set (every Linear / 1x1 conv of the UNet's transformer blocks),
+with `locon` also the ResBlocks and the down/up samplers (their 3x3 convs at `conv_rank` /
+`conv_alpha`), with `train_text_encoder` also the text encoders' attention and MLP layers (both
+encoders on SDXL), at their own learning rate. The modules live in `network.py`; the file format in
+`file.py`. A result applies at generation as `<lora:NAME:STRENGTH>`, and so does any kohya LoRA file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lib_training.dataset import TrainingDataset
+from lib_training.errors import CheckpointError, ConfigError
+from lib_training.methods.lora.file import (
+    SAVE_DTYPES,
+    ModuleWeights,
+    RunFacts,
+    file_tensors,
+    lora_metadata,
+    read_lora_file,
+    tag_frequency,
+    write_lora_file,
+)
+from lib_training.methods.lora.network import Dropout, LoraNetwork, LowRankModule, Target, conv_args, weight_of
+from lib_training.methods.lora.targets import as_target, attentions_by_out_proj, model_layers, names_of
+from lib_training.model.diffusion import DiffusionModel
+from lib_training.options import option
+from lib_training.seeding import derive_seed
+from lib_training.training.config import LoopConfig
+from lib_training.training.method import MethodSettings, MethodSpec, ParamGroup, TrainingMethod
+
+_RNG_KEY = "rng_state"
+_NO_INIT = torch.Generator()  # for modules whose values are loaded next (leaves the global RNG alone)
+
+
+@dataclass
+class LoraConfig(MethodSettings):
+    """What to train: the network's layers, ranks and regularisation, and how to save it."""
+
+    name: str = option(help="Name of the LoRA: its file name, used in prompts as <lora:NAME:0.8>.", flag="--name")
+    rank: int = option(16, "Rank (kohya network_dim) of each module: more learns more detail, bigger files.", min=1)
+    alpha: float = option(8.0, "Alpha (kohya network_alpha): the update is scaled by alpha / rank.", min=0.0)
+    locon: bool = option(False, "LoCon: also train the ResBlocks and the down/up samplers (their 3x3 convs).")
+    conv_rank: int = option(
+        0, "Rank of the 3x3 convs with LoCon (kohya conv_dim); 0: the same as rank.", min=0, advanced=True
+    )
+    conv_alpha: float = option(0.0, "Alpha of the 3x3 convs with LoCon; 0: the same as alpha.", min=0.0, advanced=True)
+    dora: bool = option(False, "DoRA: also learn each weight's magnitude per input channel (dora_scale).")
+    train_text_encoder: bool = option(
+        False, "Also train the text encoders' attention and MLP layers (both encoders on SDXL)."
+    )
+    text_encoder_lr: str = option(
+        "", "Learning rate of the text-encoder modules (empty: the run's learning rate).", advanced=True
+    )
+    dropout: float = option(0.0, "Dropout of the down projection's outputs while training.", min=0.0, max=0.99)
+    rank_dropout: float = option(0.0, "Probability of dropping each rank per sample while training.", min=0.0, max=0.99)
+    module_dropout: float = option(0.0, "Probability of skipping a module for a step.", min=0.0, max=0.99)
+    save_dtype: str = option("fp16", "Precision of the saved file.", choices=tuple(SAVE_DTYPES))
+    overwrite: bool = option(False, "Replace an existing LoRA of the same name in the output folder.")
+
+    def check(self) -> None:
+        super().check()
+        if self.rank < 1:
+            raise ConfigError(f"the rank must be at least 1 (got {self.rank}); 4 to 128 are usual")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha must be above 0 (got {self.alpha}); alpha = rank keeps the update unscaled")
+        if (self.conv_rank or self.conv_alpha) and not self.locon:
+            raise ConfigError(
+                "a conv rank or conv alpha only applies to LoCon's 3x3 convs: turn on locon (--locon), "
+                "or leave conv_rank and conv_alpha at 0"
+            )
+        if self.conv_rank < 0 or self.conv_alpha < 0:
+            raise ConfigError("conv_rank and conv_alpha cannot be negative (0: the same as rank / alpha)")
+        if self.text_encoder_lr.strip() and not self.train_text_encoder:
+            raise ConfigError(
+                "a text-encoder learning rate is set but the text encoders do not train: turn on "
+                "train_text_encoder (--train-text-encoder), or clear text_encoder_lr"
+            )
+        for field_name in ("dropout", "rank_dropout", "module_dropout"):
+            value = getattr(self, field_name)
+            if not 0 <= value < 1:
+                raise ConfigError(f"{field_name} must be at least 0 and below 1 (got {value})")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ConfigError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, not {self.save_dtype!r}")
+
+
+def chosen_layers(model: DiffusionModel, settings: LoraConfig) -> list[Any]:
+    """The layers `settings` train: kohya's default UNet set, LoCon's, the text encoders' if asked."""
+    return [
+        entry
+        for entry in model_layers(model)
+        if (entry.component == "unet" and (entry.default or (settings.locon and entry.conv)))
+        or (entry.component != "unet" and settings.train_text_encoder and entry.default)
+    ]
+
+
+class LoraMethod(TrainingMethod):
+    kind = "lora"
+    settings_type = LoraConfig
+    settings: LoraConfig
+
+    def __init__(self, settings: LoraConfig) -> None:
+        super().__init__(settings)
+        self.network: LoraNetwork | None = None
+        self._family: Any = None
+        self._seed = 0
+        self._run: RunFacts | None = None
+        self._model_name = ""
+        self._model_hash = ""
+        self._components: dict[str, str] = {}  # kohya name -> "unet", "clip_l", ...
+
+    # --- training -------------------------------------------------------------------------------
+    def begin_run(self, dataset: TrainingDataset, loop: LoopConfig) -> None:
+        self._seed = loop.seed
+        captions: dict[str, list[str]] = {}
+        for record in dataset.samples:
+            folder = str(PurePosixPath(record.relpath).parent)
+            captions.setdefault(dataset.root.name if folder == "." else folder, []).append(record.caption)
+        self._run = RunFacts(
+            steps=loop.steps,
+            started_at=time.time(),
+            learning_rate=loop.lr,
+            unet_lr=loop.lr,
+            text_encoder_lr=(self.settings.text_encoder_lr or loop.lr) if self.settings.train_text_encoder else "",
+            optimizer=loop.optimizer,
+            lr_scheduler=loop.lr_scheduler,
+            resolution=dataset.config.size,
+            seed=loop.seed,
+            noise_offset=loop.noise_offset,
+            min_snr_gamma=loop.min_snr_gamma,
+            mixed_precision=loop.precision,
+            num_train_images=len(dataset),
+            dataset_dirs={
+                folder: {"n_repeats": dataset.config.repeats, "img_count": len(texts)}
+                for folder, texts in captions.items()
+            },
+            tag_frequency=tag_frequency(captions),
+        )
+
+    def attach(self, model: DiffusionModel) -> None:
+        settings = self.settings
+        layers = chosen_layers(model, settings)
+        attentions = attentions_by_out_proj(model)
+        init = torch.Generator().manual_seed(derive_seed(self._seed, "lora-init"))
+        modules: dict[str, LowRankModule] = {}
+        targets: dict[str, Target] = {}
+        for entry in sorted(layers, key=lambda e: e.kohya):
+            target = as_target(entry, attentions)
+            weight = weight_of(target)
+            conv3x3 = weight.ndim == 4 and tuple(weight.shape[2:]) != (1, 1)
+            rank = (settings.conv_rank or settings.rank) if conv3x3 else settings.rank
+            alpha = (settings.conv_alpha or settings.alpha) if conv3x3 else settings.alpha
+            module = LowRankModule(
+                weight.shape,
+                rank,
+                alpha,
+                conv=conv_args(target.layer),
+                dora_from=weight.detach() if settings.dora else None,
+                generator=init,
+            )
+            modules[entry.kohya] = module.to(model.device)
+            targets[entry.kohya] = target
+        self._components = {entry.kohya: entry.component for entry in layers}
+        rng = torch.Generator(device=model.device).manual_seed(derive_seed(self._seed, "lora-dropout"))
+        network = LoraNetwork(modules, targets, rng)
+        network.dropout = Dropout(settings.dropout, settings.rank_dropout, settings.module_dropout)
+        network.train()
+        network.attach()
+        self.network = network
+        self._family = model.family
+
+    def detach(self) -> None:
+        if self.network is not None:
+            self.network.detach()
+
+    def param_groups(self) -> list[ParamGroup]:
+        if self.network is None:
+            return []
+        groups: dict[str, list[nn.Parameter]] = {"unet": [], "text_encoder": []}
+        for name, module in self.network.lora.items():
+            part = "unet" if self._components[name] == "unet" else "text_encoder"
+            groups[part] += list(module.parameters())
+        result = [ParamGroup("unet", groups["unet"])]
+        if groups["text_encoder"]:
+            result.append(ParamGroup("text_encoder", groups["text_encoder"], self.settings.text_encoder_lr or None))
+        return result
+
+    # --- resume -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        if self.network is None:
+            return {}
+        state = {key: value.detach().cpu().clone() for key, value in self.network.lora.state_dict().items()}
+        state[_RNG_KEY] = self.network.rng.get_state()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        own = self.state_dict()
+        if set(state) != set(own):
+            raise ValueError(f"resume state has {len(state)} tensors, the LoRA has {len(own)}: other settings")
+        assert self.network is not None
+        self.network.lora.load_state_dict({k: v for k, v in state.items() if k != _RNG_KEY})
+        self.network.rng.set_state(state[_RNG_KEY])
+
+    # --- results ----------------------------------------------------------------------------------
+    def module_weights(self) -> dict[str, ModuleWeights]:
+        """The modules as the file holds them (by kohya name)."""
+        assert self.network is not None
+        weights = {}
+        for name, module in self.network.lora.items():
+            target = self.network.targets[name]
+            down, up = module.down, module.up
+            if isinstance(target.layer, nn.MultiheadAttention) and down.ndim == 4:
+                down, up = down.flatten(1), up.flatten(1)
+            weights[name] = ModuleWeights(down, up, module.alpha, module.dora_scale)
+        return weights
+
+    def save(self, path: Path, step: int, metadata: Mapping[str, str]) -> None:
+        settings = self.settings
+        args: dict[str, str] = {}
+        if settings.locon:
+            args.update(
+                conv_dim=str(settings.conv_rank or settings.rank), conv_alpha=str(settings.conv_alpha or settings.alpha)
+            )
+        for field_name in ("dropout", "rank_dropout", "module_dropout"):
+            if getattr(settings, field_name):
+                args[field_name] = str(getattr(settings, field_name))
+        module = "networks.lora"
+        if settings.dora:  # DoRA files come from LyCORIS in the kohya ecosystem
+            module = "lycoris.kohya"
+            args.update(algo="lora", dora_wd="True")
+        network = {"module": module, "dim": settings.rank, "alpha": settings.alpha, "args": args}
+        meta = lora_metadata(
+            name=self.name,
+            family=self._family,
+            network=network,
+            run=self._run,
+            step=step,
+            model_name=metadata.get("sd_checkpoint_name", ""),
+            model_hash=metadata.get("sd_checkpoint", ""),
+        )
+        tensors = file_tensors(self.module_weights(), SAVE_DTYPES[settings.save_dtype])
+        write_lora_file(path, tensors, {**metadata, **meta})
+
+    @classmethod
+    def load(cls, path: Path, model: DiffusionModel) -> LoraMethod:
+        """Any kohya LoRA / LoCon / DoRA file, its modules matched to `model`'s layers by name."""
+        path = Path(path)
+        loaded = read_lora_file(path)
+        index = names_of(model_layers(model))
+        unknown = [name for name in loaded.modules if name not in index]
+        if unknown:
+            raise CheckpointError(
+                f"{path.name}: {len(unknown)} of its {len(loaded.modules)} modules have no layer in this "
+                f"{model.family.describe()} model (e.g. {unknown[0]}); the LoRA was made for another model family"
+            )
+        attentions = attentions_by_out_proj(model)
+        modules: dict[str, LowRankModule] = {}
+        targets: dict[str, Target] = {}
+        for name, weights in loaded.modules.items():
+            entry = index[name]
+            target = as_target(entry, attentions)
+            shape = tuple(weight_of(target).shape)
+            got = (int(weights.up.shape[0]), *weights.down.shape[1:])
+            if math.prod(got) != math.prod(shape) or got[0] != shape[0]:
+                raise CheckpointError(
+                    f"{path.name}: module {name} changes a weight of shape {list(got)} but the model's is "
+                    f"{list(shape)}; the LoRA was made for another model"
+                )
+            rank = int(weights.down.shape[0])
+            module = LowRankModule(shape, rank, weights.alpha, conv=conv_args(target.layer), generator=_NO_INIT)
+            with torch.no_grad():
+                module.down.copy_(weights.down.reshape(module.down.shape))
+                module.up.copy_(weights.up.reshape(module.up.shape))
+                if weights.dora_scale is not None:
+                    module.dora_scale = nn.Parameter(
+                        weights.dora_scale.float().reshape(1, shape[1], *[1] * (len(shape) - 2))
+                    )
+            modules[entry.kohya] = module.to(model.device).requires_grad_(False)
+            targets[entry.kohya] = target
+        method = cls(LoraConfig(name=path.stem))
+        method.network = LoraNetwork(modules, targets, torch.Generator(device=model.device)).eval()
+        method._family = model.family
+        method._components = {name: index[name].component for name in modules}
+        return method
+
+    @contextlib.contextmanager
+    def apply_for_generation(self, model: DiffusionModel, strength: float = 1.0) -> Iterator[dict[str, Any]]:
+        network = self.network
+        if network is None:
+            raise RuntimeError("the LoRA has no modules: attach or load it first")
+        was_attached, was_training, multiplier = network.attached, network.training, network.multiplier
+        network.multiplier = strength
+        network.eval()
+        try:
+            if not was_attached:
+                network.attach()
+            yield {}
+        finally:
+            if not was_attached:
+                network.detach()
+            network.multiplier = multiplier
+            network.train(was_training)
+
+
+SPEC = MethodSpec(
+    method=LoraMethod,
+    title="LoRA",
+    summary="LoRA, LoCon and DoRA in kohya format (SD1, SD2, SDXL)",
+    result_role="loras",
+    prompt_tag="lora",
+    loop_defaults={"lr": "0.0001"},
+    data_defaults={"template": "filewords"},
+)
