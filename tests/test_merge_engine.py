@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from lib_training.errors import CheckpointError, ConfigError
 from lib_training.formats.safetensors_writer import NotEnoughSpaceError
-from lib_training.merge import CancelledError, MergeConfig, Progress, merge
+from lib_training.merge import CancelledError, MergeConfig, WriteProgress, merge
 
 U = "model.diffusion_model."
 TE = "cond_stage_model.transformer.text_model."
@@ -293,7 +293,7 @@ def test_cancel_leaves_neither_output_nor_temporary_file(tmp_path: Path, abc) ->
 
 
 def test_progress_counts_the_output_bytes_up_to_the_total(tmp_path: Path, abc) -> None:
-    reports: list[Progress] = []
+    reports: list[WriteProgress] = []
     out = tmp_path / "out.safetensors"
     merge(MergeConfig(a=str(abc["a"]), b=str(abc["b"]), out=str(out)), progress=reports.append)
     final = reports[-1]

@@ -13,7 +13,7 @@ from lib_training.app.merge_service import TOOLS, MergeService, field_used, file
 from lib_training.app.service import StandaloneWorkspace, Workspace
 from lib_training.errors import ConfigError
 from lib_training.merge import MergeConfig
-from lib_training.merge import Progress as FileProgress
+from lib_training.merge import WriteProgress as FileProgress
 from lib_training.options import SettingsError, describe
 
 

@@ -78,6 +78,21 @@ def test_training_tab_has_one_sub_tab_per_method(service) -> None:
     assert [tabs[f"sdwt-train-{kind}"].label for kind in registered()] == [spec.title for spec in registered().values()]
 
 
+def test_a_registered_method_gets_its_training_sub_tab_with_its_own_settings(service) -> None:
+    """The throwaway test method (`throwaway_method.py`) needs nothing but its registration; this
+    file runs under Gradio 4.40 and 3.41.2 (.ci/run)."""
+    import throwaway_method
+
+    from lib_training.methods import registered_for
+
+    with registered_for(throwaway_method.SPEC):
+        blocks = build_training_tab(service)
+    tabs = {b.elem_id: b for b in blocks.blocks.values() if isinstance(b, gr.Tab)}
+    assert tabs["sdwt-train-xbias"].label == "Cross-attention bias"
+    ids = {getattr(b, "elem_id", None) for b in blocks.blocks.values()}
+    assert "sdwt-xbias-method-init-scale" in ids and "sdwt-xbias-start" in ids
+
+
 def test_form_controls_match_the_settings_described_by_the_method_config(service) -> None:
     with gr.Blocks():
         form = SettingsForm(EMBEDDING)

@@ -32,12 +32,12 @@ from lib_training.merge import (
     LoraResizeConfig,
     LoraSpec,
     MergeConfig,
+    WriteProgress,
     bake_loras,
     extract_lora,
     merge,
     resize_lora,
 )
-from lib_training.merge import Progress as FileProgress
 from lib_training.merge.blocks import parse_blocks
 from lib_training.merge.inputs import check_same_family, family_of
 from lib_training.merge.reader import open_input
@@ -150,7 +150,7 @@ class MergeProgress(Progress):
         return ", ".join(parts)
 
 
-def job_progress(spec: MergeTool, progress: FileProgress) -> MergeProgress:
+def job_progress(spec: MergeTool, progress: WriteProgress) -> MergeProgress:
     """A merge tool's progress report as the job shows it."""
     rate = progress.done_tensors / progress.elapsed if progress.elapsed > 0 else None
     message = ""
@@ -441,7 +441,7 @@ class MergeService:
         return self.jobs.start(spec.kind, f"{spec.title}: {Path(config.out).name}", work, settings)
 
     def _run(self, spec: MergeTool, config: Any, context: JobContext) -> dict[str, Any]:
-        def report(progress: FileProgress) -> None:
+        def report(progress: WriteProgress) -> None:
             context.report(job_progress(spec, progress))
 
         more: dict[str, Any] = {}

@@ -4,7 +4,7 @@
 - `bake_loras(LoraBakeConfig(...))`, `extract_lora(LoraExtractConfig(...))`,
   `resize_lora(LoraResizeConfig(...))`.
 
-Each takes `progress=` (called with `Progress`) and `cancel=` (a `threading.Event` or a function
+Each takes `progress=` (called with `WriteProgress`) and `cancel=` (a `threading.Event` or a function
 returning True once cancelled); a cancelled operation raises `CancelledError` and leaves no file.
 """
 
@@ -22,7 +22,7 @@ from lib_training.merge.lora_bake import BakeResult, bake_loras
 from lib_training.merge.lora_extract import LoraResult, extract_lora
 from lib_training.merge.lora_resize import resize_lora
 from lib_training.merge.methods import MERGE_METHODS
-from lib_training.merge.progress import CancelledError, Progress
+from lib_training.merge.progress import CancelledError, WriteProgress
 
 __all__ = [
     "MERGE_METHODS",
@@ -35,7 +35,7 @@ __all__ = [
     "LoraSpec",
     "MergeConfig",
     "MergeResult",
-    "Progress",
+    "WriteProgress",
     "bake_loras",
     "extract_lora",
     "merge",

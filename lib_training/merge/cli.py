@@ -22,7 +22,7 @@ from lib_training.merge.config import (
     MergeConfig,
 )
 from lib_training.merge.methods import MERGE_METHODS
-from lib_training.merge.progress import Progress
+from lib_training.merge.progress import WriteProgress
 from lib_training.options import add_arguments, from_namespace
 
 
@@ -36,13 +36,13 @@ def config_from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
     return dataclasses.replace(from_namespace(cls, args), **values) if values else from_namespace(cls, args)
 
 
-def _progress_bar(description: str) -> tuple[Callable[[Progress], None], Callable[[], None]]:
+def _progress_bar(description: str) -> tuple[Callable[[WriteProgress], None], Callable[[], None]]:
     """A tqdm bar on stderr fed by progress reports, and a function that closes it."""
     from tqdm import tqdm
 
     bar = tqdm(total=0, unit="B", unit_scale=True, desc=description, file=sys.stderr, leave=False)
 
-    def update(progress: Progress) -> None:
+    def update(progress: WriteProgress) -> None:
         bar.total = progress.total_bytes
         bar.update(progress.done_bytes - bar.n)
 

@@ -32,7 +32,7 @@ def check_cancel(cancel: CancelToken, what: str) -> None:
 
 
 @dataclass(frozen=True)
-class Progress:
+class WriteProgress:
     """Where a streaming operation stands. Bytes count the output written so far."""
 
     done_bytes: int
@@ -48,7 +48,7 @@ class Progress:
         return self.done_bytes / self.total_bytes if self.total_bytes else 1.0
 
 
-ProgressCallback = Callable[[Progress], None]
+ProgressCallback = Callable[[WriteProgress], None]
 
 
 class ProgressMeter:
@@ -85,5 +85,5 @@ class ProgressMeter:
         if self.done_bytes and elapsed > 0:
             eta = (self.total_bytes - self.done_bytes) * elapsed / self.done_bytes
         self.callback(
-            Progress(self.done_bytes, self.total_bytes, self.done_tensors, self.total_tensors, elapsed, eta, key)
+            WriteProgress(self.done_bytes, self.total_bytes, self.done_tensors, self.total_tensors, elapsed, eta, key)
         )
