@@ -395,6 +395,9 @@ def test_a_lora_of_another_family_is_refused_with_the_reason(tiny_sd1, tiny_sdxl
         ({"text_encoder_lr": "1e-5"}, "turn on train_text_encoder"),
         ({"rank_dropout": 1.0}, "rank_dropout must be"),
         ({"name": "a/b"}, "cannot be a file name"),
+        ({"pivotal_token": "two words"}, "must be one word"),
+        ({"embedding_file": True}, "set pivotal_token too"),
+        ({"pivotal_token": "zqx", "embedding_file": True}, "would replace the LoRA's file"),
     ],
 )
 def test_bad_settings_are_refused_with_the_fix(settings, message) -> None:
@@ -416,3 +419,68 @@ def test_cli_trains_and_writes_name_safetensors(tiny_checkpoints, red_ball, tmp_
         assert source.shape("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")[0] == 2
     assert any(k.startswith("lora_te_") for k in keys) and any(k.endswith(".dora_scale") for k in keys)
     assert "finished after 2 steps" in capsys.readouterr().out
+
+
+# --- pivotal tuning ---------------------------------------------------------------------------------------------
+
+
+def _a1111_bundles(keys: list[str]) -> dict[str, dict[str, str]]:
+    """How A1111's Lora extension reads bundle_emb keys: token -> {"string_to_param": "*"} or {"clip_l": ...}."""
+    bundles: dict[str, dict[str, str]] = {}
+    for key in keys:
+        prefix, rest = key.split(".", 1)
+        if prefix != "bundle_emb":
+            continue
+        token, part = rest.split(".", 1)
+        if part.split(".")[0] == "string_to_param":
+            bundles.setdefault(token, {})["string_to_param"] = part.split(".", 1)[1]
+        else:
+            bundles.setdefault(token, {})[part] = part
+    return bundles
+
+
+def test_pivotal_tuning_trains_both_parts_and_bundles_the_word(tiny_sd1, red_ball, tmp_path) -> None:
+    from lib_training.methods.embedding import initial_vectors
+
+    method = _method(pivotal_token="zqx", pivotal_vectors=2, pivotal_init="ball")
+    start = initial_vectors(tiny_sd1.text_encoders[0], "ball", 2)
+    result = train(tiny_sd1, method, _data(red_ball), dataclasses.replace(FAST, steps=3), tmp_path)
+    with open_tensors(result.result) as source:
+        keys = source.keys()
+        bundled = source.get("bundle_emb.zqx.string_to_param.*")
+    assert _a1111_bundles(keys) == {"zqx": {"string_to_param": "*"}}
+    assert bundled.shape == start.shape and not torch.equal(bundled, start)
+    loaded = LoraMethod.load(result.result, tiny_sd1)
+    assert any(module.up.any() for module in loaded.network.lora.values())
+    with loaded.apply_for_generation(tiny_sd1, 1.0) as embeddings:
+        assert torch.equal(embeddings["zqx"]["clip_l"].cpu(), bundled)
+
+
+def test_sdxl_bundles_a_clip_l_and_a_clip_g_part(tiny_sdxl, red_ball, tmp_path) -> None:
+    from lib_training.formats.embedding_files import read_embedding
+
+    method = _method(pivotal_token="zqx", embedding_file=True, name="ball-lora")
+    result = train(tiny_sdxl, method, _data(red_ball), dataclasses.replace(FAST, steps=2), tmp_path)
+    with open_tensors(result.result) as source:
+        keys = source.keys()
+        assert source.shape("bundle_emb.zqx.clip_g")[1] == tiny_sdxl.text_encoder("clip_g").width
+    assert _a1111_bundles(keys) == {"zqx": {"clip_l": "clip_l", "clip_g": "clip_g"}}
+    own = read_embedding(tmp_path / "zqx.safetensors", expect={"clip_l": 64, "clip_g": 128})
+    assert set(own.vectors) == {"clip_l", "clip_g"}
+
+
+def test_pivotal_word_missing_from_the_prompts_is_refused(tiny_sd1, red_ball, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="no training prompt contains the pivotal word 'qqq'"):
+        train(tiny_sd1, _method(pivotal_token="qqq"), _data(red_ball), FAST, tmp_path)
+
+
+def test_pivotal_resume_continues_the_embedding_exactly(tiny_sd1, red_ball, tmp_path) -> None:
+    loop = dataclasses.replace(FAST, steps=4)
+    straight = train(tiny_sd1, _method(pivotal_token="zqx"), _data(red_ball), loop, tmp_path / "a")
+    calls = iter(range(100))
+    stop = lambda: next(calls) >= 2  # noqa: E731
+    train(tiny_sd1, _method(pivotal_token="zqx"), _data(red_ball), loop, tmp_path / "b", should_stop=stop)
+    resumed = train(tiny_sd1, _method(pivotal_token="zqx"), _data(red_ball), loop, tmp_path / "b", resume=True)
+    with open_tensors(straight.result) as a, open_tensors(resumed.result) as b:
+        key = "bundle_emb.zqx.string_to_param.*"
+        assert torch.equal(a.get(key), b.get(key))

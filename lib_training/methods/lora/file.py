@@ -46,7 +46,35 @@ class ModuleWeights:
 class LoraFile:
     modules: dict[str, ModuleWeights]  # by the name in the file
     metadata: dict[str, str]
-    other: list[str]  # keys that are not LoRA modules (bundled embeddings, ...)
+    other: list[str]  # keys that are neither LoRA modules nor bundled embeddings
+    bundles: dict[str, dict[str, Tensor]]  # token -> part ("string_to_param.*", "clip_l", "clip_g") -> vectors
+
+
+BUNDLE_PREFIX = "bundle_emb."  # A1111 loads `bundle_emb.<token>.<part>` as the embedding <token>
+
+
+def bundle_tensors(token: str, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An embedding bundled in a LoRA, as A1111 reads it: SD1/SD2 `bundle_emb.<token>.string_to_param.*`
+    [n, width]; SDXL `bundle_emb.<token>.clip_l` and `.clip_g`. fp32 (they are small; A1111 converts)."""
+    if set(vectors) == {"clip_l", "clip_g"}:
+        parts = dict(vectors)
+    elif len(vectors) == 1:
+        parts = {"string_to_param.*": next(iter(vectors.values()))}
+    else:
+        raise ValueError(f"cannot bundle an embedding with parts {sorted(vectors)}")
+    return {
+        f"{BUNDLE_PREFIX}{token}.{part}": vectors.detach().to("cpu", torch.float32).contiguous()
+        for part, vectors in parts.items()
+    }
+
+
+def bundled_vectors(parts: Mapping[str, Tensor], encoder_keys: list[str]) -> dict[str, Tensor]:
+    """A bundle's vectors by text-encoder key ("clip_l", ...), for a model with `encoder_keys`."""
+    if "string_to_param.*" in parts and len(encoder_keys) == 1:
+        return {encoder_keys[0]: parts["string_to_param.*"].float()}
+    if set(encoder_keys) <= set(parts):
+        return {key: parts[key].float() for key in encoder_keys}
+    raise CheckpointError(f"a bundled embedding has parts {sorted(parts)}; this model needs {encoder_keys}")
 
 
 def file_tensors(modules: Mapping[str, ModuleWeights], dtype: torch.dtype) -> dict[str, Tensor]:
@@ -71,9 +99,14 @@ def read_lora_file(path: str | os.PathLike[str]) -> LoraFile:
     path = Path(path)
     parts: dict[str, dict[str, Tensor]] = {}
     other: list[str] = []
+    bundles: dict[str, dict[str, Tensor]] = {}
     with open_tensors(path) as source:
         keys = source.keys()
         for key in keys:
+            if key.startswith(BUNDLE_PREFIX) and key.count(".") >= 2:
+                token, part = key[len(BUNDLE_PREFIX) :].split(".", 1)
+                bundles.setdefault(token, {})[part] = source.get(key)
+                continue
             found = _PART.match(key)
             if found is None:
                 other.append(key)
@@ -98,7 +131,7 @@ def read_lora_file(path: str | os.PathLike[str]) -> LoraFile:
             f"{path.name} holds no kohya LoRA modules (lora_up / lora_down); its keys look like {kinds}. "
             "Only LoRA, LoCon and DoRA files apply as <lora:...>."
         )
-    return LoraFile(modules, metadata, other)
+    return LoraFile(modules, metadata, other, bundles)
 
 
 @dataclass(frozen=True)

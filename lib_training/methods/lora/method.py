@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -22,10 +23,14 @@ from torch import Tensor, nn
 
 from lib_training.dataset import TrainingDataset
 from lib_training.errors import CheckpointError, ConfigError
+from lib_training.formats.embedding_files import EmbeddingFile, write_embedding
+from lib_training.methods.embedding import MAX_VECTORS, initial_vectors
 from lib_training.methods.lora.file import (
     SAVE_DTYPES,
     ModuleWeights,
     RunFacts,
+    bundle_tensors,
+    bundled_vectors,
     file_tensors,
     lora_metadata,
     read_lora_file,
@@ -35,12 +40,14 @@ from lib_training.methods.lora.file import (
 from lib_training.methods.lora.network import Dropout, LoraNetwork, LowRankModule, Target, conv_args, weight_of
 from lib_training.methods.lora.targets import as_target, attentions_by_out_proj, model_layers, names_of
 from lib_training.model.diffusion import DiffusionModel
+from lib_training.model.module_map import ModuleEntry
 from lib_training.options import option
 from lib_training.seeding import derive_seed
 from lib_training.training.config import LoopConfig
 from lib_training.training.method import MethodSettings, MethodSpec, ParamGroup, TrainingMethod
 
 _RNG_KEY = "rng_state"
+_EMBEDDING_KEY = "pivotal"
 _NO_INIT = torch.Generator()  # for modules whose values are loaded next (leaves the global RNG alone)
 
 
@@ -66,6 +73,17 @@ class LoraConfig(MethodSettings):
     dropout: float = option(0.0, "Dropout of the down projection's outputs while training.", min=0.0, max=0.99)
     rank_dropout: float = option(0.0, "Probability of dropping each rank per sample while training.", min=0.0, max=0.99)
     module_dropout: float = option(0.0, "Probability of skipping a module for a step.", min=0.0, max=0.99)
+    pivotal_token: str = option(
+        "",
+        "Pivotal tuning: a new prompt word whose embedding trains together with the LoRA and is bundled in "
+        "its file (A1111 loads it with <lora:...>); write it in the captions or template. Empty: none.",
+    )
+    pivotal_vectors: int = option(1, "Vectors of the pivotal word's embedding.", min=1, max=MAX_VECTORS)
+    pivotal_init: str = option("*", "Text whose token embeddings start the pivotal word's vectors.", advanced=True)
+    embedding_lr: str = option("0.005", "Learning rate of the pivotal word's embedding.", advanced=True)
+    embedding_file: bool = option(
+        False, "Also save the pivotal word's embedding as its own file TOKEN.safetensors (for ComfyUI).", advanced=True
+    )
     save_dtype: str = option("fp16", "Precision of the saved file.", choices=tuple(SAVE_DTYPES))
     overwrite: bool = option(False, "Replace an existing LoRA of the same name in the output folder.")
 
@@ -91,18 +109,31 @@ class LoraConfig(MethodSettings):
             value = getattr(self, field_name)
             if not 0 <= value < 1:
                 raise ConfigError(f"{field_name} must be at least 0 and below 1 (got {value})")
+        token = self.pivotal_token
+        if token and (not re.fullmatch(r"[^\s.<>:,()\[\]]+", token)):
+            raise ConfigError(
+                f"the pivotal word {token!r} must be one word without spaces, dots, commas, brackets or < > :"
+            )
+        if self.embedding_file and not token:
+            raise ConfigError("embedding_file saves the pivotal word's embedding: set pivotal_token too")
+        if self.embedding_file and token == self.name:
+            raise ConfigError(
+                f"the embedding file {token}.safetensors would replace the LoRA's file: choose a pivotal word "
+                "other than the LoRA's name"
+            )
         if self.save_dtype not in SAVE_DTYPES:
             raise ConfigError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, not {self.save_dtype!r}")
 
 
-def chosen_layers(model: DiffusionModel, settings: LoraConfig) -> list[Any]:
+def chosen_layers(model: DiffusionModel, settings: LoraConfig) -> list[ModuleEntry]:
     """The layers `settings` train: kohya's default UNet set, LoCon's, the text encoders' if asked."""
-    return [
-        entry
-        for entry in model_layers(model)
-        if (entry.component == "unet" and (entry.default or (settings.locon and entry.conv)))
-        or (entry.component != "unet" and settings.train_text_encoder and entry.default)
-    ]
+    layers = model.module_map()
+    chosen = layers.select(component="unet", default=True)
+    if settings.locon:
+        chosen += layers.select(component="unet", conv=True)
+    if settings.train_text_encoder:
+        chosen += [entry for entry in layers.select(default=True) if entry.component != "unet"]
+    return chosen
 
 
 class LoraMethod(TrainingMethod):
@@ -119,6 +150,7 @@ class LoraMethod(TrainingMethod):
         self._model_name = ""
         self._model_hash = ""
         self._components: dict[str, str] = {}  # kohya name -> "unet", "clip_l", ...
+        self._embeddings: dict[str, dict[str, Tensor]] = {}  # pivotal word -> encoder key -> [n, width]
 
     # --- training -------------------------------------------------------------------------------
     def begin_run(self, dataset: TrainingDataset, loop: LoopConfig) -> None:
@@ -148,8 +180,31 @@ class LoraMethod(TrainingMethod):
             tag_frequency=tag_frequency(captions),
         )
 
+    def check_dataset(self, dataset: TrainingDataset) -> None:
+        token = self.settings.pivotal_token
+        if not token:
+            return
+        lines = [line.replace("[name]", self.name) for line in dataset.template.lines]
+        in_captions = any("[filewords]" in line for line in lines) and any(
+            re.search(rf"(?<!\w){re.escape(token)}(?!\w)", record.caption) for record in dataset.samples
+        )
+        if not in_captions and not any(re.search(rf"(?<!\w){re.escape(token)}(?!\w)", line) for line in lines):
+            raise ConfigError(
+                f"no training prompt contains the pivotal word {token!r}, so its embedding would not learn: "
+                "write it in the captions (with a template using [filewords]) or in the template"
+            )
+
     def attach(self, model: DiffusionModel) -> None:
         settings = self.settings
+        if settings.pivotal_token:
+            self._embeddings = {
+                settings.pivotal_token: {
+                    encoder.key: nn.Parameter(
+                        initial_vectors(encoder, settings.pivotal_init, settings.pivotal_vectors).to(model.device)
+                    )
+                    for encoder in model.text_encoders
+                }
+            }
         layers = chosen_layers(model, settings)
         attentions = attentions_by_out_proj(model)
         init = torch.Generator().manual_seed(derive_seed(self._seed, "lora-init"))
@@ -194,7 +249,13 @@ class LoraMethod(TrainingMethod):
         result = [ParamGroup("unet", groups["unet"])]
         if groups["text_encoder"]:
             result.append(ParamGroup("text_encoder", groups["text_encoder"], self.settings.text_encoder_lr or None))
+        vectors = [v for parts in self._embeddings.values() for v in parts.values() if isinstance(v, nn.Parameter)]
+        if vectors:
+            result.append(ParamGroup("embedding", vectors, self.settings.embedding_lr or None))
         return result
+
+    def prompt_embeddings(self) -> Mapping[str, Mapping[str, Tensor]]:
+        return self._embeddings
 
     # --- resume -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:
@@ -202,6 +263,8 @@ class LoraMethod(TrainingMethod):
             return {}
         state = {key: value.detach().cpu().clone() for key, value in self.network.lora.state_dict().items()}
         state[_RNG_KEY] = self.network.rng.get_state()
+        for token, parts in self._embeddings.items():
+            state.update({f"{_EMBEDDING_KEY}.{token}.{key}": v.detach().cpu().clone() for key, v in parts.items()})
         return state
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
@@ -209,8 +272,12 @@ class LoraMethod(TrainingMethod):
         if set(state) != set(own):
             raise ValueError(f"resume state has {len(state)} tensors, the LoRA has {len(own)}: other settings")
         assert self.network is not None
-        self.network.lora.load_state_dict({k: v for k, v in state.items() if k != _RNG_KEY})
+        own_keys = {k for k in state if k != _RNG_KEY and not k.startswith(_EMBEDDING_KEY + ".")}
+        self.network.lora.load_state_dict({k: state[k] for k in own_keys})
         self.network.rng.set_state(state[_RNG_KEY])
+        for token, parts in self._embeddings.items():
+            for key, vectors in parts.items():
+                vectors.data.copy_(state[f"{_EMBEDDING_KEY}.{token}.{key}"])
 
     # --- results ----------------------------------------------------------------------------------
     def module_weights(self) -> dict[str, ModuleWeights]:
@@ -250,7 +317,14 @@ class LoraMethod(TrainingMethod):
             model_hash=metadata.get("sd_checkpoint", ""),
         )
         tensors = file_tensors(self.module_weights(), SAVE_DTYPES[settings.save_dtype])
+        for token, parts in self._embeddings.items():
+            tensors.update(bundle_tensors(token, parts))
         write_lora_file(path, tensors, {**metadata, **meta})
+        if settings.embedding_file:
+            for token, parts in self._embeddings.items():
+                vectors = {key: v.detach().cpu() for key, v in parts.items()}
+                embedding = EmbeddingFile(token, vectors, step, {"sd_checkpoint_family": self._family.name})
+                write_embedding(Path(path).with_name(f"{token}.safetensors"), embedding, overwrite=True)
 
     @classmethod
     def load(cls, path: Path, model: DiffusionModel) -> LoraMethod:
@@ -289,6 +363,11 @@ class LoraMethod(TrainingMethod):
             modules[entry.kohya] = module.to(model.device).requires_grad_(False)
             targets[entry.kohya] = target
         method = cls(LoraConfig(name=path.stem))
+        encoder_keys = [encoder.key for encoder in model.text_encoders]
+        method._embeddings = {
+            token: {k: v.to(model.device) for k, v in bundled_vectors(parts, encoder_keys).items()}
+            for token, parts in loaded.bundles.items()
+        }
         method.network = LoraNetwork(modules, targets, torch.Generator(device=model.device)).eval()
         method._family = model.family
         method._components = {name: index[name].component for name in modules}
@@ -305,7 +384,7 @@ class LoraMethod(TrainingMethod):
         try:
             if not was_attached:
                 network.attach()
-            yield {}
+            yield {token: {k: v.detach() for k, v in parts.items()} for token, parts in self._embeddings.items()}
         finally:
             if not was_attached:
                 network.detach()
