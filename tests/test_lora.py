@@ -484,3 +484,46 @@ def test_pivotal_resume_continues_the_embedding_exactly(tiny_sd1, red_ball, tmp_
     with open_tensors(straight.result) as a, open_tensors(resumed.result) as b:
         key = "bundle_emb.zqx.string_to_param.*"
         assert torch.equal(a.get(key), b.get(key))
+
+
+# --- block-wise rank and learning rate ----------------------------------------------------------------------------
+
+SD1_BLOCKS = ["BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12))]
+
+
+def test_block_ranks_set_each_blocks_rank_and_zero_leaves_it_out(tiny_sd1) -> None:
+    ranks = {block: 4 for block in SD1_BLOCKS} | {"IN01": 2, "M00": 0}
+    method = _method(block_ranks=",".join(str(ranks[b]) for b in SD1_BLOCKS))
+    method.attach(tiny_sd1)
+    names = dict(method.network.lora.items())
+    method.detach()
+    assert names["lora_unet_down_blocks_0_attentions_0_proj_in"].rank == 2  # input_blocks.1: IN01
+    assert names["lora_unet_down_blocks_0_attentions_1_proj_in"].rank == 4  # IN02
+    assert not any(name.startswith("lora_unet_mid_block") for name in names)
+
+
+def test_block_learning_rates_scale_the_runs_rate_per_block(tiny_sd1, red_ball, tmp_path) -> None:
+    factors = {block: 1.0 for block in SD1_BLOCKS} | {"IN01": 0.0, "OUT11": 0.5}
+    method = _method(block_lrs=",".join(str(factors[b]) for b in SD1_BLOCKS))
+    train(tiny_sd1, method, _data(red_ball), dataclasses.replace(FAST, steps=2, lr="0.002"), tmp_path)
+    groups = {group.name: group.lr for group in method.param_groups()}
+    assert groups["unet.IN01"] == "0" and groups["unet.OUT11"] == "0.001" and groups["unet.M00"] == "0.002"
+    frozen = method.network.lora["lora_unet_down_blocks_0_attentions_0_proj_in"]
+    assert not frozen.up.any()  # learning rate 0: still at its start
+    assert method.network.lora["lora_unet_mid_block_attentions_0_proj_in"].up.any()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"block_ranks": "4," * 19 + "4"}, "need 26 comma-separated values"), ({"block_ranks": "in_to_out"}, "whole")],
+)
+def test_block_settings_that_do_not_fit_the_family_are_refused(settings, message, tiny_sd1) -> None:
+    method = _method(**settings)
+    with pytest.raises(ConfigError, match=message):
+        method.attach(tiny_sd1)
+    method.detach()
+
+
+def test_block_settings_of_no_family_are_refused_at_once() -> None:
+    with pytest.raises(ConfigError, match="block_lrs needs 26 comma-separated values"):
+        _method(block_lrs="1,1,1")

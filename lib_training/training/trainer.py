@@ -112,6 +112,7 @@ class Trainer:
     # --- the run ----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainingResult:
         self.folder.prepare()
+        self.method.begin_run(self.dataset, self.loop)
         self._report("preparing", 0)
         cache = LatentCache(
             self._encode, weights_fingerprint({"vae": self.model.modules["vae"]}), self.latent_cache_dir
@@ -125,7 +126,6 @@ class Trainer:
         )
         latents_for = LatentSampler(self.loop.latent_sampling, self.loop.seed)
         sampler = self.dataset.sampler(self.loop.batch_size)
-        self.method.begin_run(self.dataset, self.loop)
 
         with self.method.attached(self.model), self._gradient_checkpointing():
             groups = self.method.param_groups()

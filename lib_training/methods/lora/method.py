@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lib_training.dataset import TrainingDataset
 from lib_training.errors import CheckpointError, ConfigError
 from lib_training.formats.embedding_files import EmbeddingFile, write_embedding
+from lib_training.merge.blocks import BASE, block_of, parse_blocks
 from lib_training.methods.embedding import MAX_VECTORS, initial_vectors
 from lib_training.methods.lora.file import (
     SAVE_DTYPES,
@@ -63,6 +64,19 @@ class LoraConfig(MethodSettings):
         0, "Rank of the 3x3 convs with LoCon (kohya conv_dim); 0: the same as rank.", min=0, advanced=True
     )
     conv_alpha: float = option(0.0, "Alpha of the 3x3 convs with LoCon; 0: the same as alpha.", min=0.0, advanced=True)
+    block_ranks: str = option(
+        "",
+        "Rank per block, as the merge tab's block weights: 26 values for SD1/SD2 (BASE = text encoders, "
+        "IN00-IN11, M00, OUT00-OUT11) or 20 for SDXL; 0 leaves a block out. Empty: rank everywhere.",
+        advanced=True,
+    )
+    block_lrs: str = option(
+        "",
+        "Learning-rate multiplier per block (26 or 20 values, or a block preset such as in_to_out); "
+        "empty: the run's learning rate everywhere.",
+        advanced=True,
+        role="blocks",
+    )
     dora: bool = option(False, "DoRA: also learn each weight's magnitude per input channel (dora_scale).")
     train_text_encoder: bool = option(
         False, "Also train the text encoders' attention and MLP layers (both encoders on SDXL)."
@@ -121,8 +135,30 @@ class LoraConfig(MethodSettings):
                 f"the embedding file {token}.safetensors would replace the LoRA's file: choose a pivotal word "
                 "other than the LoRA's name"
             )
+        for field_name in ("block_ranks", "block_lrs"):
+            values = [v for v in re.split(r"[,\s]+", getattr(self, field_name).strip()) if v]
+            if len(values) > 1 and len(values) not in (20, 26):
+                raise ConfigError(
+                    f"{field_name} needs 26 comma-separated values for SD1/SD2 (BASE, IN00-IN11, M00, "
+                    f"OUT00-OUT11) or 20 for SDXL (BASE, IN00-IN08, M00, OUT00-OUT08); got {len(values)}"
+                )
         if self.save_dtype not in SAVE_DTYPES:
             raise ConfigError(f"save_dtype must be one of {', '.join(SAVE_DTYPES)}, not {self.save_dtype!r}")
+
+
+def scaled_lr(schedule: str, factor: float) -> str:
+    """A learning rate or schedule in the WebUI syntax ("0.005:100, 1e-3:1000, 1e-5") times `factor`."""
+    if not schedule.strip():
+        raise ConfigError("block learning rates need the run's learning rate")
+    items = []
+    for item in schedule.split(","):
+        value, colon, until = item.strip().partition(":")
+        try:
+            scaled = float(value) * factor
+        except ValueError:
+            raise ConfigError(f"block learning rates cannot scale the learning rate {schedule!r}") from None
+        items.append(f"{scaled:g}{colon}{until}")
+    return ", ".join(items)
 
 
 def chosen_layers(model: DiffusionModel, settings: LoraConfig) -> list[ModuleEntry]:
@@ -151,10 +187,14 @@ class LoraMethod(TrainingMethod):
         self._model_hash = ""
         self._components: dict[str, str] = {}  # kohya name -> "unet", "clip_l", ...
         self._embeddings: dict[str, dict[str, Tensor]] = {}  # pivotal word -> encoder key -> [n, width]
+        self._blocks: dict[str, str] = {}  # kohya name -> block ("BASE", "IN01", ...)
+        self._block_lrs: dict[str, float] = {}
+        self._loop_lr = ""
 
     # --- training -------------------------------------------------------------------------------
     def begin_run(self, dataset: TrainingDataset, loop: LoopConfig) -> None:
         self._seed = loop.seed
+        self._loop_lr = loop.lr
         captions: dict[str, list[str]] = {}
         for record in dataset.samples:
             folder = str(PurePosixPath(record.relpath).parent)
@@ -206,6 +246,14 @@ class LoraMethod(TrainingMethod):
                 }
             }
         layers = chosen_layers(model, settings)
+        arch = model.family.arch
+        parsed = parse_blocks(settings.block_ranks, arch)
+        if any(value < 0 or value != int(value) for value in parsed.values()):
+            raise ConfigError("block ranks must be whole numbers, at least 0 (0 leaves a block out)")
+        block_ranks = {block: int(value) for block, value in parsed.items()}
+        self._block_lrs = parse_blocks(settings.block_lrs, arch)
+        self._blocks = {entry.kohya: block_of(entry.key, arch) or BASE for entry in layers}
+        layers = [entry for entry in layers if block_ranks.get(self._blocks[entry.kohya], 1) > 0]
         attentions = attentions_by_out_proj(model)
         init = torch.Generator().manual_seed(derive_seed(self._seed, "lora-init"))
         modules: dict[str, LowRankModule] = {}
@@ -214,7 +262,8 @@ class LoraMethod(TrainingMethod):
             target = as_target(entry, attentions)
             weight = weight_of(target)
             conv3x3 = weight.ndim == 4 and tuple(weight.shape[2:]) != (1, 1)
-            rank = (settings.conv_rank or settings.rank) if conv3x3 else settings.rank
+            rank = block_ranks.get(self._blocks[entry.kohya], settings.rank)
+            rank = (settings.conv_rank or rank) if conv3x3 else rank
             alpha = (settings.conv_alpha or settings.alpha) if conv3x3 else settings.alpha
             module = LowRankModule(
                 weight.shape,
@@ -240,15 +289,25 @@ class LoraMethod(TrainingMethod):
             self.network.detach()
 
     def param_groups(self) -> list[ParamGroup]:
+        """ "unet" and "text_encoder" (its own learning rate), "embedding" (pivotal tuning); with block
+        learning rates one group per block instead ("unet.IN01", ..., "text_encoder")."""
         if self.network is None:
             return []
-        groups: dict[str, list[nn.Parameter]] = {"unet": [], "text_encoder": []}
+        groups: dict[str, list[nn.Parameter]] = {}
+        lrs: dict[str, str | None] = {}
         for name, module in self.network.lora.items():
-            part = "unet" if self._components[name] == "unet" else "text_encoder"
-            groups[part] += list(module.parameters())
-        result = [ParamGroup("unet", groups["unet"])]
-        if groups["text_encoder"]:
-            result.append(ParamGroup("text_encoder", groups["text_encoder"], self.settings.text_encoder_lr or None))
+            block = self._blocks.get(name, BASE)
+            if self._components[name] != "unet":
+                group, lr = "text_encoder", self.settings.text_encoder_lr or None
+                if lr is None and block in self._block_lrs:
+                    lr = scaled_lr(self._loop_lr, self._block_lrs[block])
+            elif self._block_lrs:
+                group, lr = f"unet.{block}", scaled_lr(self._loop_lr, self._block_lrs.get(block, 1.0))
+            else:
+                group, lr = "unet", None
+            groups.setdefault(group, []).extend(module.parameters())
+            lrs[group] = lr
+        result = [ParamGroup(group, params, lrs[group]) for group, params in groups.items()]
         vectors = [v for parts in self._embeddings.values() for v in parts.values() if isinstance(v, nn.Parameter)]
         if vectors:
             result.append(ParamGroup("embedding", vectors, self.settings.embedding_lr or None))
