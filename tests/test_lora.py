@@ -527,3 +527,29 @@ def test_block_settings_that_do_not_fit_the_family_are_refused(settings, message
 def test_block_settings_of_no_family_are_refused_at_once() -> None:
     with pytest.raises(ConfigError, match="block_lrs needs 26 comma-separated values"):
         _method(block_lrs="1,1,1")
+
+
+# --- text-encoder outputs cached while the encoders are frozen -----------------------------------------------------
+
+
+def test_frozen_text_encoders_encode_each_prompt_once(tiny_sdxl, red_ball, tmp_path, monkeypatch) -> None:
+    calls = []
+    original = type(tiny_sdxl).encode_prompts
+
+    def counting(self, prompts, *args, **kwargs):
+        calls.append(list(prompts))
+        return original(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_sdxl), "encode_prompts", counting)
+    train(tiny_sdxl, _method(), _data(red_ball), dataclasses.replace(FAST, steps=9), tmp_path)
+    assert len(calls) == 3 and len({p for batch in calls for p in batch}) == 3  # three captions
+
+
+def test_cached_text_outputs_train_exactly_as_encoding_every_step(tiny_sdxl, red_ball, tmp_path, monkeypatch) -> None:
+    loop = dataclasses.replace(FAST, steps=4)
+    cached = train(tiny_sdxl, _method(), _data(red_ball), loop, tmp_path / "a")
+    monkeypatch.setattr(LoraMethod, "trains_text_encoders", property(lambda self: True))
+    encoded = train(tiny_sdxl, _method(), _data(red_ball), loop, tmp_path / "b")
+    with open_tensors(cached.result) as a, open_tensors(encoded.result) as b:
+        keys = a.keys()
+        assert all(torch.equal(a.get(k), b.get(k)) for k in keys)

@@ -127,6 +127,12 @@ class TrainingMethod(ABC):
         """Called once before `attach` by the trainer: the run's data and loop settings, for methods
         that seed their own randomness or record the run in their files."""
 
+    @property
+    def trains_text_encoders(self) -> bool:
+        """Whether the text encoders' outputs can change while training (through the method's vectors or
+        hooks). When not, the trainer encodes each prompt once and reuses its output."""
+        return True
+
     def prompt_embeddings(self) -> Mapping[str, EmbeddingVectors]:
         """Textual-inversion vectors to use in prompts, by name (none for most methods)."""
         return {}

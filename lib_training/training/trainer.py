@@ -28,7 +28,7 @@ from torch import Tensor
 from lib_training.dataset import Batch, LatentCache, LatentSampler, TrainingDataset
 from lib_training.errors import UserError
 from lib_training.formats.fingerprint import weights_fingerprint
-from lib_training.model.diffusion import DiffusionModel, SizeConditioning
+from lib_training.model.diffusion import Conditioning, DiffusionModel, SizeConditioning
 from lib_training.model.sampler import SampleSettings, generate
 from lib_training.seeding import derive_seed
 from lib_training.training.config import LoopConfig
@@ -40,6 +40,7 @@ from lib_training.training.outputs import LossRecord, RunFolder
 from lib_training.training.progress import Progress, RateMeter
 
 ProgressCallback = Callable[[Progress], None]
+_TEXT_CACHE_LIMIT = 4096  # prompts whose text-encoder outputs are kept (frozen text encoders)
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
@@ -108,6 +109,7 @@ class Trainer:
         self.total_steps = min(loop.steps, self.lr_schedule.end_step or loop.steps)
         self.losses: list[LossRecord] = []
         self._latest_preview: Path | None = None
+        self._text_cache: dict[str, tuple[Tensor, Tensor | None]] = {}  # prompt -> its text encoders' output
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainingResult:
@@ -246,7 +248,7 @@ class Trainer:
                 for original, crop in zip(batch.original_sizes, batch.crops)
             ]
         with self._autocast():
-            cond = model.encode_prompts(batch.prompts, self.method.prompt_embeddings(), sizes)
+            cond = self._conditioning(batch.prompts, sizes)
             prediction = model.predict(x_t.to(model.dtype), timesteps, cond)
         weight = None if batch.weights is None else batch.weights.to(model.device)
         prediction, target = prediction.float(), target.float()
@@ -259,6 +261,34 @@ class Trainer:
             min_snr_gamma=self.loop.min_snr_gamma or None,
         )
         return self.method.objective(StepOutputs(batch, x_t, timesteps, target, prediction, cond, loss))
+
+    def _conditioning(self, prompts: list[str], sizes: list[SizeConditioning] | None) -> Conditioning:
+        """The batch's conditioning; with frozen text encoders each prompt is encoded once, alone, and its
+        output reused (so a resumed run computes the same values as an uninterrupted one)."""
+        model = self.model
+        if self.method.trains_text_encoders:
+            return model.encode_prompts(prompts, self.method.prompt_embeddings(), sizes)
+        parts = []
+        for prompt in prompts:
+            found = self._text_cache.get(prompt)
+            if found is None:
+                with torch.no_grad():
+                    encoded = model.encode_prompts([prompt])
+                found = (encoded.context, encoded.pooled)  # [1, 77 * chunks, C], [1, P] or None
+                if len(self._text_cache) < _TEXT_CACHE_LIMIT:
+                    self._text_cache[prompt] = found
+            parts.append(found)
+        if len({context.shape[1] for context, _ in parts}) > 1:  # prompts of different lengths: pad together
+            with torch.no_grad():
+                return model.encode_prompts(prompts, None, sizes)
+        context = torch.cat([context for context, _ in parts])
+        if not model.family.is_sdxl:
+            return Conditioning(context)
+        pooled = torch.cat([p for _, p in parts if p is not None])
+        if sizes is None:
+            side = model.family.default_size
+            sizes = [SizeConditioning((side, side))] * len(prompts)
+        return Conditioning(context, model.size_vector(pooled, sizes), pooled)
 
     def _encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():

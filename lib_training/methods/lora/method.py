@@ -313,6 +313,10 @@ class LoraMethod(TrainingMethod):
             result.append(ParamGroup("embedding", vectors, self.settings.embedding_lr or None))
         return result
 
+    @property
+    def trains_text_encoders(self) -> bool:
+        return self.settings.train_text_encoder or bool(self.settings.pivotal_token)
+
     def prompt_embeddings(self) -> Mapping[str, Mapping[str, Tensor]]:
         return self._embeddings
 
