@@ -553,3 +553,38 @@ def test_cached_text_outputs_train_exactly_as_encoding_every_step(tiny_sdxl, red
     with open_tensors(cached.result) as a, open_tensors(encoded.result) as b:
         keys = a.keys()
         assert all(torch.equal(a.get(k), b.get(k)) for k in keys)
+
+
+# --- masked loss ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def masked_balls(red_ball, tmp_path) -> Path:
+    """The red-ball images, each with a NAME.mask.png: white on the right half, black on the left."""
+    import shutil
+
+    folder = tmp_path / "masked"
+    shutil.copytree(red_ball, folder)
+    for image in sorted(folder.glob("*.png")):
+        mask = Image.new("L", (64, 64), 0)
+        ImageDraw.Draw(mask).rectangle((32, 0, 63, 63), fill=255)
+        mask.save(image.with_name(image.stem + ".mask.png"))
+    return folder
+
+
+def test_mask_files_weight_the_loss_and_are_not_training_images(masked_balls) -> None:
+    from lib_training.dataset import TrainingDataset
+
+    dataset = TrainingDataset(_data(masked_balls, alpha_weight=True), name="zqx")
+    assert len(dataset.samples) == 3 and dataset.other_files == []
+    batch = dataset.batch(next(dataset.sampler(1)), load_images=False)
+    weight = batch.weights[0, 0]  # [h, w] at latent resolution
+    assert weight[:, :4].eq(0).all() and weight[:, 4:].eq(1).all()
+
+
+def test_black_masks_train_nothing(masked_balls, tiny_sd1, tmp_path) -> None:
+    for mask in masked_balls.glob("*.mask.png"):
+        Image.new("L", (64, 64), 0).save(mask)
+    method = _method()
+    train(tiny_sd1, method, _data(masked_balls, alpha_weight=True), dataclasses.replace(FAST, steps=2), tmp_path)
+    assert not any(module.up.any() for module in method.network.lora.values())

@@ -39,6 +39,7 @@ from lib_training.dataset.images import (
     inspect_images,
     load_view,
     load_weight,
+    mask_path,
     relative_name,
     scan_folder,
 )
@@ -84,7 +85,10 @@ class DatasetConfig:
         0.0, "Probability of leaving out the whole caption; [name] stays.", min=0.0, max=1.0, advanced=True
     )
     alpha_weight: bool = option(
-        False, "Use the alpha channel of images that have one as a per-pixel loss weight.", advanced=True
+        False,
+        "Masked loss: use each image's NAME.mask.png (white trains, black does not), or its alpha channel, "
+        "as a per-pixel loss weight.",
+        advanced=True,
     )
     seed: int = option(0, "Seed of the batch order and of every random choice per sample.", internal=True)
 
@@ -238,8 +242,9 @@ class TrainingDataset:
                 f"{len(too_small)} image(s) are too small for training size {config.size} "
                 "(sizes as width x height):\n  " + "\n  ".join(too_small) + "\n" + fix
             )
-        caption_files = {caption_path(path, config.caption_extension) for path in scan.images}
-        self.other_files = [path for path in scan.other_files if path not in caption_files]
+        known = {caption_path(path, config.caption_extension) for path in scan.images}
+        known |= {mask_path(path) for path in scan.images}
+        self.other_files = [path for path in scan.other_files if path not in known]
         self._weights: dict[ImageView, Tensor | None] = {}  # alpha weights kept for runs on cached latents
 
     def __len__(self) -> int:
