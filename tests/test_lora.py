@@ -9,67 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from lora_support import FAST, data, make_red_balls, model_state, outputs, randomise, small_lora
 
-from lib_training.dataset import DatasetConfig
 from lib_training.errors import CheckpointError, ConfigError, UserError
-from lib_training.formats.fingerprint import hooks_snapshot, requires_grad_snapshot, weights_fingerprint
 from lib_training.formats.tensor_files import open_tensors
-from lib_training.methods.lora import LoraConfig, LoraMethod
+from lib_training.methods.lora import LoraMethod
 from lib_training.methods.lora.network import weight_of
 from lib_training.methods.lora.targets import as_target, attentions_by_out_proj, model_layers, names_of
 from lib_training.model.standalone import load_model
-from lib_training.training.config import LoopConfig
 from lib_training.training.run import train
-
-FAST = LoopConfig(steps=8, save_every=0, preview_every=0, latent_sampling="mean", lr="0.001")
-
-
-def _image(path: Path, background: tuple[int, int, int], seed: int) -> None:
-    image = Image.new("RGB", (64, 64), background)
-    draw = ImageDraw.Draw(image)
-    offset = 8 + 4 * seed
-    draw.ellipse((offset, offset, offset + 36, offset + 36), fill=(240, 40, 30))
-    image.save(path)
 
 
 @pytest.fixture(scope="module")
 def red_ball(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("red-ball")
-    for i, background in enumerate([(20, 120, 200), (30, 160, 60), (200, 200, 40)]):
-        _image(folder / f"{i:05d}.png", background, i)
-        (folder / f"{i:05d}.txt").write_text(f"zqx, red ball, {['blue', 'green', 'yellow'][i]} background")
-    return folder
-
-
-def _data(folder: Path, **changes) -> DatasetConfig:
-    return DatasetConfig(path=str(folder), size=64, template="filewords", **changes)
-
-
-def _method(**changes) -> LoraMethod:
-    return LoraMethod(LoraConfig(**{"name": "zqx", "rank": 4, "alpha": 2.0, **changes}))
-
-
-def _randomise(method: LoraMethod, seed: int = 0) -> None:
-    """Non-zero up weights (and magnitudes), as after some training."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in method.network.lora.values():
-            module.up.copy_(torch.randn(module.up.shape, generator=generator) * 0.05)
-            if module.dora_scale is not None:
-                module.dora_scale.mul_(1 + 0.1 * torch.rand(module.dora_scale.shape, generator=generator))
-
-
-def _outputs(model, seed: int = 3) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    x_t = torch.randn(2, 4, 8, 8, generator=generator)
-    with torch.no_grad():
-        cond = model.encode_prompts(["a red ball", "a blue cube on a table"])
-        return model.predict(x_t, torch.tensor([100, 700]), cond)
-
-
-def _model_state(model):
-    return weights_fingerprint(model.modules), hooks_snapshot(model.modules), requires_grad_snapshot(model.modules)
+    return make_red_balls(tmp_path_factory.mktemp("red-ball"))
 
 
 # --- hooked equals merged -------------------------------------------------------------------------------
@@ -105,17 +58,17 @@ def _merge_by_hand(model, method: LoraMethod, multiplier: float) -> None:
 )
 def test_hooked_at_multiplier_equals_weights_merged_by_hand(arch, settings, tiny_checkpoints) -> None:
     hooked, merged = load_model(tiny_checkpoints[arch]), load_model(tiny_checkpoints[arch])
-    method = _method(**settings)
+    method = small_lora(**settings)
     method.attach(hooked)
-    _randomise(method)
+    randomise(method)
     method.network.eval()
     method.network.multiplier = 0.7
     with torch.no_grad():
-        got = _outputs(hooked)
+        got = outputs(hooked)
     method.detach()
     _merge_by_hand(merged, method, 0.7)
-    expected = _outputs(merged)
-    assert not torch.allclose(expected, _outputs(hooked), atol=1e-4)  # the LoRA does change the output
+    expected = outputs(merged)
+    assert not torch.allclose(expected, outputs(hooked), atol=1e-4)  # the LoRA does change the output
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -124,13 +77,13 @@ def test_merge_tab_bake_of_our_file_equals_the_hooked_model(tiny_checkpoints, tm
     from lib_training.merge.config import LoraBakeConfig, LoraSpec
 
     model = load_model(tiny_checkpoints["sd2"])
-    method = _method(locon=True, train_text_encoder=True, save_dtype="fp32")
+    method = small_lora(locon=True, train_text_encoder=True, save_dtype="fp32")
     method.attach(model)
-    _randomise(method)
+    randomise(method)
     method.save(tmp_path / "zqx.safetensors", 1, {})
     method.detach()
     with method.apply_for_generation(model, 0.6):
-        hooked = _outputs(model)
+        hooked = outputs(model)
     bake = LoraBakeConfig(
         model=str(tiny_checkpoints["sd2"]),
         loras=[LoraSpec(str(tmp_path / "zqx.safetensors"), strength=0.6)],
@@ -138,16 +91,16 @@ def test_merge_tab_bake_of_our_file_equals_the_hooked_model(tiny_checkpoints, tm
         dtype="fp32",
     )
     bake_loras(bake)
-    torch.testing.assert_close(hooked, _outputs(load_model(tmp_path / "baked.safetensors")), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(hooked, outputs(load_model(tmp_path / "baked.safetensors")), rtol=1e-4, atol=1e-4)
 
 
 def test_merge_tab_resizes_our_file(tiny_sd1, tmp_path) -> None:
     from lib_training.merge import resize_lora
     from lib_training.merge.config import LoraResizeConfig
 
-    method = _method(rank=8)
+    method = small_lora(rank=8)
     method.attach(tiny_sd1)
-    _randomise(method)
+    randomise(method)
     method.save(tmp_path / "zqx.safetensors", 1, {})
     method.detach()
     resize_lora(LoraResizeConfig(lora=str(tmp_path / "zqx.safetensors"), out=str(tmp_path / "r2.safetensors"), rank=2))
@@ -164,7 +117,7 @@ def _eval_loss(model, folder: Path, method: LoraMethod | None, count: int = 16) 
     """Mean loss over a fixed set of (image, noise, timestep) with each image's caption."""
     from lib_training.dataset import TrainingDataset
 
-    dataset = TrainingDataset(_data(folder), name="zqx")
+    dataset = TrainingDataset(data(folder), name="zqx")
     pictures = torch.stack([dataset.load_image(view) for view in dataset.views()])
     prompts = [record.caption for record in dataset.samples]
     reps = count // len(pictures) + 1
@@ -207,7 +160,7 @@ def test_lora_lowers_the_loss_on_a_fixed_evaluation_set(settings, tiny_sd1, red_
     """
     before = _eval_loss(tiny_sd1, red_ball, None)
     loop = dataclasses.replace(FAST, steps=30, lr="0.003")
-    result = train(tiny_sd1, _method(**settings), _data(red_ball), loop, tmp_path)
+    result = train(tiny_sd1, small_lora(**settings), data(red_ball), loop, tmp_path)
     trained = LoraMethod.load(result.result, tiny_sd1)
     after = _eval_loss(tiny_sd1, red_ball, trained)
     random_losses = [_eval_loss(tiny_sd1, red_ball, _random_like(LoraMethod.load(result.result, tiny_sd1), s))
@@ -217,8 +170,8 @@ def test_lora_lowers_the_loss_on_a_fixed_evaluation_set(settings, tiny_sd1, red_
 
 
 def test_text_encoder_modules_train_at_their_own_rate(tiny_sdxl, red_ball, tmp_path) -> None:
-    method = _method(train_text_encoder=True, text_encoder_lr="0.0")
-    train(tiny_sdxl, method, _data(red_ball), dataclasses.replace(FAST, steps=3), tmp_path)
+    method = small_lora(train_text_encoder=True, text_encoder_lr="0.0")
+    train(tiny_sdxl, method, data(red_ball), dataclasses.replace(FAST, steps=3), tmp_path)
     groups = {group.name: group for group in method.param_groups()}
     assert groups["text_encoder"].lr == "0.0"
     names = {n for n in method.network.lora if n.startswith("lora_te")}
@@ -233,12 +186,12 @@ def test_text_encoder_modules_train_at_their_own_rate(tiny_sdxl, red_ball, tmp_p
 def test_interrupt_then_resume_ends_bit_identical_to_an_uninterrupted_run(tiny_sd1, red_ball, tmp_path) -> None:
     loop = dataclasses.replace(FAST, steps=8, batch_size=2, latent_sampling="random")
     settings = {"train_text_encoder": True, "dropout": 0.1, "rank_dropout": 0.2, "module_dropout": 0.1}
-    straight = train(tiny_sd1, _method(**settings), _data(red_ball), loop, tmp_path / "a")
+    straight = train(tiny_sd1, small_lora(**settings), data(red_ball), loop, tmp_path / "a")
     calls = iter(range(100))
     stop = lambda: next(calls) >= 3  # noqa: E731  (checked before each step: stops after 3)
-    first = train(tiny_sd1, _method(**settings), _data(red_ball), loop, tmp_path / "b", should_stop=stop)
+    first = train(tiny_sd1, small_lora(**settings), data(red_ball), loop, tmp_path / "b", should_stop=stop)
     assert first.interrupted and first.step == 3
-    resumed = train(tiny_sd1, _method(**settings), _data(red_ball), loop, tmp_path / "b", resume=True)
+    resumed = train(tiny_sd1, small_lora(**settings), data(red_ball), loop, tmp_path / "b", resume=True)
     assert resumed.step == 8 and not resumed.interrupted
     with open_tensors(straight.result) as a, open_tensors(resumed.result) as b:
         keys = a.keys()
@@ -247,29 +200,29 @@ def test_interrupt_then_resume_ends_bit_identical_to_an_uninterrupted_run(tiny_s
 
 
 def test_resume_on_another_family_is_refused(tiny_sd1, tiny_sdxl, red_ball, tmp_path) -> None:
-    train(tiny_sd1, _method(), _data(red_ball), dataclasses.replace(FAST, steps=2), tmp_path)
+    train(tiny_sd1, small_lora(), data(red_ball), dataclasses.replace(FAST, steps=2), tmp_path)
     with pytest.raises(UserError, match="differs in family"):
-        train(tiny_sdxl, _method(), _data(red_ball), FAST, tmp_path, resume=True)
+        train(tiny_sdxl, small_lora(), data(red_ball), FAST, tmp_path, resume=True)
 
 
 def test_model_is_unchanged_after_training(tiny_sd1, red_ball, tmp_path) -> None:
-    before = _model_state(tiny_sd1)
-    method = _method(locon=True, dora=True, train_text_encoder=True)
+    before = model_state(tiny_sd1)
+    method = small_lora(locon=True, dora=True, train_text_encoder=True)
     loop = dataclasses.replace(FAST, steps=2, preview_every=2, preview_steps=2)
-    train(tiny_sd1, method, _data(red_ball), loop, tmp_path)
-    assert _model_state(tiny_sd1) == before
+    train(tiny_sd1, method, data(red_ball), loop, tmp_path)
+    assert model_state(tiny_sd1) == before
 
 
 def test_model_is_unchanged_after_an_interrupt(tiny_sd1, red_ball, tmp_path) -> None:
-    before = _model_state(tiny_sd1)
+    before = model_state(tiny_sd1)
     calls = iter(range(100))
-    result = train(tiny_sd1, _method(train_text_encoder=True), _data(red_ball), FAST, tmp_path,
+    result = train(tiny_sd1, small_lora(train_text_encoder=True), data(red_ball), FAST, tmp_path,
                    should_stop=lambda: next(calls) >= 2)  # fmt: skip
-    assert result.interrupted and _model_state(tiny_sd1) == before
+    assert result.interrupted and model_state(tiny_sd1) == before
 
 
 def test_model_is_unchanged_after_a_failure(tiny_sd1, red_ball, tmp_path, monkeypatch) -> None:
-    before = _model_state(tiny_sd1)
+    before = model_state(tiny_sd1)
     calls = {"n": 0}
     original = type(tiny_sd1).predict
 
@@ -281,17 +234,17 @@ def test_model_is_unchanged_after_a_failure(tiny_sd1, red_ball, tmp_path, monkey
 
     monkeypatch.setattr(type(tiny_sd1), "predict", failing_predict)
     with pytest.raises(RuntimeError, match="injected failure"):
-        train(tiny_sd1, _method(locon=True, train_text_encoder=True), _data(red_ball), FAST, tmp_path)
+        train(tiny_sd1, small_lora(locon=True, train_text_encoder=True), data(red_ball), FAST, tmp_path)
     monkeypatch.undo()
-    assert _model_state(tiny_sd1) == before
+    assert model_state(tiny_sd1) == before
 
 
 # --- the file ------------------------------------------------------------------------------------------------
 
 
 def test_saved_file_is_kohya_format_with_metadata(tiny_sdxl, red_ball, tmp_path) -> None:
-    method = _method(locon=True, train_text_encoder=True)
-    result = train(tiny_sdxl, method, _data(red_ball), dataclasses.replace(FAST, steps=2), tmp_path)
+    method = small_lora(locon=True, train_text_encoder=True)
+    result = train(tiny_sdxl, method, data(red_ball), dataclasses.replace(FAST, steps=2), tmp_path)
     with open_tensors(result.result) as source:
         keys, meta = source.keys(), source.metadata
         dtypes = {source.dtype(k) for k in keys}
@@ -316,14 +269,14 @@ def test_saved_file_is_kohya_format_with_metadata(tiny_sdxl, red_ball, tmp_path)
 @pytest.mark.parametrize(("save_dtype", "dtype"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_save_dtype_on_request(save_dtype, dtype, tiny_sd1, red_ball, tmp_path) -> None:
     loop = dataclasses.replace(FAST, steps=1)
-    result = train(tiny_sd1, _method(save_dtype=save_dtype), _data(red_ball), loop, tmp_path)
+    result = train(tiny_sd1, small_lora(save_dtype=save_dtype), data(red_ball), loop, tmp_path)
     with open_tensors(result.result) as source:
         keys = source.keys()
         assert {source.dtype(k) for k in keys} == {dtype}
 
 
 def test_dora_file_holds_a_magnitude_per_input_channel(tiny_sd1, tmp_path) -> None:
-    method = _method(dora=True, locon=True)
+    method = small_lora(dora=True, locon=True)
     method.attach(tiny_sd1)
     method.save(tmp_path / "d.safetensors", 1, {})
     layers = names_of(model_layers(tiny_sd1))
@@ -344,19 +297,19 @@ def test_dora_file_holds_a_magnitude_per_input_channel(tiny_sd1, tmp_path) -> No
 def test_lora_tag_in_a_prompt_applies_the_file_and_undoes_it(tiny_sd1, tmp_path) -> None:
     from lib_training.methods.applied import ResultFile, results_applied
 
-    method = _method()
+    method = small_lora()
     method.attach(tiny_sd1)
-    _randomise(method)
+    randomise(method)
     method.save(tmp_path / "zqx.safetensors", 1, {})
     method.detach()
-    before, plain = _model_state(tiny_sd1), _outputs(tiny_sd1)
+    before, plain = model_state(tiny_sd1), outputs(tiny_sd1)
     files = [ResultFile("lora", "zqx", tmp_path / "zqx.safetensors")]
     with results_applied(tiny_sd1, ["a red ball <lora:zqx:0.8>"], files) as applied:
         assert applied.prompts == ["a red ball"] and applied.used == ["lora:zqx:0.8"]
-        changed = _outputs(tiny_sd1)
+        changed = outputs(tiny_sd1)
     assert not torch.allclose(changed, plain, atol=1e-4)
-    assert _model_state(tiny_sd1) == before
-    torch.testing.assert_close(_outputs(tiny_sd1), plain)
+    assert model_state(tiny_sd1) == before
+    torch.testing.assert_close(outputs(tiny_sd1), plain)
 
 
 def test_any_kohya_file_applies_with_sd1_ldm_names_too(tiny_sd1, tmp_path) -> None:
@@ -368,13 +321,13 @@ def test_any_kohya_file_applies_with_sd1_ldm_names_too(tiny_sd1, tmp_path) -> No
                f"{name}.lora_up.weight": torch.randn(weight.shape[0], 2), f"{name}.alpha": torch.tensor(1.0)},
               str(tmp_path / "other.safetensors"))  # fmt: skip
     loaded = LoraMethod.load(tmp_path / "other.safetensors", tiny_sd1)
-    plain = _outputs(tiny_sd1)
+    plain = outputs(tiny_sd1)
     with loaded.apply_for_generation(tiny_sd1, 1.0):
-        assert not torch.allclose(_outputs(tiny_sd1), plain, atol=1e-4)
+        assert not torch.allclose(outputs(tiny_sd1), plain, atol=1e-4)
 
 
 def test_a_lora_of_another_family_is_refused_with_the_reason(tiny_sd1, tiny_sdxl, tmp_path) -> None:
-    method = _method()
+    method = small_lora()
     method.attach(tiny_sdxl)
     method.save(tmp_path / "xl.safetensors", 1, {})
     method.detach()
@@ -402,7 +355,7 @@ def test_a_lora_of_another_family_is_refused_with_the_reason(tiny_sd1, tiny_sdxl
 )
 def test_bad_settings_are_refused_with_the_fix(settings, message) -> None:
     with pytest.raises(ConfigError, match=message):
-        _method(**settings)
+        small_lora(**settings)
 
 
 def test_cli_trains_and_writes_name_safetensors(tiny_checkpoints, red_ball, tmp_path, capsys) -> None:
@@ -419,172 +372,3 @@ def test_cli_trains_and_writes_name_safetensors(tiny_checkpoints, red_ball, tmp_
         assert source.shape("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")[0] == 2
     assert any(k.startswith("lora_te_") for k in keys) and any(k.endswith(".dora_scale") for k in keys)
     assert "finished after 2 steps" in capsys.readouterr().out
-
-
-# --- pivotal tuning ---------------------------------------------------------------------------------------------
-
-
-def _a1111_bundles(keys: list[str]) -> dict[str, dict[str, str]]:
-    """How A1111's Lora extension reads bundle_emb keys: token -> {"string_to_param": "*"} or {"clip_l": ...}."""
-    bundles: dict[str, dict[str, str]] = {}
-    for key in keys:
-        prefix, rest = key.split(".", 1)
-        if prefix != "bundle_emb":
-            continue
-        token, part = rest.split(".", 1)
-        if part.split(".")[0] == "string_to_param":
-            bundles.setdefault(token, {})["string_to_param"] = part.split(".", 1)[1]
-        else:
-            bundles.setdefault(token, {})[part] = part
-    return bundles
-
-
-def test_pivotal_tuning_trains_both_parts_and_bundles_the_word(tiny_sd1, red_ball, tmp_path) -> None:
-    from lib_training.methods.embedding import initial_vectors
-
-    method = _method(pivotal_token="zqx", pivotal_vectors=2, pivotal_init="ball")
-    start = initial_vectors(tiny_sd1.text_encoders[0], "ball", 2)
-    result = train(tiny_sd1, method, _data(red_ball), dataclasses.replace(FAST, steps=3), tmp_path)
-    with open_tensors(result.result) as source:
-        keys = source.keys()
-        bundled = source.get("bundle_emb.zqx.string_to_param.*")
-    assert _a1111_bundles(keys) == {"zqx": {"string_to_param": "*"}}
-    assert bundled.shape == start.shape and not torch.equal(bundled, start)
-    loaded = LoraMethod.load(result.result, tiny_sd1)
-    assert any(module.up.any() for module in loaded.network.lora.values())
-    with loaded.apply_for_generation(tiny_sd1, 1.0) as embeddings:
-        assert torch.equal(embeddings["zqx"]["clip_l"].cpu(), bundled)
-
-
-def test_sdxl_bundles_a_clip_l_and_a_clip_g_part(tiny_sdxl, red_ball, tmp_path) -> None:
-    from lib_training.formats.embedding_files import read_embedding
-
-    method = _method(pivotal_token="zqx", embedding_file=True, name="ball-lora")
-    result = train(tiny_sdxl, method, _data(red_ball), dataclasses.replace(FAST, steps=2), tmp_path)
-    with open_tensors(result.result) as source:
-        keys = source.keys()
-        assert source.shape("bundle_emb.zqx.clip_g")[1] == tiny_sdxl.text_encoder("clip_g").width
-    assert _a1111_bundles(keys) == {"zqx": {"clip_l": "clip_l", "clip_g": "clip_g"}}
-    own = read_embedding(tmp_path / "zqx.safetensors", expect={"clip_l": 64, "clip_g": 128})
-    assert set(own.vectors) == {"clip_l", "clip_g"}
-
-
-def test_pivotal_word_missing_from_the_prompts_is_refused(tiny_sd1, red_ball, tmp_path) -> None:
-    with pytest.raises(ConfigError, match="no training prompt contains the pivotal word 'qqq'"):
-        train(tiny_sd1, _method(pivotal_token="qqq"), _data(red_ball), FAST, tmp_path)
-
-
-def test_pivotal_resume_continues_the_embedding_exactly(tiny_sd1, red_ball, tmp_path) -> None:
-    loop = dataclasses.replace(FAST, steps=4)
-    straight = train(tiny_sd1, _method(pivotal_token="zqx"), _data(red_ball), loop, tmp_path / "a")
-    calls = iter(range(100))
-    stop = lambda: next(calls) >= 2  # noqa: E731
-    train(tiny_sd1, _method(pivotal_token="zqx"), _data(red_ball), loop, tmp_path / "b", should_stop=stop)
-    resumed = train(tiny_sd1, _method(pivotal_token="zqx"), _data(red_ball), loop, tmp_path / "b", resume=True)
-    with open_tensors(straight.result) as a, open_tensors(resumed.result) as b:
-        key = "bundle_emb.zqx.string_to_param.*"
-        assert torch.equal(a.get(key), b.get(key))
-
-
-# --- block-wise rank and learning rate ----------------------------------------------------------------------------
-
-SD1_BLOCKS = ["BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12))]
-
-
-def test_block_ranks_set_each_blocks_rank_and_zero_leaves_it_out(tiny_sd1) -> None:
-    ranks = {block: 4 for block in SD1_BLOCKS} | {"IN01": 2, "M00": 0}
-    method = _method(block_ranks=",".join(str(ranks[b]) for b in SD1_BLOCKS))
-    method.attach(tiny_sd1)
-    names = dict(method.network.lora.items())
-    method.detach()
-    assert names["lora_unet_down_blocks_0_attentions_0_proj_in"].rank == 2  # input_blocks.1: IN01
-    assert names["lora_unet_down_blocks_0_attentions_1_proj_in"].rank == 4  # IN02
-    assert not any(name.startswith("lora_unet_mid_block") for name in names)
-
-
-def test_block_learning_rates_scale_the_runs_rate_per_block(tiny_sd1, red_ball, tmp_path) -> None:
-    factors = {block: 1.0 for block in SD1_BLOCKS} | {"IN01": 0.0, "OUT11": 0.5}
-    method = _method(block_lrs=",".join(str(factors[b]) for b in SD1_BLOCKS))
-    train(tiny_sd1, method, _data(red_ball), dataclasses.replace(FAST, steps=2, lr="0.002"), tmp_path)
-    groups = {group.name: group.lr for group in method.param_groups()}
-    assert groups["unet.IN01"] == "0" and groups["unet.OUT11"] == "0.001" and groups["unet.M00"] == "0.002"
-    frozen = method.network.lora["lora_unet_down_blocks_0_attentions_0_proj_in"]
-    assert not frozen.up.any()  # learning rate 0: still at its start
-    assert method.network.lora["lora_unet_mid_block_attentions_0_proj_in"].up.any()
-
-
-@pytest.mark.parametrize(
-    ("settings", "message"),
-    [({"block_ranks": "4," * 19 + "4"}, "need 26 comma-separated values"), ({"block_ranks": "in_to_out"}, "whole")],
-)
-def test_block_settings_that_do_not_fit_the_family_are_refused(settings, message, tiny_sd1) -> None:
-    method = _method(**settings)
-    with pytest.raises(ConfigError, match=message):
-        method.attach(tiny_sd1)
-    method.detach()
-
-
-def test_block_settings_of_no_family_are_refused_at_once() -> None:
-    with pytest.raises(ConfigError, match="block_lrs needs 26 comma-separated values"):
-        _method(block_lrs="1,1,1")
-
-
-# --- text-encoder outputs cached while the encoders are frozen -----------------------------------------------------
-
-
-def test_frozen_text_encoders_encode_each_prompt_once(tiny_sdxl, red_ball, tmp_path, monkeypatch) -> None:
-    calls = []
-    original = type(tiny_sdxl).encode_prompts
-
-    def counting(self, prompts, *args, **kwargs):
-        calls.append(list(prompts))
-        return original(self, prompts, *args, **kwargs)
-
-    monkeypatch.setattr(type(tiny_sdxl), "encode_prompts", counting)
-    train(tiny_sdxl, _method(), _data(red_ball), dataclasses.replace(FAST, steps=9), tmp_path)
-    assert len(calls) == 3 and len({p for batch in calls for p in batch}) == 3  # three captions
-
-
-def test_cached_text_outputs_train_exactly_as_encoding_every_step(tiny_sdxl, red_ball, tmp_path, monkeypatch) -> None:
-    loop = dataclasses.replace(FAST, steps=4)
-    cached = train(tiny_sdxl, _method(), _data(red_ball), loop, tmp_path / "a")
-    monkeypatch.setattr(LoraMethod, "trains_text_encoders", property(lambda self: True))
-    encoded = train(tiny_sdxl, _method(), _data(red_ball), loop, tmp_path / "b")
-    with open_tensors(cached.result) as a, open_tensors(encoded.result) as b:
-        keys = a.keys()
-        assert all(torch.equal(a.get(k), b.get(k)) for k in keys)
-
-
-# --- masked loss ----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def masked_balls(red_ball, tmp_path) -> Path:
-    """The red-ball images, each with a NAME.mask.png: white on the right half, black on the left."""
-    import shutil
-
-    folder = tmp_path / "masked"
-    shutil.copytree(red_ball, folder)
-    for image in sorted(folder.glob("*.png")):
-        mask = Image.new("L", (64, 64), 0)
-        ImageDraw.Draw(mask).rectangle((32, 0, 63, 63), fill=255)
-        mask.save(image.with_name(image.stem + ".mask.png"))
-    return folder
-
-
-def test_mask_files_weight_the_loss_and_are_not_training_images(masked_balls) -> None:
-    from lib_training.dataset import TrainingDataset
-
-    dataset = TrainingDataset(_data(masked_balls, alpha_weight=True), name="zqx")
-    assert len(dataset.samples) == 3 and dataset.other_files == []
-    batch = dataset.batch(next(dataset.sampler(1)), load_images=False)
-    weight = batch.weights[0, 0]  # [h, w] at latent resolution
-    assert weight[:, :4].eq(0).all() and weight[:, 4:].eq(1).all()
-
-
-def test_black_masks_train_nothing(masked_balls, tiny_sd1, tmp_path) -> None:
-    for mask in masked_balls.glob("*.mask.png"):
-        Image.new("L", (64, 64), 0).save(mask)
-    method = _method()
-    train(tiny_sd1, method, _data(masked_balls, alpha_weight=True), dataclasses.replace(FAST, steps=2), tmp_path)
-    assert not any(module.up.any() for module in method.network.lora.values())

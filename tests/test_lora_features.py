@@ -1,0 +1,191 @@
+"""LoRA training features: pivotal tuning, block-wise rank and learning rate, text-encoder outputs cached
+while the encoders are frozen, masked loss."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from lora_support import FAST, data, make_red_balls, small_lora
+from PIL import Image, ImageDraw
+
+from lib_training.errors import ConfigError
+from lib_training.formats.tensor_files import open_tensors
+from lib_training.methods.lora import LoraMethod
+from lib_training.training.run import train
+
+
+@pytest.fixture(scope="module")
+def red_ball(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_red_balls(tmp_path_factory.mktemp("red-ball"))
+
+
+# --- pivotal tuning ---------------------------------------------------------------------------------------------
+
+
+def _a1111_bundles(keys: list[str]) -> dict[str, dict[str, str]]:
+    """How A1111's Lora extension reads bundle_emb keys: token -> {"string_to_param": "*"} or {"clip_l": ...}."""
+    bundles: dict[str, dict[str, str]] = {}
+    for key in keys:
+        prefix, rest = key.split(".", 1)
+        if prefix != "bundle_emb":
+            continue
+        token, part = rest.split(".", 1)
+        if part.split(".")[0] == "string_to_param":
+            bundles.setdefault(token, {})["string_to_param"] = part.split(".", 1)[1]
+        else:
+            bundles.setdefault(token, {})[part] = part
+    return bundles
+
+
+def test_pivotal_tuning_trains_both_parts_and_bundles_the_word(tiny_sd1, red_ball, tmp_path) -> None:
+    from lib_training.methods.embedding import initial_vectors
+
+    method = small_lora(pivotal_token="zqx", pivotal_vectors=2, pivotal_init="ball")
+    start = initial_vectors(tiny_sd1.text_encoders[0], "ball", 2)
+    result = train(tiny_sd1, method, data(red_ball), dataclasses.replace(FAST, steps=3), tmp_path)
+    with open_tensors(result.result) as source:
+        keys = source.keys()
+        bundled = source.get("bundle_emb.zqx.string_to_param.*")
+    assert _a1111_bundles(keys) == {"zqx": {"string_to_param": "*"}}
+    assert bundled.shape == start.shape and not torch.equal(bundled, start)
+    loaded = LoraMethod.load(result.result, tiny_sd1)
+    assert any(module.up.any() for module in loaded.network.lora.values())
+    with loaded.apply_for_generation(tiny_sd1, 1.0) as embeddings:
+        assert torch.equal(embeddings["zqx"]["clip_l"].cpu(), bundled)
+
+
+def test_sdxl_bundles_a_clip_l_and_a_clip_g_part(tiny_sdxl, red_ball, tmp_path) -> None:
+    from lib_training.formats.embedding_files import read_embedding
+
+    method = small_lora(pivotal_token="zqx", embedding_file=True, name="ball-lora")
+    result = train(tiny_sdxl, method, data(red_ball), dataclasses.replace(FAST, steps=2), tmp_path)
+    with open_tensors(result.result) as source:
+        keys = source.keys()
+        assert source.shape("bundle_emb.zqx.clip_g")[1] == tiny_sdxl.text_encoder("clip_g").width
+    assert _a1111_bundles(keys) == {"zqx": {"clip_l": "clip_l", "clip_g": "clip_g"}}
+    own = read_embedding(tmp_path / "zqx.safetensors", expect={"clip_l": 64, "clip_g": 128})
+    assert set(own.vectors) == {"clip_l", "clip_g"}
+
+
+def test_pivotal_word_missing_from_the_prompts_is_refused(tiny_sd1, red_ball, tmp_path) -> None:
+    with pytest.raises(ConfigError, match="no training prompt contains the pivotal word 'qqq'"):
+        train(tiny_sd1, small_lora(pivotal_token="qqq"), data(red_ball), FAST, tmp_path)
+
+
+def test_pivotal_resume_continues_the_embedding_exactly(tiny_sd1, red_ball, tmp_path) -> None:
+    loop = dataclasses.replace(FAST, steps=4)
+    straight = train(tiny_sd1, small_lora(pivotal_token="zqx"), data(red_ball), loop, tmp_path / "a")
+    calls = iter(range(100))
+    stop = lambda: next(calls) >= 2  # noqa: E731
+    train(tiny_sd1, small_lora(pivotal_token="zqx"), data(red_ball), loop, tmp_path / "b", should_stop=stop)
+    resumed = train(tiny_sd1, small_lora(pivotal_token="zqx"), data(red_ball), loop, tmp_path / "b", resume=True)
+    with open_tensors(straight.result) as a, open_tensors(resumed.result) as b:
+        key = "bundle_emb.zqx.string_to_param.*"
+        assert torch.equal(a.get(key), b.get(key))
+
+
+# --- block-wise rank and learning rate ----------------------------------------------------------------------------
+
+SD1_BLOCKS = ["BASE", *(f"IN{i:02d}" for i in range(12)), "M00", *(f"OUT{i:02d}" for i in range(12))]
+
+
+def test_block_ranks_set_each_blocks_rank_and_zero_leaves_it_out(tiny_sd1) -> None:
+    ranks = {block: 4 for block in SD1_BLOCKS} | {"IN01": 2, "M00": 0}
+    method = small_lora(block_ranks=",".join(str(ranks[b]) for b in SD1_BLOCKS))
+    method.attach(tiny_sd1)
+    names = dict(method.network.lora.items())
+    method.detach()
+    assert names["lora_unet_down_blocks_0_attentions_0_proj_in"].rank == 2  # input_blocks.1: IN01
+    assert names["lora_unet_down_blocks_0_attentions_1_proj_in"].rank == 4  # IN02
+    assert not any(name.startswith("lora_unet_mid_block") for name in names)
+
+
+def test_block_learning_rates_scale_the_runs_rate_per_block(tiny_sd1, red_ball, tmp_path) -> None:
+    factors = {block: 1.0 for block in SD1_BLOCKS} | {"IN01": 0.0, "OUT11": 0.5}
+    method = small_lora(block_lrs=",".join(str(factors[b]) for b in SD1_BLOCKS))
+    train(tiny_sd1, method, data(red_ball), dataclasses.replace(FAST, steps=2, lr="0.002"), tmp_path)
+    groups = {group.name: group.lr for group in method.param_groups()}
+    assert groups["unet.IN01"] == "0" and groups["unet.OUT11"] == "0.001" and groups["unet.M00"] == "0.002"
+    frozen = method.network.lora["lora_unet_down_blocks_0_attentions_0_proj_in"]
+    assert not frozen.up.any()  # learning rate 0: still at its start
+    assert method.network.lora["lora_unet_mid_block_attentions_0_proj_in"].up.any()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"block_ranks": "4," * 19 + "4"}, "need 26 comma-separated values"), ({"block_ranks": "in_to_out"}, "whole")],
+)
+def test_block_settings_that_do_not_fit_the_family_are_refused(settings, message, tiny_sd1) -> None:
+    method = small_lora(**settings)
+    with pytest.raises(ConfigError, match=message):
+        method.attach(tiny_sd1)
+    method.detach()
+
+
+def test_block_settings_of_no_family_are_refused_at_once() -> None:
+    with pytest.raises(ConfigError, match="block_lrs needs 26 comma-separated values"):
+        small_lora(block_lrs="1,1,1")
+
+
+# --- text-encoder outputs cached while the encoders are frozen -----------------------------------------------------
+
+
+def test_frozen_text_encoders_encode_each_prompt_once(tiny_sdxl, red_ball, tmp_path, monkeypatch) -> None:
+    calls = []
+    original = type(tiny_sdxl).encode_prompts
+
+    def counting(self, prompts, *args, **kwargs):
+        calls.append(list(prompts))
+        return original(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_sdxl), "encode_prompts", counting)
+    train(tiny_sdxl, small_lora(), data(red_ball), dataclasses.replace(FAST, steps=9), tmp_path)
+    assert len(calls) == 3 and len({p for batch in calls for p in batch}) == 3  # three captions
+
+
+def test_cached_text_outputs_train_exactly_as_encoding_every_step(tiny_sdxl, red_ball, tmp_path, monkeypatch) -> None:
+    loop = dataclasses.replace(FAST, steps=4)
+    cached = train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path / "a")
+    monkeypatch.setattr(LoraMethod, "trains_text_encoders", property(lambda self: True))
+    encoded = train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path / "b")
+    with open_tensors(cached.result) as a, open_tensors(encoded.result) as b:
+        keys = a.keys()
+        assert all(torch.equal(a.get(k), b.get(k)) for k in keys)
+
+
+# --- masked loss ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def masked_balls(red_ball, tmp_path) -> Path:
+    """The red-ball images, each with a NAME.mask.png: white on the right half, black on the left."""
+    import shutil
+
+    folder = tmp_path / "masked"
+    shutil.copytree(red_ball, folder)
+    for image in sorted(folder.glob("*.png")):
+        mask = Image.new("L", (64, 64), 0)
+        ImageDraw.Draw(mask).rectangle((32, 0, 63, 63), fill=255)
+        mask.save(image.with_name(image.stem + ".mask.png"))
+    return folder
+
+
+def test_mask_files_weight_the_loss_and_are_not_training_images(masked_balls) -> None:
+    from lib_training.dataset import TrainingDataset
+
+    dataset = TrainingDataset(data(masked_balls, alpha_weight=True), name="zqx")
+    assert len(dataset.samples) == 3 and dataset.other_files == []
+    batch = dataset.batch(next(dataset.sampler(1)), load_images=False)
+    weight = batch.weights[0, 0]  # [h, w] at latent resolution
+    assert weight[:, :4].eq(0).all() and weight[:, 4:].eq(1).all()
+
+
+def test_black_masks_train_nothing(masked_balls, tiny_sd1, tmp_path) -> None:
+    for mask in masked_balls.glob("*.mask.png"):
+        Image.new("L", (64, 64), 0).save(mask)
+    method = small_lora()
+    train(tiny_sd1, method, data(masked_balls, alpha_weight=True), dataclasses.replace(FAST, steps=2), tmp_path)
+    assert not any(module.up.any() for module in method.network.lora.values())
