@@ -151,21 +151,23 @@ def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, 
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
     recorder = shared.StepRecorder(args.warmup, total, device)
-    conditioning = []  # the text encoders' outputs, computed before training as the SDXL recipe does
-    for batch in batches:
+
+    def encode(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         ids = [i.to(device) for i in batch["ids"]]
-        added = None
         with torch.no_grad():  # frozen text encoders
             if batch["time_ids"] is not None:  # SDXL: penultimate layers of both, pooled bigG + sizes
                 hidden_l = encoders[0](ids[0], output_hidden_states=True).hidden_states[-2]
                 output_g = encoders[1](ids[1], output_hidden_states=True)
                 context = torch.cat([hidden_l, output_g.hidden_states[-2]], dim=-1)
-                added = {"text_embeds": output_g.text_embeds, "time_ids": batch["time_ids"].to(device, dtype)}
-            else:
-                context = encoders[0](ids[0])[0]
-        conditioning.append((context, added))
+                return context, {"text_embeds": output_g.text_embeds, "time_ids": batch["time_ids"].to(device, dtype)}
+            return encoders[0](ids[0])[0], None
+
+    # The text encoders' outputs: computed before training as the SDXL recipe does, or (the SD1
+    # recipe as written, --reference-encodes-each-step) inside each step.
+    conditioning = [None if args.reference_encodes_each_step else encode(batch) for batch in batches]
     unet.train()
-    for step, (batch, (context, added)) in enumerate(zip(batches, conditioning), start=1):
+    for step, (batch, found) in enumerate(zip(batches, conditioning), start=1):
+        context, added = encode(batch) if found is None else found
         latents, noise = batch["latents"].to(device, dtype), batch["noise"].to(device, dtype)
         timesteps = batch["timesteps"].to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -205,7 +207,11 @@ def child_argv(args: argparse.Namespace, arch: str, impl: str, data: Path) -> li
         value = getattr(args, name)
         if value is not None:
             argv += ["--" + name.replace("_", "-"), str(value)]
-    argv += [flag for flag in ("--full", "--tiny") if getattr(args, flag[2:])]
+    argv += [
+        flag
+        for flag in ("--full", "--tiny", "--reference-encodes-each-step")
+        if getattr(args, flag[2:].replace("-", "_"))
+    ]
     return argv
 
 
@@ -229,6 +235,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bigg-layers", type=int, help="layers of OpenCLIP bigG in the default shapes (32: all)")
     parser.add_argument("--threads", type=int, help="torch CPU threads of the workers (default: torch's choice)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each implementation; the fastest is kept (1)")
+    parser.add_argument(
+        "--reference-encodes-each-step",
+        action="store_true",
+        help="the reference runs its frozen text encoders in every step, as diffusers' SD1 LoRA script does",
+    )
     parser.add_argument("--impl", choices=shared.IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()
