@@ -372,3 +372,15 @@ def test_cli_trains_and_writes_name_safetensors(tiny_checkpoints, red_ball, tmp_
         assert source.shape("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")[0] == 2
     assert any(k.startswith("lora_te_") for k in keys) and any(k.endswith(".dora_scale") for k in keys)
     assert "finished after 2 steps" in capsys.readouterr().out
+
+
+def test_cli_resume_continues_the_run_and_says_so(tiny_checkpoints, red_ball, tmp_path, capsys) -> None:
+    from lib_training.app.cli import main
+
+    common = ["train", "lora", "--ckpt", str(tiny_checkpoints["sd1"]), "--data", str(red_ball), "--name", "ball",
+              "--out", str(tmp_path), "--size", "64", "--rank", "2", "--preview-every", "0",
+              "--device", "cpu"]  # fmt: skip
+    assert main([*common, "--steps", "2"]) == 0
+    assert main([*common, "--steps", "3", "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "resumed the run at step 2" in text and "finished after 3 steps" in text

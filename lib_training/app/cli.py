@@ -125,6 +125,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         )  # fmt: skip
     finally:
         bar.close()
+    if result.resumed_from is not None:
+        print(f"resumed the run at step {result.resumed_from} (same optimizer state, data order and random numbers)")
     state = "interrupted" if result.interrupted else "finished"
     print(f"{state} after {result.step} steps; wrote {result.result}")
 

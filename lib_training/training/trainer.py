@@ -55,6 +55,7 @@ class TrainingResult:
     interrupted: bool
     loss: float | None  # mean loss of the last 20 steps
     folder: Path
+    resumed_from: int | None = None  # the step a resumed run continued from (None: a new run)
 
 
 def autocast_dtype(precision: str, device: torch.device, weights: torch.dtype = torch.float32) -> torch.dtype | None:
@@ -143,6 +144,11 @@ class Trainer:
             step = 0
             if resume:
                 step = self._restore(self.folder.load_resume_state(), optimizer, scaler, sampler)
+                self._report(
+                    "preparing",
+                    step,
+                    message=f"resumed the run at step {step}: same optimizer state, data order and random numbers",
+                )
             first_step = step
             self.folder.write_config(self._config_record(resume))
             rate = RateMeter()
@@ -180,7 +186,12 @@ class Trainer:
         recent = [r.loss for r in self.losses[-20:]]
         self._report("done", step, message="interrupted" if interrupted else "finished")
         return TrainingResult(
-            self.folder.result, step, interrupted, sum(recent) / len(recent) if recent else None, self.folder.root
+            self.folder.result,
+            step,
+            interrupted,
+            sum(recent) / len(recent) if recent else None,
+            self.folder.root,
+            resumed_from=first_step if resume else None,
         )
 
     # --- one step -------------------------------------------------------------------------
