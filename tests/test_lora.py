@@ -28,22 +28,26 @@ def red_ball(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- hooked equals merged -------------------------------------------------------------------------------
 
 
-def _merge_by_hand(model, method: LoraMethod, multiplier: float) -> None:
-    """W += m · alpha/r · up @ down, or DoRA's W + m · (d ⊙ (W + ΔW) / ‖W + ΔW‖ − W), written out here."""
+def _merge_by_hand(model, method: LoraMethod, multiplier: float, against=None) -> None:
+    """W += m · alpha/r · up @ down, or DoRA's m · (d ⊙ (W0 + ΔW) / ‖W0 + ΔW‖ − W0), written out here;
+    W0 is the weight of `against` (the original model) when given, else the model's own."""
     index = names_of(model_layers(model))
     attentions = attentions_by_out_proj(model)
+    original = index if against is None else names_of(model_layers(against))
+    original_attentions = attentions if against is None else attentions_by_out_proj(against)
     with torch.no_grad():
         for name, module in method.network.lora.items():
             weight = weight_of(as_target(index[name], attentions))
+            start = weight_of(as_target(original[name], original_attentions)).clone()
             up, down = module.up.flatten(1), module.down.flatten(1)
             delta = (up @ down).reshape(weight.shape) * (module.alpha / down.shape[0])
             if module.dora_scale is None:
                 weight += multiplier * delta
                 continue
-            merged = weight + delta
+            merged = start + delta
             norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1)  # per input channel
             norm = norm.reshape(1, -1, *[1] * (merged.ndim - 2))
-            weight += multiplier * (module.dora_scale * merged / norm - weight)
+            weight += multiplier * (module.dora_scale * merged / norm - start)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +74,23 @@ def test_hooked_at_multiplier_equals_weights_merged_by_hand(arch, settings, tiny
     expected = outputs(merged)
     assert not torch.allclose(expected, outputs(hooked), atol=1e-4)  # the LoRA does change the output
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_two_loras_applied_together_equal_both_merged_by_hand(tiny_checkpoints) -> None:
+    """Stacked as <lora:a:0.7> <lora:b:0.4>: each change is taken against the original weights and summed,
+    also in the fused open_clip attention and on DoRA layers."""
+    hooked, merged = load_model(tiny_checkpoints["sd2"]), load_model(tiny_checkpoints["sd2"])
+    first = small_lora(train_text_encoder=True, dora=True)
+    second = small_lora(train_text_encoder=True, locon=True)
+    for seed, method in enumerate((first, second)):
+        method.attach(hooked)
+        randomise(method, seed)
+        method.detach()
+    with first.apply_for_generation(hooked, 0.7), second.apply_for_generation(hooked, 0.4):
+        got = outputs(hooked)
+    _merge_by_hand(merged, first, 0.7, against=load_model(tiny_checkpoints["sd2"]))
+    _merge_by_hand(merged, second, 0.4, against=load_model(tiny_checkpoints["sd2"]))
+    torch.testing.assert_close(got, outputs(merged), rtol=1e-4, atol=1e-4)
 
 
 def test_merge_tab_bake_of_our_file_equals_the_hooked_model(tiny_checkpoints, tmp_path) -> None:

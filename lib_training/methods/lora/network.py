@@ -14,7 +14,8 @@ input channel, the layout A1111 (`network.py`) and ComfyUI (`weight_adapter/base
     W'     = W + m · (W_dora − W)
 
 d starts as ‖W‖, so W' = W before training, as ΔW = 0 (up starts at zero, down kaiming-uniform).
-DoRA layers and the fused attention of open_clip text encoders run on the adapted weight W'.
+DoRA layers add (W' − W) x to the layer's output; the fused attention of open_clip text encoders runs on
+its adapted weights (the changes of every attached LoRA summed, as A1111 and ComfyUI stack them).
 
 Dropout, as kohya's `networks/lora.py` has it, only while training: `dropout` drops elements of
 down(x), `rank_dropout` whole ranks per sample (the rest scaled up), `module_dropout` skips a module
@@ -87,12 +88,17 @@ class LowRankModule(nn.Module):
         """ΔW = scale · up @ down, fp32, shaped like the weight."""
         return (self.up.float().flatten(1) @ self.down.float().flatten(1)).reshape(self.weight_shape) * self.scale
 
+    def weight_delta(self, weight: Tensor, multiplier: float) -> Tensor:
+        """W' − W for the weight W this module adapts (in W's dtype): m · ΔW, or DoRA's m · (W_dora − W)."""
+        if self.dora_scale is None:
+            return (multiplier * self.delta()).to(weight.dtype)
+        merged = weight.float() + self.delta()
+        merged = merged * (self.dora_scale / column_norm(merged))
+        return (multiplier * (merged - weight.float())).to(weight.dtype)
+
     def adapted_weight(self, weight: Tensor, multiplier: float) -> Tensor:
         """W' for the weight W this module adapts (in W's dtype)."""
-        merged = weight.float() + self.delta()
-        if self.dora_scale is not None:
-            merged = merged * (self.dora_scale / column_norm(merged))
-        return (weight.float() + multiplier * (merged - weight.float())).to(weight.dtype)
+        return weight + self.weight_delta(weight, multiplier)
 
     def on_activations(self, x: Tensor, multiplier: float, dropout: Dropout | None, rng: torch.Generator) -> Tensor:
         """m · ΔW x computed as up(down(x)): x [..., in] (Linear) or [B, in, H, W] (Conv2d)."""
@@ -172,9 +178,14 @@ class LoraNetwork(nn.Module):
             else:
                 self._hooks.wrap_forward(target.layer, self._residual_forward(name))
         for attention, names in by_attention.values():
-            self._hooks.wrap_forward(attention, self._attention_forward(attention, names))
+            _ATTENTION_DELTAS.setdefault(id(attention), {})[id(self)] = self._attention_deltas(attention, names)
+            self._hooks.wrap_forward(attention, self._attention_forward(attention))
 
     def detach(self) -> None:
+        for deltas in _ATTENTION_DELTAS.values():
+            deltas.pop(id(self), None)
+        for key in [key for key, deltas in _ATTENTION_DELTAS.items() if not deltas]:
+            del _ATTENTION_DELTAS[key]
         self._hooks.clear()
 
     # --- forwards ---------------------------------------------------------------------------------
@@ -197,38 +208,58 @@ class LoraNetwork(nn.Module):
         return forward
 
     def _weight_forward(self, name: str):
+        """DoRA on a Linear / Conv2d: y = inner(x) + (W' − W) x, so it stacks with other hooks and LoRAs
+        (each LoRA's change is taken against the original weight, as A1111 and ComfyUI sum them)."""
         module, layer = self.lora[name], self.targets[name].layer
 
         def forward(inner, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            y = inner(x, *args, **kwargs)
             if self._skipped():
-                return inner(x, *args, **kwargs)
-            weight = module.adapted_weight(layer.weight, self.multiplier)  # type: ignore[arg-type]
+                return y
+            delta = module.weight_delta(layer.weight, self.multiplier)  # type: ignore[arg-type]
             if isinstance(layer, nn.Conv2d):
-                return layer._conv_forward(x, weight, layer.bias)
-            return F.linear(x, weight, layer.bias)  # type: ignore[arg-type]
+                return y + layer._conv_forward(x, delta, None)
+            return y + F.linear(x, delta)
 
         return forward
 
-    def _attention_forward(self, attention: nn.MultiheadAttention, names: list[str]):
+    def _attention_deltas(self, attention: nn.MultiheadAttention, names: list[str]):
+        """This network's (Δin_proj [3W, W], Δout_proj [W, W]) for `attention`, against its own weights."""
         rows = {self.targets[n].rows: self.lora[n] for n in names if self.targets[n].rows is not None}
         out = [self.lora[n] for n in names if self.targets[n].out_proj]  # the out_proj, if adapted
-        embed = attention.embed_dim
 
-        def forward(inner, query: Tensor, key: Tensor, value: Tensor, **kwargs: Any):
-            skipped = {id(m) for m in (*rows.values(), *out) if self._skipped()}
+        def deltas() -> tuple[Tensor, Tensor]:
             weight = attention.in_proj_weight  # [3W, W]
             blocks = []
-            for start in range(0, 3 * embed, embed):
-                part = weight[start : start + embed]
-                module = rows.get((start, start + embed))
-                adapted = module is not None and id(module) not in skipped
-                blocks.append(module.adapted_weight(part, self.multiplier) if adapted else part)  # type: ignore[union-attr]
+            for start in range(0, weight.shape[0], attention.embed_dim):
+                part = weight[start : start + attention.embed_dim]
+                module = rows.get((start, start + attention.embed_dim))
+                skip = module is None or self._skipped()
+                blocks.append(torch.zeros_like(part) if skip else module.weight_delta(part, self.multiplier))  # type: ignore[union-attr]
             out_weight = attention.out_proj.weight
-            if out and id(out[0]) not in skipped:
-                out_weight = out[0].adapted_weight(out_weight, self.multiplier)
-            return _attention(attention, query, key, value, torch.cat(blocks), out_weight, **kwargs)
+            if not out or self._skipped():
+                return torch.cat(blocks), torch.zeros_like(out_weight)
+            return torch.cat(blocks), out[0].weight_delta(out_weight, self.multiplier)
+
+        return deltas
+
+    def _attention_forward(self, attention: nn.MultiheadAttention):
+        """The attention with adapted in/out projections. nn.MultiheadAttention reads its weights
+        directly, so every attached network's changes of it are summed here (`_ATTENTION_DELTAS`) and
+        the outermost wrapper runs the attention once with them all; the inner ones are not called."""
+
+        def forward(inner, query: Tensor, key: Tensor, value: Tensor, **kwargs: Any):
+            in_weight, out_weight = attention.in_proj_weight, attention.out_proj.weight
+            for deltas in list(_ATTENTION_DELTAS.get(id(attention), {}).values()):
+                d_in, d_out = deltas()
+                in_weight, out_weight = in_weight + d_in, out_weight + d_out
+            return _attention(attention, query, key, value, in_weight, out_weight, **kwargs)
 
         return forward
+
+
+# id(attention) -> id(network) -> that network's deltas of it, for every attached network
+_ATTENTION_DELTAS: dict[int, dict[int, Any]] = {}
 
 
 def _attention(
