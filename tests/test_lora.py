@@ -229,7 +229,7 @@ def test_resume_on_another_family_is_refused(tiny_sd1, tiny_sdxl, red_ball, tmp_
 def test_model_is_unchanged_after_training(tiny_sd1, red_ball, tmp_path) -> None:
     before = model_state(tiny_sd1)
     method = small_lora(locon=True, dora=True, train_text_encoder=True)
-    loop = dataclasses.replace(FAST, steps=2, preview_every=2, preview_steps=2)
+    loop = dataclasses.replace(FAST, steps=2, preview_every=2, preview_steps=2, gradient_checkpointing=True)
     train(tiny_sd1, method, data(red_ball), loop, tmp_path)
     assert model_state(tiny_sd1) == before
 
@@ -377,6 +377,13 @@ def test_a_lora_of_another_family_is_refused_with_the_reason(tiny_sd1, tiny_sdxl
 def test_bad_settings_are_refused_with_the_fix(settings, message) -> None:
     with pytest.raises(ConfigError, match=message):
         small_lora(**settings)
+
+
+def test_dropout_with_gradient_checkpointing_is_refused_before_any_work(tiny_sd1, red_ball, tmp_path) -> None:
+    loop = dataclasses.replace(FAST, gradient_checkpointing=True)
+    with pytest.raises(ConfigError, match="cannot be combined with gradient checkpointing"):
+        train(tiny_sd1, small_lora(rank_dropout=0.1), data(red_ball), loop, tmp_path)
+    assert not (tmp_path / "zqx.safetensors").exists()
 
 
 def test_cli_trains_and_writes_name_safetensors(tiny_checkpoints, red_ball, tmp_path, capsys) -> None:
