@@ -189,3 +189,33 @@ def test_black_masks_train_nothing(masked_balls, tiny_sd1, tmp_path) -> None:
     method = small_lora()
     train(tiny_sd1, method, data(masked_balls, alpha_weight=True), dataclasses.replace(FAST, steps=2), tmp_path)
     assert not any(module.up.any() for module in method.network.lora.values())
+
+
+# --- validation loss on held-out images ---------------------------------------------------------------
+
+
+def test_held_out_images_never_train(red_ball) -> None:
+    from lib_training.dataset import TrainingDataset
+
+    dataset = TrainingDataset(data(red_ball, validation_images=1, seed=3), name="zqx")
+    held_out = dataset.validation[0]
+    assert len(dataset.samples) == 2 and held_out not in dataset.samples
+    sampler = dataset.sampler(1)
+    drawn = {dataset.record(item).relpath for _ in range(12) for item in next(sampler).items}
+    assert held_out.relpath not in drawn and len(drawn) == 2
+    assert held_out.view(False) in dataset.views()  # its latents are cached with the others
+
+
+def test_validation_loss_is_measured_every_n_steps_and_at_the_end(tiny_sd1, red_ball, tmp_path) -> None:
+    loop = dataclasses.replace(FAST, steps=6, validate_every=2, lr="0.003")
+    result = train(tiny_sd1, small_lora(), data(red_ball, validation_images=1), loop, tmp_path)
+    rows = (tmp_path / "validation.csv").read_text().splitlines()
+    assert rows[0] == "step,validation_loss" and [row.split(",")[0] for row in rows[1:]] == ["2", "4", "6"]
+    assert result.validation_loss == pytest.approx(float(rows[-1].split(",")[1]), rel=1e-5)
+
+
+def test_holding_out_every_image_is_refused(tiny_sd1, red_ball, tmp_path) -> None:
+    from lib_training.dataset import DatasetError
+
+    with pytest.raises(DatasetError, match="would leave no training image"):
+        train(tiny_sd1, small_lora(), data(red_ball, validation_images=3), FAST, tmp_path)

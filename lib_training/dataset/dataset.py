@@ -90,6 +90,12 @@ class DatasetConfig:
         "as a per-pixel loss weight.",
         advanced=True,
     )
+    validation_images: int = option(
+        0,
+        "Images held out of training (chosen by the seed) whose loss is measured as a validation loss.",
+        min=0,
+        advanced=True,
+    )
     seed: int = option(0, "Seed of the batch order and of every random choice per sample.", internal=True)
 
     def validate(self) -> None:
@@ -109,6 +115,8 @@ class DatasetConfig:
                 )
         if self.repeats < 1:
             raise ConfigError(f"repeats must be at least 1 (got {self.repeats}).")
+        if self.validation_images < 0:
+            raise ConfigError(f"validation_images cannot be negative (got {self.validation_images}).")
         if self.keep_tags < 0:
             raise ConfigError(f"keep_tags cannot be negative (got {self.keep_tags}).")
         for name in ("tag_dropout", "caption_dropout"):
@@ -246,6 +254,25 @@ class TrainingDataset:
         known |= {mask_path(path) for path in scan.images}
         self.other_files = [path for path in scan.other_files if path not in known]
         self._weights: dict[ImageView, Tensor | None] = {}  # alpha weights kept for runs on cached latents
+        self.validation: list[ImageRecord] = []  # held out of training, for a validation loss
+        if config.validation_images:
+            self._hold_out(config.validation_images)
+
+    def _hold_out(self, count: int) -> None:
+        if count >= len(self.samples):
+            raise DatasetError(
+                f"{count} validation image(s) would leave no training image of the {len(self.samples)} found; "
+                "hold out fewer, or add images."
+            )
+        chosen = set(rng_for(self.config.seed, "validation").sample(range(len(self.samples)), count))
+        self.validation = [r for i, r in enumerate(self.samples) if i in chosen]
+        self.samples = [r for i, r in enumerate(self.samples) if i not in chosen]
+
+    def validation_items(self) -> list[tuple[ImageView, str]]:
+        """The held-out images as the validation loss sees them: unflipped, with the template's first line
+        and the plain caption."""
+        line = self.template.lines[0]
+        return [(record.view(False), fill_template(line, self.name, record.caption)) for record in self.validation]
 
     def __len__(self) -> int:
         """Training items per epoch (images x repeats)."""
@@ -316,7 +343,8 @@ class TrainingDataset:
     def views(self) -> list[ImageView]:
         """Every distinct view training can ask for: each image, and its mirror image when flip is on."""
         flips = (False, True) if self.config.flip else (False,)
-        return [record.view(flip) for record in self.samples for flip in flips]
+        held_out = [view for view, _ in self.validation_items()]
+        return [record.view(flip) for record in self.samples for flip in flips] + held_out
 
     def load_image(self, view: ImageView) -> Tensor:
         """The image of `view` as [3, H, W] in [-1, 1] (for filling a latent cache)."""

@@ -77,6 +77,12 @@ class LoopConfig:
     )
     seed: int = option(0, "Seed of every random choice: same seed, same result.", min=0)
     save_every: int = option(500, "Save a numbered copy every N steps (0: only at the end).", min=0)
+    validate_every: int = option(
+        0,
+        "Measure the loss of the held-out images (the data's validation_images) every N steps; 0: at the end only.",
+        min=0,
+        advanced=True,
+    )
     preview_every: int = option(500, "Make a preview image every N steps (0: none).", min=0)
     preview_prompt: str = option(
         "", "Prompt of the preview images; [name] is the name being trained. Empty: a line of the template."

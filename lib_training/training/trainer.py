@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lib_training.dataset import Batch, LatentCache, LatentSampler, TrainingDataset
 from lib_training.errors import UserError
+from lib_training.formats.atomic import write_text
 from lib_training.formats.fingerprint import weights_fingerprint
 from lib_training.model.diffusion import Conditioning, DiffusionModel, SizeConditioning
 from lib_training.model.sampler import SampleSettings, generate
@@ -56,6 +57,7 @@ class TrainingResult:
     loss: float | None  # mean loss of the last 20 steps
     folder: Path
     resumed_from: int | None = None  # the step a resumed run continued from (None: a new run)
+    validation_loss: float | None = None  # the held-out images' loss at the end (None: none held out)
 
 
 def autocast_dtype(precision: str, device: torch.device, weights: torch.dtype = torch.float32) -> torch.dtype | None:
@@ -111,6 +113,7 @@ class Trainer:
         self.losses: list[LossRecord] = []
         self._latest_preview: Path | None = None
         self._text_cache: dict[str, tuple[Tensor, Tensor | None]] = {}  # prompt -> its text encoders' output
+        self.validation: list[tuple[int, float]] = []  # (step, loss of the held-out images)
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainingResult:
@@ -176,9 +179,13 @@ class Trainer:
                 self.losses.append(LossRecord(step, total_loss, lr, epoch, time.perf_counter() - started))
                 rate.mark(step)
                 self._periodic_outputs(step, optimizer, scaler, sampler)
+                if self.loop.validate_every and step % self.loop.validate_every == 0 and step < self.total_steps:
+                    self._validate(step, cache)
                 self._report("training", step, loss=total_loss, lr=lr, rate=rate)
 
             if step > first_step or not interrupted:  # stopped before any step: nothing new to save
+                if self.dataset.validation:
+                    self._validate(step, cache)
                 self._report("saving", step)
                 self._save_result(step)
                 self._save_resume(step, optimizer, scaler, sampler)
@@ -192,6 +199,7 @@ class Trainer:
             sum(recent) / len(recent) if recent else None,
             self.folder.root,
             resumed_from=first_step if resume else None,
+            validation_loss=self.validation[-1][1] if self.validation else None,
         )
 
     # --- one step -------------------------------------------------------------------------
@@ -301,6 +309,29 @@ class Trainer:
             sizes = [SizeConditioning((side, side))] * len(prompts)
         return Conditioning(context, model.size_vector(pooled, sizes), pooled)
 
+    def _validate(self, step: int, cache: LatentCache) -> None:
+        """The held-out images' mean loss, each at a fixed noise and timestep (the same at every
+        evaluation), with the result applied as at generation; appended to validation.csv."""
+        model = self.model
+        losses = []
+        with torch.no_grad(), self._autocast(), self.method.apply_for_generation(model) as embeddings:
+            for index, (view, prompt) in enumerate(self.dataset.validation_items()):
+                mean, _ = cache.get(view, self.dataset.load_image)
+                latents = (mean[None] * model.family.latent_scale).to(model.device)  # [1, 4, h, w]
+                generator = torch.Generator().manual_seed(derive_seed(self.loop.seed, "validation", index))
+                noise = torch.randn(latents.shape, generator=generator).to(model.device)
+                timesteps = torch.randint(0, model.schedule.num_steps, (1,), generator=generator).to(model.device)
+                x_t = model.schedule.add_noise(latents, noise, timesteps)
+                target = model.schedule.target(latents, noise, timesteps)
+                cond = model.encode_prompts([prompt], embeddings)
+                prediction = model.predict(x_t.to(model.dtype), timesteps, cond)
+                losses.append(torch.nn.functional.mse_loss(prediction.float(), target.float()).item())
+        value = sum(losses) / len(losses)
+        self.validation.append((step, value))
+        rows = "".join(f"{s},{v:.6g}\n" for s, v in self.validation)
+        write_text(self.folder.root / "validation.csv", "step,validation_loss\n" + rows)
+        self._report("validating", step, loss=value, message=f"validation loss {value:.6g} at step {step}")
+
     def _encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
             dist = self.model.encode_latent_distribution(images)
@@ -362,6 +393,7 @@ class Trainer:
                 "scaler": scaler.state_dict() if scaler else None,
                 "sampler": sampler.state_dict(),
                 "losses": [r.__dict__ for r in self.losses],
+                "validation": self.validation,
                 "identity": self._identity(),
             }
         )
@@ -390,6 +422,7 @@ class Trainer:
             scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
         self.losses = [LossRecord(**r) for r in state["losses"]]
+        self.validation = [(int(s), float(v)) for s, v in state.get("validation", [])]
         return int(state["step"])
 
     def _config_record(self, resumed: bool) -> dict[str, Any]:
