@@ -219,3 +219,56 @@ def test_holding_out_every_image_is_refused(tiny_sd1, red_ball, tmp_path) -> Non
 
     with pytest.raises(DatasetError, match="would leave no training image"):
         train(tiny_sd1, small_lora(), data(red_ball, validation_images=3), FAST, tmp_path)
+
+
+# --- regularization (class) images -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def balls(tmp_path_factory) -> Path:
+    """Class images: plain balls of other colours, captioned "a ball"."""
+    folder = tmp_path_factory.mktemp("balls")
+    for i, colour in enumerate([(40, 40, 220), (40, 200, 40)]):
+        picture = Image.new("RGB", (64, 64), (230, 230, 230))
+        ImageDraw.Draw(picture).ellipse((12, 12, 52, 52), fill=colour)
+        picture.save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a ball")
+    return folder
+
+
+def _lora_tensors(path: Path) -> dict[str, torch.Tensor]:
+    with open_tensors(path) as source:
+        keys = source.keys()
+        return {key: source.get(key) for key in keys}
+
+
+def test_class_images_at_prior_weight_zero_train_exactly_as_without(tiny_sd1, red_ball, balls, tmp_path) -> None:
+    loop = dataclasses.replace(FAST, steps=3)
+    plain = train(tiny_sd1, small_lora(), data(red_ball), loop, tmp_path / "a")
+    weightless = train(tiny_sd1, small_lora(), data(red_ball, class_path=str(balls), prior_loss_weight=0.0), loop,
+                       tmp_path / "b")  # fmt: skip
+    weighted = train(tiny_sd1, small_lora(), data(red_ball, class_path=str(balls)), loop, tmp_path / "c")
+    a, b, c = (_lora_tensors(r.result) for r in (plain, weightless, weighted))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the class branch leaves the instance path alone
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # and at weight 1 it trains
+
+
+def test_resume_with_class_images_is_bit_identical(tiny_sd1, red_ball, balls, tmp_path) -> None:
+    loop = dataclasses.replace(FAST, steps=4)
+    settings = data(red_ball, class_path=str(balls))
+    straight = train(tiny_sd1, small_lora(), settings, loop, tmp_path / "a")
+    calls = iter(range(100))
+    stop = lambda: next(calls) >= 2  # noqa: E731
+    train(tiny_sd1, small_lora(), settings, loop, tmp_path / "b", should_stop=stop)
+    resumed = train(tiny_sd1, small_lora(), settings, loop, tmp_path / "b", resume=True)
+    a, b = _lora_tensors(straight.result), _lora_tensors(resumed.result)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_class_images_are_named_before_training(tiny_sd1, red_ball, tmp_path) -> None:
+    from lib_training.dataset import DatasetError
+
+    empty = tmp_path / "no-class-images"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match=r"regularization \(class\) images: .*contains no images"):
+        train(tiny_sd1, small_lora(), data(red_ball, class_path=str(empty)), FAST, tmp_path / "out")

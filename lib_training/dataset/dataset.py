@@ -24,7 +24,7 @@ image at or below its own size instead.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -48,7 +48,7 @@ from lib_training.dataset.summary import DatasetSummary, summarize
 from lib_training.dataset.templates import fill_template, load_template
 from lib_training.errors import ConfigError
 from lib_training.options import option
-from lib_training.seeding import rng_for
+from lib_training.seeding import derive_seed, rng_for
 
 MAX_UPSCALE = 2.0  # images that would need more enlargement than this are refused
 
@@ -90,6 +90,14 @@ class DatasetConfig:
         "as a per-pixel loss weight.",
         advanced=True,
     )
+    class_path: str = option(
+        "",
+        "Regularization (class) images: a folder of pictures of the subject's class, trained on their own "
+        "captions (caption files, else file names); each step also trains on one of their batches.",
+        advanced=True,
+        role="folder",
+    )
+    prior_loss_weight: float = option(1.0, "Weight of the regularization images' loss.", min=0.0, advanced=True)
     validation_images: int = option(
         0,
         "Images held out of training (chosen by the seed) whose loss is measured as a validation loss.",
@@ -257,6 +265,26 @@ class TrainingDataset:
         self.validation: list[ImageRecord] = []  # held out of training, for a validation loss
         if config.validation_images:
             self._hold_out(config.validation_images)
+        self.class_data: TrainingDataset | None = None  # regularization images, if any
+        if config.class_path.strip():
+            self.class_data = self._class_dataset(config)
+
+    def _class_dataset(self, config: DatasetConfig) -> TrainingDataset:
+        """The regularization images: trained on their own captions (caption files, else file names)."""
+        own = replace(
+            config,
+            path=config.class_path,
+            class_path="",
+            template="filewords",
+            validation_images=0,
+            seed=derive_seed(config.seed, "class"),
+        )
+        try:
+            return TrainingDataset(own, self.name)
+        except DatasetError as error:
+            raise DatasetError(
+                f"regularization (class) images: {error} Give a folder of class images, or clear class_path."
+            ) from error
 
     def _hold_out(self, count: int) -> None:
         if count >= len(self.samples):
@@ -344,7 +372,8 @@ class TrainingDataset:
         """Every distinct view training can ask for: each image, and its mirror image when flip is on."""
         flips = (False, True) if self.config.flip else (False,)
         held_out = [view for view, _ in self.validation_items()]
-        return [record.view(flip) for record in self.samples for flip in flips] + held_out
+        regularization = self.class_data.views() if self.class_data is not None else []
+        return [record.view(flip) for record in self.samples for flip in flips] + held_out + regularization
 
     def load_image(self, view: ImageView) -> Tensor:
         """The image of `view` as [3, H, W] in [-1, 1] (for filling a latent cache)."""

@@ -113,6 +113,7 @@ class Trainer:
         self.losses: list[LossRecord] = []
         self._latest_preview: Path | None = None
         self._text_cache: dict[str, tuple[Tensor, Tensor | None]] = {}  # prompt -> its text encoders' output
+        self._class_sampler = None  # batches of the regularization images, if any
         self.validation: list[tuple[int, float]] = []  # (step, loss of the held-out images)
 
     # --- the run ----------------------------------------------------------------------------
@@ -132,6 +133,8 @@ class Trainer:
         )
         latents_for = LatentSampler(self.loop.latent_sampling, self.loop.seed)
         sampler = self.dataset.sampler(self.loop.batch_size)
+        class_data = self.dataset.class_data
+        self._class_sampler = class_data.sampler(self.loop.batch_size) if class_data is not None else None
 
         with self.method.attached(self.model), self._gradient_checkpointing():
             groups = self.method.param_groups()
@@ -225,6 +228,13 @@ class Trainer:
             epoch = plan.epoch
             batch = self.dataset.batch(plan, load_images=False)
             loss = self._loss(batch, latents_for(cache, batch.views, step, self.dataset.load_image), step)
+            if self._class_sampler is not None:  # regularization: a batch of class images, weighted
+                class_data = self.dataset.class_data
+                assert class_data is not None
+                class_batch = class_data.batch(next(self._class_sampler), load_images=False)
+                class_latents = latents_for(cache, class_batch.views, step, class_data.load_image)
+                class_loss = self._loss(class_batch, class_latents, step, stream="class-noise")
+                loss = loss + self.dataset.config.prior_loss_weight * class_loss
             if not torch.isfinite(loss):
                 self._stop_on_nan(step, loss)
             scaled = loss / self.loop.grad_accumulation
@@ -248,10 +258,10 @@ class Trainer:
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _loss(self, batch: Batch, latents: Tensor, step: int) -> Tensor:
+    def _loss(self, batch: Batch, latents: Tensor, step: int, stream: str = "noise") -> Tensor:
         model = self.model
         latents = (latents * model.family.latent_scale).to(model.device)
-        seed = derive_seed(self.loop.seed, "noise", step, batch.plan.epoch, batch.plan.position)
+        seed = derive_seed(self.loop.seed, stream, step, batch.plan.epoch, batch.plan.position)
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(latents.shape, generator=generator)
         if self.loop.noise_offset > 0:
@@ -392,6 +402,7 @@ class Trainer:
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None,
                 "sampler": sampler.state_dict(),
+                "class_sampler": self._class_sampler.state_dict() if self._class_sampler is not None else None,
                 "losses": [r.__dict__ for r in self.losses],
                 "validation": self.validation,
                 "identity": self._identity(),
@@ -421,6 +432,8 @@ class Trainer:
         if scaler and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
+        if self._class_sampler is not None and state.get("class_sampler") is not None:
+            self._class_sampler.load_state_dict(state["class_sampler"])
         self.losses = [LossRecord(**r) for r in state["losses"]]
         self.validation = [(int(s), float(v)) for s, v in state.get("validation", [])]
         return int(state["step"])
