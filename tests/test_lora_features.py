@@ -272,3 +272,25 @@ def test_missing_class_images_are_named_before_training(tiny_sd1, red_ball, tmp_
     empty.mkdir()
     with pytest.raises(DatasetError, match=r"regularization \(class\) images: .*contains no images"):
         train(tiny_sd1, small_lora(), data(red_ball, class_path=str(empty)), FAST, tmp_path / "out")
+
+
+# --- multi-resolution noise ---------------------------------------------------------------------------------------
+
+
+def test_multires_noise_adds_coarse_structure_at_unit_std_from_its_seed() -> None:
+    from lib_training.training.loss import multires_noise
+
+    noise = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    a = multires_noise(noise, 6, 0.3, torch.Generator().manual_seed(1))
+    b = multires_noise(noise, 6, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == noise.shape
+    assert abs(a.std().item() - 1) < 1e-5 and not torch.allclose(a, noise / noise.std())
+    coarse = lambda t: torch.nn.functional.avg_pool2d(t, 8).std().item()  # noqa: E731  (8x8 cell means)
+    assert coarse(a) > 1.2 * coarse(noise / noise.std())  # more low-frequency energy than white noise
+    assert multires_noise(noise, 0, 0.3, torch.Generator()) is noise
+
+
+def test_training_with_multires_noise(tiny_sd1, red_ball, tmp_path) -> None:
+    loop = dataclasses.replace(FAST, steps=2, multires_noise_iterations=6)
+    result = train(tiny_sd1, small_lora(), data(red_ball), loop, tmp_path)
+    assert result.step == 2 and result.loss is not None

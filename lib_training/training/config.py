@@ -58,6 +58,20 @@ class LoopConfig:
     min_snr_gamma: float = option(
         0.0, "Min-SNR-gamma loss weighting (5 is usual); 0 turns it off.", min=0.0, max=100.0, advanced=True
     )
+    multires_noise_iterations: int = option(
+        0,
+        "Multi-resolution noise: coarser noise levels added (6-10 is usual); 0 turns it off.",
+        min=0,
+        max=20,
+        advanced=True,
+    )
+    multires_noise_discount: float = option(
+        0.3,
+        "Weight of each coarser level of multi-resolution noise, to the power of its level.",
+        min=0.0,
+        max=1.0,
+        advanced=True,
+    )
     noise_offset: float = option(
         0.0,
         "Noise offset (0.05-0.1 helps very dark or bright images); 0 turns it off.",

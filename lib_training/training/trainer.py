@@ -33,7 +33,7 @@ from lib_training.model.diffusion import Conditioning, DiffusionModel, SizeCondi
 from lib_training.model.sampler import SampleSettings, generate
 from lib_training.seeding import derive_seed
 from lib_training.training.config import LoopConfig
-from lib_training.training.loss import diffusion_loss, noise_offset
+from lib_training.training.loss import diffusion_loss, multires_noise, noise_offset
 from lib_training.training.lr_schedule import StepSchedule, parse_schedule, set_learning_rate
 from lib_training.training.method import StepOutputs, TrainingMethod
 from lib_training.training.optim import build_optimizer, clip_gradients
@@ -266,6 +266,10 @@ class Trainer:
         noise = torch.randn(latents.shape, generator=generator)
         if self.loop.noise_offset > 0:
             noise = noise_offset(noise, self.loop.noise_offset, generator)
+        if self.loop.multires_noise_iterations > 0:
+            noise = multires_noise(
+                noise, self.loop.multires_noise_iterations, self.loop.multires_noise_discount, generator
+            )
         timesteps = torch.randint(0, model.schedule.num_steps, (latents.shape[0],), generator=generator)
         noise, timesteps = noise.to(model.device), timesteps.to(model.device)
         x_t = model.schedule.add_noise(latents, noise, timesteps)
