@@ -305,6 +305,21 @@ def text_encoder_config_from_shapes(
     )
 
 
+@dataclass(frozen=True)
+class TowerWeights:
+    """What a private copy of a text tower needs (aesthetic gradients personalise one per prompt).
+
+    `state` holds the tower's current weights in our open_clip layout (references, not copies);
+    `version` changes whenever one of them is modified in place (a LoRA merged by a host), so
+    results computed from an older version are known to be stale.
+    """
+
+    config: TextEncoderConfig
+    state: Mapping[str, Tensor]
+    clip_skip: int = 1
+    version: int = 0
+
+
 def causal_mask(length: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Additive mask [L, L]: -inf above the diagonal, so each token sees itself and earlier tokens."""
     return torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu_(1)
@@ -416,6 +431,12 @@ class ClipTextEncoder(nn.Module):
     def forward(self, ids: Tensor) -> TextEncoderOutput:
         """Token ids [B, L] -> output (see `encode_embeddings`)."""
         return self.encode_embeddings(self.token_embedding(ids), ids)
+
+    def tower_weights(self) -> TowerWeights:
+        """This tower's weights and role, for a private copy (`TowerWeights`)."""
+        state = self.state_dict()
+        version = sum(p._version for p in self.parameters())
+        return TowerWeights(self.config, state, self.clip_skip, version)
 
     # --- checkpoints ------------------------------------------------------------------------
     @classmethod
