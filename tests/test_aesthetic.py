@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy as copy_module
 from pathlib import Path
 
 import pytest
@@ -152,23 +153,42 @@ def test_weight_or_steps_zero_leaves_the_conditioning_identical(tiny_sd1, sd1_cl
     assert personaliser.optimisations == 0
 
 
-def _cosine_to_target(tower: PrivateTower, encoder, ids: torch.Tensor, target: torch.Tensor) -> float:
-    with torch.no_grad():
-        features = tower.features(tower.module.token_embedding(ids), ids)
-        return torch.nn.functional.cosine_similarity(features, target).item()
-
-
 def test_optimisation_raises_the_similarity_of_the_text_features_to_the_target(tiny_sd1, sd1_clip) -> None:
     personaliser = Personaliser(tiny_sd1, sd1_clip)
-    encoder = tiny_sd1.text_encoders[0]
-    embedding = random_embedding(32)
-    ids = tokenize(["a red ball"], encoder.tokenizer, {}).ids[:, 0]
-    tower = personaliser.tower(encoder)
-    before = _cosine_to_target(tower, encoder, ids, embedding.target())
-    with torch.no_grad():
-        personaliser.personalised(encoder, encoder.token_embedding(ids), ids, embedding, AestheticSettings(lr=1e-3))
-    after = _cosine_to_target(tower, encoder, ids, embedding.target())  # the tower keeps its tuned weights
+    with aesthetic_applied(personaliser, personaliser.match([random_embedding(32)]), AestheticSettings(lr=1e-3)):
+        context(tiny_sd1)
+    before, after = personaliser.similarity
     assert after > before + 0.05, (before, after)
+
+
+def _personalised_by_deep_copy(tower: PrivateTower, ids, target, settings: AestheticSettings) -> torch.Tensor:
+    """The extension's way: a deep copy of the whole tower, Adam on every parameter but the projection."""
+    copy = copy_module.deepcopy(tower.module)
+    params = [p for n, p in copy.named_parameters() if n not in ("text_projection", "logit_scale")]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=settings.lr)
+    with torch.enable_grad():
+        for _ in range(settings.steps):
+            features = copy.encode_embeddings(copy.token_embedding(ids), ids).pooled
+            loss = -(features / features.norm(dim=-1, keepdim=True) @ target.T).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        return copy.encode_embeddings(copy.token_embedding(ids), ids).hidden
+
+
+def test_tuning_only_the_used_embedding_rows_equals_tuning_the_whole_copy(tiny_sd1, sd1_clip) -> None:
+    personaliser = Personaliser(tiny_sd1, sd1_clip)
+    encoder, embedding, settings = tiny_sd1.text_encoders[0], random_embedding(32), AestheticSettings(lr=1e-3)
+    ids = tokenize(["a red ball"], encoder.tokenizer, {}).ids[:, 0]
+    with torch.no_grad():
+        ours, _ = personaliser.personalised(encoder, encoder.token_embedding(ids), ids, embedding, settings)
+    tower = personaliser.tower(encoder)
+    tower.reset(encoder.tower_weights())
+    theirs = _personalised_by_deep_copy(tower, ids, embedding.target(), settings)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_the_conditioning_moves_and_the_hosts_text_encoder_is_untouched(tiny_sd1, sd1_clip) -> None:

@@ -47,6 +47,7 @@ from lib_training.model.networks.text_encoder import ClipTextEncoder, TowerWeigh
 
 CONTEXT_TOKENS = 77
 _NOT_TRAINED = ("text_projection", "logit_scale")  # the extension tunes `text_model` only
+_EMBEDDING = "token_embedding.weight"
 
 
 @dataclass(frozen=True)
@@ -164,9 +165,13 @@ class PrivateTower:
             self.module = module.to_empty(device=device).float()
         self.module.clip_skip = weights.clip_skip
         self.device = device
-        self.trainable = [p for n, p in self.module.named_parameters() if n not in _NOT_TRAINED]
+        # The token embedding is never trained in place: only the rows a prompt uses can change (Adam
+        # leaves rows without gradient exactly as they are), so those rows are trained as a small
+        # parameter of their own (`rows`) and the [vocab, W] matrix is copied only when the source changes.
+        self.trainable = [p for n, p in self.module.named_parameters() if n not in (*_NOT_TRAINED, _EMBEDDING)]
         for name, param in self.module.named_parameters():
-            param.requires_grad_(name not in _NOT_TRAINED)
+            param.requires_grad_(name not in (*_NOT_TRAINED, _EMBEDDING))
+        self._embedding_version: int | None = None
         self.reset(weights)
 
     def reset(self, weights: TowerWeights) -> None:
@@ -174,11 +179,19 @@ class PrivateTower:
         with torch.inference_mode(False), torch.no_grad():
             params = dict(self.module.named_parameters())
             for name, tensor in weights.state.items():
-                if name in params:
+                if name in params and (name != _EMBEDDING or self._embedding_version != weights.version):
                     params[name].copy_(tensor)
+            self._embedding_version = weights.version
             if self.projection is not None:
                 params["text_projection"].copy_(self.projection)
             self.module.clip_skip = weights.clip_skip
+
+    def rows(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(the token-embedding rows of the distinct ids [U, W] as a new trainable leaf, the index [1, 77]
+        of each token among them), so that rows[index] equals token_embedding(ids)."""
+        unique, index = torch.unique(ids, return_inverse=True)
+        rows = self.module.token_embedding.weight.detach()[unique].clone().requires_grad_(True)
+        return rows, index
 
     def features(self, embeds: Tensor, ids: Tensor) -> Tensor:
         """Text features [B, P] (not normalised) of token embeddings [B, 77, W]."""
@@ -192,7 +205,9 @@ def _digest(tensor: Tensor) -> str:
 class Personaliser:
     """Personalises the text towers of one model; keeps the private towers and the results.
 
-    `optimisations` counts the personalisations run (cache misses), for tests and benchmarks.
+    `optimisations` counts the personalisations run (cache misses), for tests and benchmarks;
+    `similarity` is the last one's cosine similarity of the text features to the target before the
+    first step and after the last.
     """
 
     def __init__(self, model: DiffusionModel, clip: ClipSource | None = None, cache_size: int = 256) -> None:
@@ -200,6 +215,7 @@ class Personaliser:
         self.clip = clip or ClipSource()
         self.cache_size = cache_size
         self.optimisations = 0
+        self.similarity: tuple[float | None, float] | None = None
         self._towers: dict[str, PrivateTower] = {}
         self._cache: OrderedDict[tuple[Any, ...], tuple[Tensor, Tensor | None]] = OrderedDict()
         self._lock = threading.RLock()
@@ -339,9 +355,10 @@ class Personaliser:
             tower.reset(weights)
             ids, fixed, given = ids.clone(), embeds.clone().float(), given.clone()
             module = tower.module
+            rows, index = tower.rows(ids)
 
             def inputs() -> Tensor:
-                return torch.where(given, fixed, module.token_embedding(ids))  # [1, 77, W]
+                return torch.where(given, fixed, rows[index])  # [1, 77, W]
 
             target = embedding.target().to(self.model.device)  # [1, D]
             if settings.text:
@@ -352,16 +369,20 @@ class Personaliser:
                         text = target - text
                         text = text / text.norm(dim=-1, keepdim=True)
                     target = slerp(target, text, settings.slerp_angle)
-            optimizer = torch.optim.Adam(tower.trainable, lr=settings.lr)
+            optimizer = torch.optim.Adam([rows, *tower.trainable], lr=settings.lr)
+            first = None
             for _ in range(settings.steps):
                 features = tower.features(inputs(), ids)
                 features = features / features.norm(dim=-1, keepdim=True)
                 loss = -(features @ target.T).mean()
+                first = -loss.item() if first is None else first
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
             with torch.no_grad():
                 out = module.encode_embeddings(inputs(), ids)
+                final = torch.nn.functional.cosine_similarity(out.pooled, target).mean().item()  # type: ignore[arg-type]
+        self.similarity = (first, final)
         pooled = out.pooled.detach() if tower.source_pooled else None
         return out.hidden.detach(), pooled
 
