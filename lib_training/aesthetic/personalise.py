@@ -369,10 +369,13 @@ class Personaliser:
                         text = target - text
                         text = text / text.norm(dim=-1, keepdim=True)
                     target = slerp(target, text, settings.slerp_angle)
-            optimizer = torch.optim.Adam([rows, *tower.trainable], lr=settings.lr)
+            optimizer = torch.optim.Adam([rows, *tower.trainable], lr=settings.lr, foreach=True)
+            # The features are read at the EOS token; attention is causal, so the tokens after it change
+            # neither them nor any gradient: the steps run on the tokens up to EOS only.
+            length = int(ids.argmax(dim=-1).max()) + 1
             first = None
             for _ in range(settings.steps):
-                features = tower.features(inputs(), ids)
+                features = tower.features(inputs()[:, :length], ids[:, :length])
                 features = features / features.norm(dim=-1, keepdim=True)
                 loss = -(features @ target.T).mean()
                 first = -loss.item() if first is None else first
