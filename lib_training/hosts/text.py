@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lib_training.model.diffusion import TextEncoderOutput
 from lib_training.model.diffusion import Tokenizer as TokenizerProtocol
+from lib_training.model.networks.text_encoder import TextEncoderConfig, TowerWeights, heads_for_width, hf_to_open_clip
 
 
 def unwrap_embedding(module: nn.Module) -> nn.Embedding:
@@ -74,6 +75,37 @@ class _EmbeddingOnDevice(nn.Module):
 
 def _on_device(embedding: nn.Embedding, device: torch.device) -> nn.Module:
     return embedding if embedding.weight.device == device else _EmbeddingOnDevice(embedding, device)
+
+
+def unwrapped_state(module: nn.Module) -> dict[str, Tensor]:
+    """`module.state_dict()` without the textual-inversion wrappers' `.wrapped` level (the tensors
+    themselves, not copies; a name the wrapper registers twice is kept once)."""
+    state: dict[str, Tensor] = {}
+    for key, value in module.state_dict().items():
+        state.setdefault(key.replace(".wrapped.", "."), value)
+    return state
+
+
+def weights_version(module: nn.Module) -> int:
+    """Changes when a parameter of `module` is modified in place or replaced (for caches of results
+    computed from the weights). Inference tensors (Forge) have no version counter: their storage counts."""
+    parts = []
+    for param in module.parameters():
+        try:
+            parts.append((param.data_ptr(), param._version))
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            parts.append((param.data_ptr(), 0))
+    return hash(tuple(parts))
+
+
+def _clip_skip(layer: int, layers: int) -> int:
+    """Our `clip_skip` for a host's `hidden_states[layer]` (0 = embeddings, -1 or `layers` = last layer)."""
+    index = layers + 1 + layer if layer < 0 else layer  # blocks run before the hidden state
+    return layers - index + 1
+
+
+_OPEN_CLIP_TEXT = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+_OPEN_CLIP_TEXT += ("logit_scale",)
 
 
 class _HostTextEncoder:
@@ -141,6 +173,34 @@ class HFTextEncoder(_HostTextEncoder):
         pooled = None if self.projection is None else self.projection(out.pooler_output)  # [B, P]
         return TextEncoderOutput(hidden.to(self.device), None if pooled is None else pooled.to(self.device))
 
+    def tower_weights(self) -> TowerWeights:
+        """The tower in our open_clip layout and role (for a private copy: aesthetic gradients)."""
+        c = self.text_model.config
+        vocab, width = self._embedding.weight.shape
+        state = hf_to_open_clip({f"text_model.{k}": v for k, v in unwrapped_state(self.text_model).items()})
+        projection_dim = None
+        if self.projection is not None:
+            state["text_projection"] = self.projection.weight.T  # Linear [P, W] -> ours [W, P]
+            projection_dim = int(self.projection.weight.shape[0])
+        config = TextEncoderConfig(
+            key=self.key,  # type: ignore[arg-type]
+            width=int(width),
+            layers=int(c.num_hidden_layers),
+            heads=int(c.num_attention_heads),
+            activation="quick_gelu" if c.hidden_act == "quick_gelu" else "gelu",
+            checkpoint_layout="hf",
+            output_layer="last",
+            final_norm=self.final_norm,
+            projection_dim=projection_dim,
+            pooled_output=projection_dim is not None,
+            vocab_size=int(vocab),
+            context_length=int(c.max_position_embeddings),
+        )
+        version = weights_version(self.text_model) ^ (
+            0 if self.projection is None else weights_version(self.projection)
+        )
+        return TowerWeights(config, state, _clip_skip(self.layer, config.layers), version)
+
 
 class OpenClipTextEncoder(_HostTextEncoder):
     """ldm's `FrozenOpenCLIPEmbedder` (A1111 SD2) or sgm's `FrozenOpenCLIPEmbedder2` (A1111 SDXL bigG).
@@ -171,3 +231,38 @@ class OpenClipTextEncoder(_HostTextEncoder):
         else:
             hidden = out
         return TextEncoderOutput(hidden.to(self.device), None if pooled is None else pooled.to(self.device))
+
+    def tower_weights(self) -> TowerWeights:
+        """The tower in our open_clip layout and role (for a private copy: aesthetic gradients). ldm's
+        embedder applies ln_final to its layer; sgm's (SDXL bigG) does not and pools."""
+        model = self.embedder.model
+        keep = (
+            "token_embedding.",
+            "positional_embedding",
+            "transformer.",
+            "ln_final.",
+            "text_projection",
+            "logit_scale",
+        )
+        state = {k: v for k, v in unwrapped_state(model).items() if k.startswith(keep)}
+        vocab, width = self._embedding.weight.shape
+        blocks = model.transformer.resblocks
+        sgm = hasattr(self.embedder, "legacy") or hasattr(self.embedder, "return_pooled")
+        projection = state.get("text_projection")
+        config = TextEncoderConfig(
+            key=self.key,  # type: ignore[arg-type]
+            width=int(width),
+            layers=len(blocks),
+            heads=int(getattr(blocks[0].attn, "num_heads", heads_for_width(int(width)))),
+            activation="gelu",
+            checkpoint_layout="open_clip",
+            output_layer="last",
+            final_norm=not sgm,
+            projection_dim=None if projection is None else int(projection.shape[1]),
+            has_logit_scale="logit_scale" in state,
+            pooled_output=sgm and bool(getattr(self.embedder, "return_pooled", True)) and projection is not None,
+            vocab_size=int(vocab),
+            context_length=int(state["positional_embedding"].shape[0]),
+        )
+        skip = int(getattr(self.embedder, "layer_idx", 0) or 0) + 1
+        return TowerWeights(config, state, skip, weights_version(model))
