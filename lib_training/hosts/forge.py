@@ -134,6 +134,8 @@ def build_model(sd_model: Any, blocks: ForgeBlocks | None = None) -> HostDiffusi
                 projection=projection,
                 device=device,
                 prepare=load_unet_and_text,
+                # SD1's CLIP-L projection is left uninitialised by Forge's loader; the others are loaded
+                feature_projection=None if key == "clip_l" else getattr(tower.transformer, "text_projection", None),
             )
         )
     return HostDiffusionModel(

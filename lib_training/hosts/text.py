@@ -142,7 +142,9 @@ class HFTextEncoder(_HostTextEncoder):
     """A Hugging Face `CLIPTextTransformer` (`text_model`): A1111's CLIP-L, Forge's every tower.
 
     `layer` indexes `hidden_states` (0 = embeddings, -1 = last layer); `final_norm` applies the
-    tower's final LayerNorm to it; `projection` (Forge's clip_g) projects the pooled output.
+    tower's final LayerNorm to it; `projection` (Forge's clip_g) projects the pooled output;
+    `feature_projection` is a projection the tower has without pooling through it (Forge's SD2), for
+    the text features of a private copy (`tower_weights`).
     """
 
     def __init__(
@@ -156,12 +158,14 @@ class HFTextEncoder(_HostTextEncoder):
         device: torch.device,
         projection: nn.Module | None = None,
         prepare: Callable[[], None] | None = None,
+        feature_projection: nn.Module | None = None,
     ) -> None:
         super().__init__(key, tokenizer, unwrap_embedding(text_model.embeddings.token_embedding), device, prepare)
         self.text_model = text_model
         self.layer = layer
         self.final_norm = final_norm
         self.projection = projection
+        self.feature_projection = feature_projection
 
     def encode_embeddings(self, embeds: Tensor, ids: Tensor) -> TextEncoderOutput:
         embeds, ids = self._inputs(embeds, ids)
@@ -179,9 +183,10 @@ class HFTextEncoder(_HostTextEncoder):
         vocab, width = self._embedding.weight.shape
         state = hf_to_open_clip({f"text_model.{k}": v for k, v in unwrapped_state(self.text_model).items()})
         projection_dim = None
-        if self.projection is not None:
-            state["text_projection"] = self.projection.weight.T  # Linear [P, W] -> ours [W, P]
-            projection_dim = int(self.projection.weight.shape[0])
+        projection = self.projection if self.projection is not None else self.feature_projection
+        if projection is not None:
+            state["text_projection"] = projection.weight.T  # Linear [P, W] -> ours [W, P]
+            projection_dim = int(projection.weight.shape[0])
         config = TextEncoderConfig(
             key=self.key,  # type: ignore[arg-type]
             width=int(width),
@@ -192,7 +197,7 @@ class HFTextEncoder(_HostTextEncoder):
             output_layer="last",
             final_norm=self.final_norm,
             projection_dim=projection_dim,
-            pooled_output=projection_dim is not None,
+            pooled_output=self.projection is not None,
             vocab_size=int(vocab),
             context_length=int(c.max_position_embeddings),
         )

@@ -3,13 +3,23 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 from webui_support import A1111_SHAPES, FORGE_SHAPES
 
-from lib_training.aesthetic.personalise import PrivateTower
+from lib_training.aesthetic.embedding_file import save_embedding
+from lib_training.aesthetic.personalise import AestheticSettings, PrivateTower
 from lib_training.model.prompt import tokenize
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for aesthetic_support
+from aesthetic_support import tiny_clip
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "aesthetic_gradients.py"
 SHAPES = [("a1111", arch) for arch in A1111_SHAPES] + [("forge", arch) for arch in FORGE_SHAPES]
 
 
@@ -31,3 +41,70 @@ def test_the_private_copy_of_each_host_tower_conditions_like_the_host(kind, arch
                 torch.testing.assert_close(ours.pooled, theirs.pooled.float(), atol=1e-5, rtol=1e-4)
             host_ptrs = {t.data_ptr() for t in weights.state.values()}
             assert not host_ptrs & {p.data_ptr() for p in tower.module.parameters()}
+
+
+def _chunk(engine, text: str) -> list[list[int]]:
+    """One prompt as the hosts make a chunk: BOS, tokens, EOS, padded with EOS to 77."""
+    row = [engine.id_start, *engine.tokenize([text])[0][:75], engine.id_end]
+    return [row + [engine.id_end] * (77 - len(row))]
+
+
+@pytest.mark.parametrize(("kind", "arch"), SHAPES)
+def test_a_generation_personalises_the_hosts_conditioning_and_leaves_nothing_behind(
+    kind, arch, request, standalone, tmp_path
+) -> None:
+    webui = request.getfixturevalue(kind)
+    ours = standalone[arch]
+    webui.load(ours)
+    from lib_training.hosts import aesthetic
+
+    sd_model = webui.shared.sd_model
+    engines = aesthetic.text_engines(sd_model)
+    target_key = {"sd1": "clip_l", "sd2": "clip_h", "sdxl": "clip_g"}[arch]
+    width = 32 if arch == "sd1" else 128  # SD1: the tiny CLIP's features; SD2 and bigG: their own projection
+    save_embedding(webui.data / "models" / "aesthetic_embeddings" / "style.pt", torch.randn(1, width))
+    clip = tiny_clip(tmp_path / "clip", text_width=ours.text_encoders[0].width)
+    chunks = {key: _chunk(engine, "a red ball") for engine, key in engines}
+    ones = [[1.0] * 77]
+    with torch.no_grad():
+        plain = {key: engine.process_tokens(chunks[key], ones) for engine, key in engines}
+    before = webui.snapshot()
+    p = SimpleNamespace(sd_model=sd_model, extra_generation_params={})
+    values = ("style", 0.9, 3, "0.001", False, "", 0.1, False, str(clip.weights) if arch == "sd1" else "")
+    aesthetic.process(p, *values)
+    try:
+        with torch.no_grad():
+            tuned = {key: engine.process_tokens(chunks[key], ones) for engine, key in engines}
+            count = aesthetic.hooks._session.personaliser.optimisations
+            again = {key: engine.process_tokens(chunks[key], ones) for engine, key in engines}
+        assert aesthetic.hooks._session.personaliser.optimisations == count == 1  # the second is cached
+    finally:
+        aesthetic.after_generation(p)
+    for engine, key in engines:
+        assert "process_tokens" not in vars(engine)
+        assert torch.equal(again[key], tuned[key])
+        if key == target_key:
+            assert not torch.allclose(tuned[key], plain[key])
+            if getattr(plain[key], "pooled", None) is not None:
+                assert not torch.allclose(tuned[key].pooled, plain[key].pooled)
+        else:
+            assert torch.equal(tuned[key], plain[key])
+        with torch.no_grad():
+            assert torch.equal(engine.process_tokens(chunks[key], ones), plain[key])
+    assert webui.snapshot() == before
+    assert p.extra_generation_params["Aesthetic embedding"] == "style" and p.cached_c == [None, None]
+
+
+def test_the_script_is_an_always_visible_section_with_the_extensions_infotext(a1111) -> None:
+    import gradio as gr
+
+    spec = importlib.util.spec_from_file_location("aesthetic_gradients.py", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    script = module.AestheticGradientsScript()
+    assert script.show(False) is a1111.module("modules.scripts").AlwaysVisible
+    with gr.Blocks():
+        inputs = script.ui(False)
+    assert len(inputs) == 9
+    names = [name for _, name in script.infotext_fields]
+    assert sorted(names) == sorted(AestheticSettings().infotext("x"))

@@ -15,11 +15,22 @@ from lib_training.errors import ConfigError
 NONE = "None"
 
 
+# The extension's infotext names, by the index of the input they restore.
+INFOTEXT_NAMES = (
+    "Aesthetic embedding", "Aesthetic weight", "Aesthetic steps", "Aesthetic LR", "Aesthetic slerp",
+    "Aesthetic text", "Aesthetic slerp angle", "Aesthetic text negative",
+)  # fmt: skip
+
+
 @dataclass
 class AestheticPanel:
     """The accordion's input components, in the order `request` takes their values."""
 
     inputs: list[Any]
+
+    def infotext_fields(self) -> list[tuple[Any, str]]:
+        """(component, infotext name) pairs: a WebUI's "send to txt2img" sets the controls from them."""
+        return list(zip(self.inputs, INFOTEXT_NAMES))
 
     @staticmethod
     def request(*values: Any) -> AestheticRequest | None:
@@ -38,10 +49,10 @@ class AestheticPanel:
         return AestheticRequest([name], settings, clip_source(weights=(clip_weights or "").strip()))
 
 
-def build_aesthetic_panel(aesthetic: AestheticService) -> AestheticPanel:
+def build_aesthetic_panel(aesthetic: AestheticService, elem_id: str = "sdwt-gen-aesthetic") -> AestheticPanel:
     """The accordion (closed), inside the current Blocks context."""
     d = AestheticSettings()
-    with gr.Accordion("Aesthetic gradients", open=False, elem_id="sdwt-gen-aesthetic"):
+    with gr.Accordion("Aesthetic gradients", open=False, elem_id=elem_id):
         with gr.Row():
             weight = gr.Slider(0, 1, value=d.weight, step=0.01, label="Aesthetic weight")
             steps = gr.Slider(0, 50, value=d.steps, step=1, label="Aesthetic steps")
