@@ -181,12 +181,14 @@ class HFTextEncoder(_HostTextEncoder):
         """The tower in our open_clip layout and role (for a private copy: aesthetic gradients)."""
         c = self.text_model.config
         vocab, width = self._embedding.weight.shape
-        state = hf_to_open_clip({f"text_model.{k}": v for k, v in unwrapped_state(self.text_model).items()})
-        projection_dim = None
         projection = self.projection if self.projection is not None else self.feature_projection
-        if projection is not None:
-            state["text_projection"] = projection.weight.T  # Linear [P, W] -> ours [W, P]
-            projection_dim = int(projection.weight.shape[0])
+
+        def read_state() -> dict[str, Tensor]:
+            state = hf_to_open_clip({f"text_model.{k}": v for k, v in unwrapped_state(self.text_model).items()})
+            if projection is not None:
+                state["text_projection"] = projection.weight.T  # Linear [P, W] -> ours [W, P]
+            return state
+
         config = TextEncoderConfig(
             key=self.key,  # type: ignore[arg-type]
             width=int(width),
@@ -196,15 +198,15 @@ class HFTextEncoder(_HostTextEncoder):
             checkpoint_layout="hf",
             output_layer="last",
             final_norm=self.final_norm,
-            projection_dim=projection_dim,
+            projection_dim=None if projection is None else int(projection.weight.shape[0]),
             pooled_output=self.projection is not None,
             vocab_size=int(vocab),
             context_length=int(c.max_position_embeddings),
         )
-        version = weights_version(self.text_model) ^ (
-            0 if self.projection is None else weights_version(self.projection)
-        )
-        return TowerWeights(config, state, _clip_skip(self.layer, config.layers), version)
+        version = weights_version(self.text_model)
+        if projection is not None:
+            version ^= weights_version(projection)
+        return TowerWeights(config, read_state, _clip_skip(self.layer, config.layers), version)
 
 
 class OpenClipTextEncoder(_HostTextEncoder):
@@ -241,19 +243,14 @@ class OpenClipTextEncoder(_HostTextEncoder):
         """The tower in our open_clip layout and role (for a private copy: aesthetic gradients). ldm's
         embedder applies ln_final to its layer; sgm's (SDXL bigG) does not and pools."""
         model = self.embedder.model
-        keep = (
-            "token_embedding.",
-            "positional_embedding",
-            "transformer.",
-            "ln_final.",
-            "text_projection",
-            "logit_scale",
-        )
-        state = {k: v for k, v in unwrapped_state(model).items() if k.startswith(keep)}
+
+        def read_state() -> dict[str, Tensor]:
+            return {k: v for k, v in unwrapped_state(model).items() if k.startswith(_OPEN_CLIP_TEXT)}
+
+        projection = getattr(model, "text_projection", None)
         vocab, width = self._embedding.weight.shape
         blocks = model.transformer.resblocks
         sgm = hasattr(self.embedder, "legacy") or hasattr(self.embedder, "return_pooled")
-        projection = state.get("text_projection")
         config = TextEncoderConfig(
             key=self.key,  # type: ignore[arg-type]
             width=int(width),
@@ -264,10 +261,10 @@ class OpenClipTextEncoder(_HostTextEncoder):
             output_layer="last",
             final_norm=not sgm,
             projection_dim=None if projection is None else int(projection.shape[1]),
-            has_logit_scale="logit_scale" in state,
+            has_logit_scale=getattr(model, "logit_scale", None) is not None,
             pooled_output=sgm and bool(getattr(self.embedder, "return_pooled", True)) and projection is not None,
             vocab_size=int(vocab),
-            context_length=int(state["positional_embedding"].shape[0]),
+            context_length=int(model.positional_embedding.shape[0]),
         )
         skip = int(getattr(self.embedder, "layer_idx", 0) or 0) + 1
-        return TowerWeights(config, state, skip, weights_version(model))
+        return TowerWeights(config, read_state, skip, weights_version(model))
