@@ -73,7 +73,7 @@ def test_a_generation_personalises_the_hosts_conditioning_and_leaves_nothing_beh
     values = ("style", 0.9, 3, "0.001", False, "", 0.1, False, str(clip.weights) if arch == "sd1" else "")
     aesthetic.process(p, *values)
     try:
-        with torch.no_grad():
+        with torch.inference_mode() if kind == "forge" else torch.no_grad():  # Forge generates in inference mode
             tuned = {key: engine.process_tokens(chunks[key], ones) for engine, key in engines}
             count = aesthetic.hooks._session.personaliser.optimisations
             again = {key: engine.process_tokens(chunks[key], ones) for engine, key in engines}
