@@ -210,7 +210,7 @@ class Personaliser:
     first step and after the last.
     """
 
-    def __init__(self, model: DiffusionModel, clip: ClipSource | None = None, cache_size: int = 256) -> None:
+    def __init__(self, model: DiffusionModel, clip: ClipSource | None = None, cache_size: int = 64) -> None:
         self.model = model
         self.clip = clip or ClipSource()
         self.cache_size = cache_size

@@ -105,7 +105,7 @@ class _Session:
 
     identity: tuple[Any, ...]
     personaliser: Personaliser
-    installed: list[tuple[Any, Any]] = field(default_factory=list)  # (engine, our process_tokens)
+    installed: list[tuple[Any, Any, Any]] = field(default_factory=list)  # (engine, ours, the override before)
 
 
 class AestheticHooks:
@@ -139,9 +139,10 @@ class AestheticHooks:
             encoders = {e.key: e for e in personaliser.model.text_encoders}
             for engine, key in text_engines(sd_model):
                 if key in assigned:
+                    previous = vars(engine).get("process_tokens")  # another extension's override, if any
                     hook = _make_hook(engine, encoders[key], personaliser, assigned[key], settings)
                     engine.process_tokens = hook
-                    self._session.installed.append((engine, hook))  # type: ignore[union-attr]
+                    self._session.installed.append((engine, hook, previous))  # type: ignore[union-attr]
             return assigned
 
     def remove(self) -> None:
@@ -149,16 +150,19 @@ class AestheticHooks:
         session = self._session
         if session is None:
             return
-        for engine, hook in session.installed:
+        for engine, hook, previous in reversed(session.installed):
             if vars(engine).get("process_tokens") is hook:
-                del engine.process_tokens
+                if previous is None:
+                    del engine.process_tokens
+                else:
+                    engine.process_tokens = previous
         session.installed.clear()
 
 
 def _make_hook(
     engine: Any, encoder: TextEncoder, personaliser: Personaliser, embedding: AestheticEmbedding, settings: Any
 ) -> Any:
-    original = type(engine).process_tokens.__get__(engine)
+    original = engine.process_tokens  # the class's, or an override installed before ours
     tokenizer = encoder.tokenizer
 
     def process_tokens(remade_batch_tokens: Any, batch_multipliers: Any) -> Tensor:
@@ -195,10 +199,11 @@ def before_generation(p: Any, request: AestheticRequest | None, resolve: Any) ->
         return
     request.settings.check()
     embeddings = [load_embedding(resolve(text)) for text in request.embeddings]
+    # As the extension: the parameters go into the infotext whenever an embedding is chosen.
+    p.extra_generation_params.update(request.settings.infotext(", ".join(e.name for e in embeddings)))
     if not request.settings.active:
         return
     hooks.install(p.sd_model, embeddings, request.settings, request.clip)
-    p.extra_generation_params.update(request.settings.infotext(", ".join(e.name for e in embeddings)))
     for name in _CACHES:
         setattr(p, name, [None, None])
 

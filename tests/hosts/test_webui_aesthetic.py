@@ -108,3 +108,39 @@ def test_the_script_is_an_always_visible_section_with_the_extensions_infotext(a1
     assert len(inputs) == 9
     names = [name for _, name in script.infotext_fields]
     assert sorted(names) == sorted(AestheticSettings().infotext("x"))
+
+
+def test_an_override_installed_before_ours_is_called_and_put_back(a1111, standalone) -> None:
+    """The aesthetic-gradients extension itself replaces `process_tokens` for good; ours wraps it."""
+    from lib_training.hosts import aesthetic
+
+    a1111.load(standalone["sd2"])
+    sd_model = a1111.shared.sd_model
+    engine = sd_model.cond_stage_model
+    calls = []
+
+    def theirs(tokens, multipliers):
+        calls.append(1)
+        return type(engine).process_tokens(engine, tokens, multipliers)
+
+    engine.process_tokens = theirs
+    save_embedding(a1111.data / "models" / "aesthetic_embeddings" / "style.pt", torch.randn(1, 128))
+    p = SimpleNamespace(sd_model=sd_model, extra_generation_params={})
+    aesthetic.process(p, "style", 0.9, 1, "0.001", False, "", 0.1, False, "")
+    with torch.no_grad():
+        engine.process_tokens(_chunk(engine, "a red ball"), [[1.0] * 77])
+    aesthetic.after_generation(p)
+    assert calls == [1] and vars(engine)["process_tokens"] is theirs
+
+
+def test_weight_zero_writes_the_infotext_and_hooks_nothing(a1111, standalone) -> None:
+    from lib_training.hosts import aesthetic
+
+    a1111.load(standalone["sd2"])
+    sd_model = a1111.shared.sd_model
+    save_embedding(a1111.data / "models" / "aesthetic_embeddings" / "style.pt", torch.randn(1, 128))
+    p = SimpleNamespace(sd_model=sd_model, extra_generation_params={})
+    aesthetic.process(p, "style", 0.0, 5, "0.0001", False, "", 0.1, False, "")
+    assert "process_tokens" not in vars(sd_model.cond_stage_model)
+    assert p.extra_generation_params["Aesthetic weight"] == 0.0
+    aesthetic.after_generation(p)
