@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from lib_training.formats.detection import TEXT_ENCODERS, UNET_PREFIX
 from lib_training.formats.family import Arch
@@ -148,10 +149,35 @@ def lora_targets(shapes: Mapping[str, tuple[int, ...]], arch: Arch) -> list[Lora
             if arch is Arch.SDXL:
                 names.reverse()  # SDXL LoRAs spell the LDM path
             targets.append(LoraTarget(names[0], key, tuple(shape), aliases=tuple(names[1:])))
-    for slot, prefix in zip(TEXT_ENCODERS[arch], _TE_LORA_PREFIXES[arch]):
-        for key, shape in shapes.items():
-            if key.startswith(slot.prefix):
-                targets.extend(_text_targets(key, key[len(slot.prefix) :], tuple(shape), slot.key, slot.layout, prefix))
+    for slot in TEXT_ENCODERS[arch]:
+        targets.extend(text_encoder_targets(shapes, arch, slot.key))
+    return targets
+
+
+def text_encoder_targets(
+    shapes: Mapping[str, tuple[int, ...]],
+    arch: Arch,
+    component: str,
+    *,
+    layout: Literal["hf", "open_clip"] | None = None,
+    prefix: str | None = None,
+) -> list[LoraTarget]:
+    """The targets of one text encoder (`component`: "clip_l", "clip_h", "clip_g") among `shapes`.
+
+    By default the keys are the checkpoint's: under the encoder's checkpoint prefix, spelled in
+    the layout the checkpoint stores it in. `layout` and `prefix` read another spelling (a loaded
+    model's module paths), giving the same names; each target's `key` is then the given key.
+    """
+    found = [(slot, name) for slot, name in zip(TEXT_ENCODERS[arch], _TE_LORA_PREFIXES[arch]) if slot.key == component]
+    if not found:
+        raise KeyError(f"{arch.value} models have no text encoder {component!r}")
+    slot, lora_prefix = found[0]
+    layout = slot.layout if layout is None else layout
+    prefix = slot.prefix if prefix is None else prefix
+    targets: list[LoraTarget] = []
+    for key, shape in shapes.items():
+        if key.startswith(prefix):
+            targets.extend(_text_targets(key, key[len(prefix) :], tuple(shape), component, layout, lora_prefix))
     return targets
 
 

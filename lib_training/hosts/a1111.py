@@ -45,6 +45,7 @@ from lib_training.hosts.tokenizers import HostTokenizer
 from lib_training.hosts.vae import HostVAE
 from lib_training.model.diffusion import TextEncoder
 from lib_training.model.hooks import ModuleHooks
+from lib_training.model.module_map import ModuleRoot
 from lib_training.model.noise_schedule import NoiseSchedule
 
 LOWVRAM_MESSAGE = (
@@ -139,6 +140,15 @@ def host_modules(sd_model: Any) -> dict[str, nn.Module]:
     return modules
 
 
+def module_roots(sd_model: Any) -> list[ModuleRoot]:
+    """Where the module map finds the layers: the ldm/sgm UNet, the HF CLIP-L `CLIPTextModel`s and
+    the open_clip towers (fused q/k/v), each at its checkpoint prefix (the same objects as
+    `host_modules`)."""
+    layouts = {"unet": "ldm", "clip_l": "hf", "clip_h": "open_clip", "clip_g": "open_clip"}
+    modules = host_modules(sd_model)
+    return [ModuleRoot(key, modules[key], layout) for key, layout in layouts.items() if key in modules]  # type: ignore[arg-type]
+
+
 def build_model(sd_model: Any, checkpointing: Checkpointing | None = None) -> HostDiffusionModel:
     """The interface over A1111's loaded model (valid while the session that built it is open)."""
     from modules import devices, shared
@@ -205,6 +215,7 @@ def build_model(sd_model: Any, checkpointing: Checkpointing | None = None) -> Ho
         dtype=devices.dtype_unet,
         vae_dtype=devices.dtype_vae,
         modules=host_modules(sd_model),
+        module_roots=module_roots(sd_model),
         checkpointing=checkpointing,
     )
 

@@ -42,6 +42,7 @@ from lib_training.hosts.tokenizers import HostTokenizer
 from lib_training.hosts.vae import HostVAE
 from lib_training.model.diffusion import TextEncoder
 from lib_training.model.hooks import ModuleHooks
+from lib_training.model.module_map import ModuleRoot
 from lib_training.model.noise_schedule import NoiseSchedule
 
 # Text-processing engines of each family, with the text encoder (TI key) each one runs.
@@ -86,6 +87,17 @@ def host_modules(sd_model: Any) -> dict[str, nn.Module]:
     """Named host modules (for hashing): the whole KModel (UNet + predictor), VAE, text encoders."""
     objects = sd_model.forge_objects_original
     return {"unet": objects.unet.model, "vae": objects.vae.first_stage_model, "text": objects.clip.cond_stage_model}
+
+
+def module_roots(sd_model: Any) -> list[ModuleRoot]:
+    """Where the module map finds the layers: the UNet (LDM names) and every text tower's HF
+    `CLIPTextModel` (separate q/k/v Linears, also for OpenCLIP-H and bigG)."""
+    arch = check_supported(sd_model)
+    objects = sd_model.forge_objects_original
+    roots = [ModuleRoot("unet", objects.unet.model.diffusion_model, "ldm")]
+    for _, key in _ENGINES[arch]:
+        roots.append(ModuleRoot(key, getattr(objects.clip.cond_stage_model, key).transformer, "hf"))
+    return roots
 
 
 def build_model(sd_model: Any, blocks: ForgeBlocks | None = None) -> HostDiffusionModel:
@@ -148,6 +160,7 @@ def build_model(sd_model: Any, blocks: ForgeBlocks | None = None) -> HostDiffusi
         dtype=kmodel.computation_dtype,
         vae_dtype=vae.vae_dtype,
         modules={"unet": dm, "vae": fsm, **{key: getattr(clip.cond_stage_model, key) for _, key in _ENGINES[arch]}},
+        module_roots=module_roots(sd_model),
         checkpointing=None if blocks is None else blocks.set_checkpointing,
     )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,9 @@ from torch import Tensor, nn
 from lib_training.formats.family import ModelFamily
 from lib_training.model.networks.timestep import timestep_embedding
 from lib_training.model.noise_schedule import NoiseSchedule
+
+if TYPE_CHECKING:
+    from lib_training.model.module_map import ModuleMap, ModuleRoot
 
 LatentSampling = Literal["mean", "random"]
 
@@ -145,6 +148,8 @@ class DiffusionModel:
     dtype: torch.dtype
     vae_dtype: torch.dtype | None = None  # SDXL's VAE overflows in fp16; adapters may keep it in fp32
     modules: dict[str, nn.Module] = field(default_factory=dict)  # named torch modules, for hashing/freezing
+    module_roots: list[ModuleRoot] = field(default_factory=list)  # where the hookable layers are (module_map)
+    _module_map: ModuleMap | None = field(default=None, init=False, repr=False, compare=False)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         """Recompute activations in the backward pass (less memory). Adapters that can, override this."""
@@ -152,6 +157,20 @@ class DiffusionModel:
             from lib_training.errors import ConfigError
 
             raise ConfigError("gradient checkpointing is not available for this model")
+
+    def module_map(self) -> ModuleMap:
+        """Every hookable layer by kohya name, checkpoint key and kind (built on first call, then cached).
+
+        See `lib_training.model.module_map`; the adapter that built this model says where its
+        layers are in `module_roots`.
+        """
+        if self._module_map is None:
+            from lib_training.model.module_map import build_module_map
+
+            if not self.module_roots:
+                raise ValueError(f"this {type(self).__name__} was built without module roots; it has no module map")
+            self._module_map = build_module_map(self.family.arch, self.module_roots)
+        return self._module_map
 
     # --- text -----------------------------------------------------------------------------
     def text_encoder(self, key: str) -> TextEncoder:

@@ -31,6 +31,7 @@ from lib_training.formats.detection import (
 from lib_training.formats.family import Arch, ModelFamily, Prediction
 from lib_training.formats.tensor_files import TensorSource, open_tensors, save_safetensors
 from lib_training.model.diffusion import DiffusionModel
+from lib_training.model.module_map import ModuleRoot
 from lib_training.model.networks.text_encoder import (
     ClipTextEncoder,
     TextEncoderConfig,
@@ -120,6 +121,10 @@ def assemble(
         dtype=dtype,
         vae_dtype=vae_dtype,
         modules=modules,
+        module_roots=[
+            ModuleRoot("unet", unet, "ldm"),
+            *(ModuleRoot(encoder.key, encoder, "open_clip") for encoder in text_encoders),
+        ],
         metadata=metadata or {},
         extras=extras or {},
         source=source,
