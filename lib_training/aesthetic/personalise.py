@@ -261,6 +261,13 @@ class Personaliser:
         return assigned
 
     # --- personalising ------------------------------------------------------------------------
+    def prepare(self, embeddings: Mapping[str, AestheticEmbedding]) -> None:
+        """Make the private towers of the encoders `embeddings` are for (CLIP-L's projection loaded):
+        a missing CLIP weights file or download fails here, before any sampling."""
+        for encoder in self.model.text_encoders:
+            if encoder.key in embeddings:
+                self.tower(encoder)
+
     def tower(self, encoder: TextEncoder) -> PrivateTower:
         with self._lock:
             if encoder.key not in self._towers:
@@ -429,6 +436,7 @@ def aesthetic_applied(
     """While inside, the personaliser's model conditions through the personalised towers
     (`embeddings`: encoder key -> embedding, from `Personaliser.match`)."""
     model = personaliser.model
+    personaliser.prepare(embeddings)
     originals = model.text_encoders
     model.text_encoders = [
         AestheticTextEncoder(e, personaliser, embeddings[e.key], settings) if e.key in embeddings else e

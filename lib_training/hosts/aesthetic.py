@@ -136,6 +136,7 @@ class AestheticHooks:
             self.remove()
             personaliser = self.personaliser(sd_model, clip)
             assigned = personaliser.match(embeddings)
+            personaliser.prepare(assigned)  # errors (CLIP weights) now, not in the middle of the generation
             encoders = {e.key: e for e in personaliser.model.text_encoders}
             for engine, key in text_engines(sd_model):
                 if key in assigned:
