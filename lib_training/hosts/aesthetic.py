@@ -10,9 +10,10 @@ an embedding for one generation (the script's `process`) and deleted afterwards 
 the next `process`). It calls the host's own method, then mixes in the personalised tower's output
 (`Personaliser.apply`); the private towers are copies made from the adapter's `tower_weights`.
 
-A1111 keeps the conditioning of the last prompts across generations; a generation with aesthetic
-gradients gets empty caches of its own (`p.cached_c` and the like, on the instance), so neither
-reuses the other's conditioning.
+Only the text towers are used, so what training refuses (A1111's --lowvram and SD UNets, Forge's
+quantised UNets) does not stop it. A1111 keeps the conditioning of the last prompts across
+generations; a generation with aesthetic gradients gets empty caches of its own (`p.cached_c` and
+the like, on the instance), so neither reuses the other's conditioning.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ def text_engines(sd_model: Any) -> list[tuple[Any, str]]:
     if is_forge(sd_model):
         from lib_training.hosts import forge
 
-        return [(getattr(sd_model, name), key) for name, key in _FORGE_ENGINES[forge.check_supported(sd_model)]]
+        return [(getattr(sd_model, name), key) for name, key in _FORGE_ENGINES[forge.model_arch(sd_model)]]
     from lib_training.hosts import a1111
 
-    arch = a1111.check_supported(sd_model)
+    arch = a1111.model_arch(sd_model)
     if arch is Arch.SDXL:
         clip_l, clip_g = a1111._sdxl_towers(sd_model)  # type: ignore[misc]
         return [(clip_l, "clip_l"), (clip_g, "clip_g")]

@@ -144,3 +144,20 @@ def test_weight_zero_writes_the_infotext_and_hooks_nothing(a1111, standalone) ->
     assert "process_tokens" not in vars(sd_model.cond_stage_model)
     assert p.extra_generation_params["Aesthetic weight"] == 0.0
     aesthetic.after_generation(p)
+
+
+def test_what_only_training_refuses_does_not_stop_a_generation(a1111, standalone) -> None:
+    """--lowvram moves the model block by block, which training cannot work with; the text towers'
+    private copies need none of that."""
+    from lib_training.hosts import aesthetic
+
+    a1111.load(standalone["sd2"])
+    a1111.shared.cmd_opts.lowvram = True
+    sd_model = a1111.shared.sd_model
+    save_embedding(a1111.data / "models" / "aesthetic_embeddings" / "style.pt", torch.randn(1, 128))
+    p = SimpleNamespace(sd_model=sd_model, extra_generation_params={})
+    aesthetic.process(p, "style", 0.9, 1, "0.001", False, "", 0.1, False, "")
+    try:
+        assert "process_tokens" in vars(sd_model.cond_stage_model)
+    finally:
+        aesthetic.after_generation(p)
