@@ -302,6 +302,18 @@ def test_clip_l_without_its_clip_weights_is_refused_with_a_message(tiny_sd1, tmp
         personaliser.match([random_embedding(768)])
 
 
+def test_the_projection_is_also_read_from_a_transformers_clip_model_file(tmp_path) -> None:
+    """transformers' `CLIPModel` stores the projection as a Linear [P, W]; open_clip as [W, P]."""
+    from lib_training.aesthetic.clip_model import text_projection
+    from lib_training.formats.tensor_files import save_safetensors
+
+    linear = torch.randn(768, 768)
+    save_safetensors(tmp_path / "model.safetensors", {"text_projection.weight": linear})
+    source = ClipSource(weights=tmp_path / "model.safetensors")
+    assert source.feature_width() == 768
+    torch.testing.assert_close(text_projection(source), linear.T)
+
+
 def test_settings_out_of_range_are_refused() -> None:
     with pytest.raises(UserError, match=r"weight must be between 0 and 1.*steps must be 0 or more"):
         AestheticSettings(weight=1.5, steps=-1).check()

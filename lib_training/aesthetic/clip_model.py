@@ -8,7 +8,9 @@ network access, or read from a local weights file in open_clip's layout (`--clip
 SD1's and SDXL's CLIP-L are stored in checkpoints without their text projection, so the features
 of a prompt cannot be computed from the checkpoint alone; as in the extension, the projection of
 the full CLIP model is used (`text_projection`, [768, 768] for ViT-L/14). It is kept in the user
-cache after the first download, so applying an embedding later works offline.
+cache after the first download, so applying an embedding later works offline. For the projection
+alone, a transformers `CLIPModel` file also does (the extension's own source of CLIP, e.g.
+`openai/clip-vit-large-patch14`'s `model.safetensors`); making embeddings needs open_clip's layout.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ DEFAULT_PRETRAINED = "openai"
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 _PREFIXES = ("state_dict.", "module.")  # nesting of some training checkpoints
+_HF_PROJECTION = "text_projection.weight"  # transformers' CLIPModel: Linear [P, W]
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ class ClipSource:
                 key = _find_key(source.keys(), "text_projection")
                 if key is not None:
                     return int(source.shape(key)[1])
+                key = _find_key(source.keys(), _HF_PROJECTION)
+                if key is not None:
+                    return int(source.shape(key)[0])
         return int(open_clip.get_model_config(self.model)["embed_dim"])
 
 
@@ -150,12 +156,16 @@ def text_projection(source: ClipSource) -> Tensor:
         if source.weights is not None:
             with open_tensors(source.weights) as tensors:
                 key = _find_key(tensors.keys(), "text_projection")
-                if key is None:
+                hf_key = _find_key(tensors.keys(), _HF_PROJECTION)
+                if key is not None:
+                    projection = tensors.get(key).float()
+                elif hf_key is not None:  # transformers' CLIPModel: a Linear [P, W]
+                    projection = tensors.get(hf_key).float().T
+                else:
                     raise UserError(
-                        f"{Path(source.weights).name} has no text_projection; give the full CLIP model's weights "
-                        "in open_clip's layout (image and text towers)"
+                        f"{Path(source.weights).name} has no text projection; give the full CLIP model's weights "
+                        "(open_clip's layout, or transformers' CLIPModel for the projection alone)"
                     )
-                projection = tensors.get(key).float()
         else:
             cached = _cached_projection_path(source)
             if cached.is_file():
