@@ -93,6 +93,14 @@ def test_published_variants_are_read_as_fp32_1_by_d(tmp_path, variant) -> None:
     torch.testing.assert_close(embedding.features, stored.float().reshape(1, -1))
 
 
+def test_a_stopped_creation_writes_nothing(pictures, sd1_clip, tmp_path) -> None:
+    from lib_training.aesthetic.create import CancelledError
+
+    with pytest.raises(CancelledError, match="no embedding was written"):
+        create_embedding(pictures, "style", tmp_path, sd1_clip, should_stop=lambda: True)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_empty_image_folder_is_refused_with_a_message(sd1_clip, tmp_path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="contains no images"):
