@@ -146,7 +146,7 @@ def default_label(name: str) -> str:
     return " ".join(words)
 
 
-def _convert(info: FieldInfo, value: Any) -> Any:
+def convert(info: FieldInfo, value: Any) -> Any:
     """Coerce a JSON/CLI value to the field's kind; raise ValueError with a short reason."""
     if value is None:
         if info.optional:
@@ -195,7 +195,7 @@ def field_errors(cls: type, data: Mapping[str, Any], defaults: Mapping[str, Any]
                 errors[name] = "required"
             continue
         try:
-            value = _convert(info, data[name])
+            value = convert(info, data[name])
         except ValueError as error:
             errors[name] = str(error)
             continue
@@ -229,7 +229,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], defaults: Mapping[str, Any]
         raise SettingsError(errors)
     infos = {info.name: info for info in describe(cls, defaults)}
     values = {name: value for name, value in (defaults or {}).items() if name not in data}
-    values.update({name: _convert(infos[name], value) if name in infos else value for name, value in data.items()})
+    values.update({name: convert(infos[name], value) if name in infos else value for name, value in data.items()})
     return cls(**values)
 
 
@@ -242,6 +242,21 @@ def _jsonable(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+
+
+def range_text(info: FieldInfo) -> str:
+    """'1 to 75', 'at least 0', 'at most 4,096' or '' for a field's bounds (the CLI and the UI alike)."""
+    if info.min is not None and info.max is not None:
+        return f"{_number(info.min)} to {_number(info.max)}"
+    if info.min is not None:
+        return f"at least {_number(info.min)}"
+    if info.max is not None:
+        return f"at most {_number(info.max)}"
+    return ""
+
+
 def add_arguments(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     cls: type,
@@ -252,14 +267,15 @@ def add_arguments(
     some of the class's defaults, as a method does for the loop's learning rate)."""
     for info in describe(cls, defaults):
         text = info.help
-        if info.min is not None or info.max is not None:
-            low = "" if info.min is None else f"{info.min:g}"
-            high = "" if info.max is None else f"{info.max:g}"
-            text += f" [{low}..{high}]"
+        bounds = range_text(info)
+        if bounds:
+            text += f" ({bounds})"
         if not info.required and info.default not in (None, "", False):
             text += f" (default: {info.default})"
         dest = info.name
-        if info.kind == "bool":
+        if info.kind == "bool" and info.flag.startswith("--no-"):  # already a negative: no --no-no-... twin
+            parser.add_argument(info.flag, dest=dest, action="store_const", const=True, default=None, help=text)
+        elif info.kind == "bool":
             parser.add_argument(info.flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             parser.add_argument(

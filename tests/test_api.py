@@ -112,6 +112,47 @@ def test_malformed_settings_are_refused_with_field_level_errors(client, images) 
     assert client.get(f"{PREFIX}/jobs/current").status_code == 404  # nothing was started
 
 
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"data": {"path": "/nope"}}, "data.path", "does not exist"),
+        ({"loop": {"lr": "abc"}}, "loop.lr", "not a number"),
+        ({"data": {"template": "/no/such/template.txt"}}, "data.template", "neither a built-in template"),
+    ],
+    ids=["path", "lr", "template"],
+)
+def test_a_bad_path_learning_rate_or_template_is_refused_with_422_before_any_job(
+    client, images, change, field, words
+) -> None:
+    body = _body(images)
+    for group, values in change.items():
+        body[group].update(values)
+    response = client.post(f"{PREFIX}/train/embedding", json=body)
+    assert response.status_code == 422
+    errors = response.json()["errors"]
+    assert list(errors) == [field] and words in errors[field]
+    assert client.get(f"{PREFIX}/jobs/current").status_code == 404  # nothing was started
+
+
+def test_a_second_run_of_a_name_needs_overwrite_and_keeps_the_first_run(client, images, tmp_path) -> None:
+    first = _wait(client, client.post(f"{PREFIX}/train/embedding", json=_body(images, steps=2)).json()["id"])
+    assert first["state"] == "finished", first["error"]
+    folder = Path(first["result"]["folder"])
+    earlier = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+    again = client.post(f"{PREFIX}/train/embedding", json=_body(images, steps=1))
+    assert again.status_code == 422 and "already exists" in again.json()["errors"]["method.name"]
+
+    body = _body(images, steps=1)
+    body["method"]["overwrite"] = True
+    second = _wait(client, client.post(f"{PREFIX}/train/embedding", json=body).json()["id"])
+    assert second["state"] == "finished", second["error"]
+    kept = folder.with_name(folder.name + ".1")
+    assert {p.name: p.read_bytes() for p in kept.iterdir() if p.is_file()} == earlier
+    listed = client.get(f"{PREFIX}/outputs").json()
+    assert [(o["name"], Path(o["path"]).parent) for o in listed] == [("api-test", folder)]  # not the kept one
+
+
 def test_body_that_is_not_an_object_is_refused(client) -> None:
     response = client.post(f"{PREFIX}/train/embedding", json=[1, 2])
     assert response.status_code == 422

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,56 @@ def test_help_describes_every_option(capsys) -> None:
     text = capsys.readouterr().out
     for option in ("--ckpt", "--prompt", "--negative", "--seed", "--steps", "--cfg", "--sampler", "--device"):
         assert option in text
+
+
+def test_a_bad_learning_rate_is_refused_in_under_a_second_without_loading_the_model(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import lib_training.model.standalone as standalone
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model must not be loaded for a bad option")
+
+    monkeypatch.setattr(standalone, "load_model", load_model)
+    data = tmp_path / "images"
+    data.mkdir()
+    Image.new("RGB", (64, 64)).save(data / "a.png")
+    start = time.perf_counter()
+    code = main(
+        ["train", "embedding", "--ckpt", str(tmp_path / "slow.safetensors"), "--out", str(tmp_path / "out"),
+         "--name", "zqx", "--data", str(data), "--lr", "-1"]
+    )  # fmt: skip
+    assert time.perf_counter() - start < 1.0
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--lr:" in err and "learning rate" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "1e38"])
+def test_learning_rates_that_cannot_train_end_in_a_message_not_a_traceback(tmp_path: Path, capsys, lr) -> None:
+    code = main(["train", "embedding", "--ckpt", "x.safetensors", "--out", str(tmp_path), "--name", "zqx",
+                 "--data", str(tmp_path), "--lr", lr])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid settings:") and "--lr:" in err and "Traceback" not in err
+
+
+def test_train_help_shows_ranges_as_the_ui_does_and_no_double_negative_flag(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "embedding", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(1 to 10,000,000)" in text and "1e+07" not in text and "[1.." not in text
+    assert "--no-upscale" in text and "--no-no-upscale" not in text
+    assert "a multiple of 8" in text
+
+
+def test_no_upscale_is_set_by_its_flag() -> None:
+    from lib_training.app.cli import build_parser
+
+    args = build_parser().parse_args(["train", "embedding", "--ckpt", "c", "--out", "o", "--name", "n", "--data", "d"])
+    assert args.no_upscale is None
+    args = build_parser().parse_args(
+        ["train", "embedding", "--ckpt", "c", "--out", "o", "--name", "n", "--data", "d", "--no-upscale"]
+    )
+    assert args.no_upscale is True

@@ -87,3 +87,34 @@ def test_lora_resize_and_extract_commands_write_loras(tmp_path: Path, tiny_check
     )  # fmt: skip
     args.run(args)
     assert out.exists()
+
+
+def test_baking_a_full_checkpoint_given_as_a_lora_says_it_is_a_checkpoint(
+    tmp_path: Path, tiny_checkpoints, capsys
+) -> None:
+    from lib_training.app.cli import main
+
+    checkpoint = str(tiny_checkpoints["sd1"])
+    code = main(["lora", "bake", "--model", checkpoint, "--lora", checkpoint, "--out", str(tmp_path / "o.safetensors")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "is a full checkpoint, not a LoRA" in err and "a a " not in err
+
+
+def test_an_error_found_before_any_work_is_not_printed_after_a_progress_bar(tmp_path: Path, capsys) -> None:
+    from lib_training.app.cli import main
+
+    missing = str(tmp_path / "missing.safetensors")
+    code = main(["merge", "--a", missing, "--b", missing, "--out", str(tmp_path / "o.safetensors")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "merging" not in err
+
+
+def test_merge_help_texts_are_sentences_like_the_training_ones() -> None:
+    from lib_training.merge.config import LoraBakeConfig, LoraExtractConfig, LoraResizeConfig
+    from lib_training.options import describe
+
+    for cls in (MergeConfig, LoraSpec, LoraBakeConfig, LoraExtractConfig, LoraResizeConfig):
+        for info in describe(cls):
+            assert info.help[:1].isupper() and info.help.endswith("."), (cls.__name__, info.name, info.help)

@@ -155,3 +155,10 @@ def test_fields_apply_to_the_methods_named_in_their_used_by() -> None:
     assert field_used(infos["c"], "add_difference") and not field_used(infos["c"], "weighted_sum")
     assert field_used(infos["alpha"], "none")  # no used_by: every method
     assert field_used(infos["c"], None)  # no method chosen: shown
+
+
+def test_an_empty_merge_form_names_model_b_with_the_other_missing_fields(merges) -> None:
+    errors = merges.errors("merge", {})
+    assert set(errors) == {"a", "b", "out"}
+    assert errors["b"] == "the weighted_sum method needs this model"
+    assert set(merges.errors("merge", {"method": "add_difference"})) == {"a", "b", "c", "out"}

@@ -20,7 +20,7 @@ from lib_training.app.service import StandaloneWorkspace, TrainingService
 from lib_training.app.ui.app import build_app
 from lib_training.app.ui.compat import choice_values
 from lib_training.app.ui.demo import DemoAssets, demo_assets, training_preset, write_shapes
-from lib_training.app.ui.form import ERROR_MARK, SettingsForm, is_slider, range_text
+from lib_training.app.ui.form import ERROR_MARK, INVALID_CLASS, SettingsForm, is_slider, range_text
 from lib_training.app.ui.generate_tab import build_generate_tab
 from lib_training.app.ui.merge_form import visible_fields
 from lib_training.app.ui.merge_tab import ToolPanel, build_merge_tab
@@ -142,6 +142,33 @@ def test_advanced_fields_sit_in_a_closed_advanced_accordion(service) -> None:
         assert in_advanced(control.component) == control.info.advanced, control.key
 
 
+def test_generate_tab_lists_the_results_afresh_on_every_page_load(service, tmp_path) -> None:
+    from lib_training.app.ui.generate_tab import results_text
+
+    blocks = build_generate_tab(service)
+    names = next(b for b in blocks.blocks.values() if isinstance(b, gr.Markdown))
+    loads = [
+        dependency
+        for dependency in (blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns)
+        if any(trigger[1] == "load" for trigger in dependency.targets) and names in dependency.outputs
+    ]
+    assert len(loads) == 1
+    folder = tmp_path / "outputs" / "embedding" / "late-cat"
+    folder.mkdir(parents=True)
+    (folder / "late-cat.safetensors").write_bytes(b"")  # trained after the page was built
+    assert "`late-cat`" in loads[0].fn() == results_text(service)
+
+
+def test_the_result_line_names_the_results_used() -> None:
+    from lib_training.app.ui.generate_tab import result_note
+    from lib_training.model.sampler import SampleSettings
+
+    settings = SampleSettings(prompt="x", width=128, height=128, seed=3)
+    note = result_note(settings, 1.25, ["embedding:my-cat", "lora:style:0.8"])
+    assert note == "128x128, seed 3, 1.2 s. Results used: embedding my-cat, lora style at 0.8."
+    assert "No results used" in result_note(settings, 1.0, [])
+
+
 def test_generate_tab_lists_the_embeddings_in_the_outputs(service, tmp_path) -> None:
     folder = tmp_path / "outputs" / "embedding" / "my-cat"
     folder.mkdir(parents=True)
@@ -159,6 +186,21 @@ def test_standalone_app_serves_the_api_beside_the_page(service) -> None:
     with TestClient(app) as client:
         assert client.get("/training/v1/methods").json()["embedding"]["title"] == "Textual inversion"
         assert "/training/v1/train/embedding" in client.get("/openapi.json").json()["paths"]
+
+
+def test_docs_page_loads_swagger_ui_from_this_server_not_a_cdn(service) -> None:
+    import re
+
+    app = build_app(service)
+    with TestClient(app) as client:
+        page = client.get("/docs")
+        assert page.status_code == 200
+        sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert sources and all(source.startswith("/") for source in sources), sources
+        assert "cdn" not in page.text
+        for source in sources:
+            assert client.get(source).status_code == 200, source
+        assert "swagger-ui-bundle.js" in page.text
 
 
 # --- reading the form back ------------------------------------------------------------------------
@@ -188,6 +230,30 @@ def test_invalid_values_are_reported_at_their_fields_and_nothing_starts(service,
     assert service.jobs.current() is None
 
 
+def test_three_bad_fields_are_all_marked_at_once(service, demo) -> None:
+    preset = training_preset(demo)
+    panel = _panel(service, preset)
+    bad = {
+        **preset,
+        "loop": {**preset["loop"], "steps": 0, "lr": "abc"},
+        "data": {**preset["data"], "path": "/nonexistent/folder"},
+    }
+    status, _progress, _start, _interrupt, *hints = panel.start_training(*_values(panel.form, bad), False)
+    assert "Training › Steps: must be at least 1" in status
+    assert "Training › Learning rate: &#x27;abc&#x27; in the learning rate is not a number" in status
+    assert "Dataset › Path: The dataset folder /nonexistent/folder does not exist" in status
+    marked = {c.key for c, hint in zip(panel.form.controls, hints) if INVALID_CLASS in hint["elem_classes"]}
+    assert marked == {"loop.steps", "loop.lr", "data.path"}
+    assert service.jobs.current() is None
+
+
+def test_overwrite_is_off_in_the_demo_preset_and_the_form(service, demo) -> None:
+    assert "overwrite" not in training_preset(demo)["method"]
+    panel = _panel(service, training_preset(demo))
+    overwrite = next(c for c in panel.form.controls if c.key == "method.overwrite")
+    assert overwrite.component.value is False
+
+
 def test_a_field_is_checked_alone_as_it_is_edited(service) -> None:
     panel = _panel(service)
     steps = next(c for c in panel.form.controls if c.key == "loop.steps")
@@ -195,6 +261,10 @@ def test_a_field_is_checked_alone_as_it_is_edited(service) -> None:
     assert panel.form.field_problem(steps, -3) == "must be at least 1 (got -3)"
     assert panel.form.field_problem(steps, 12) is None
     assert panel.form.field_problem(name, "") == "required"
+    lr = next(c for c in panel.form.controls if c.key == "loop.lr")
+    assert "not a number" in panel.form.field_problem(lr, "abc")
+    path = next(c for c in panel.form.controls if c.key == "data.path")
+    assert "does not exist" in panel.form.field_problem(path, "/nonexistent/folder")
 
 
 def test_dataset_preview_shows_the_count_and_samples_with_prompts(service, demo) -> None:
@@ -202,7 +272,7 @@ def test_dataset_preview_shows_the_count_and_samples_with_prompts(service, demo)
     panel = _panel(service, preset)
     status, summary, samples, *_ = panel.preview_dataset(*_values(panel.form, preset))
     assert "images: 6" in summary
-    assert len(samples) == 4
+    assert len(samples) == 6  # every image of a small dataset (up to 8)
     image, prompt = samples[0]
     assert image.size[0] <= 192 and preset["method"]["name"] in prompt
     assert "sdwt-info" in status
@@ -281,6 +351,23 @@ def test_progress_of_a_running_job_shows_step_speed_eta_and_loss(service) -> Non
         assert part in text
 
 
+def test_latent_caching_and_training_are_shown_as_phases_each_with_its_own_bar(service) -> None:
+    from lib_training.app.jobs import Job
+    from lib_training.training.progress import Progress
+
+    view = RunView(service, EMBEDDING, "poll")
+    job = Job("j1", "train/embedding", "Textual inversion: x", {"method": {"name": "x"}})
+    job.progress = Progress("caching latents", 5, 6)
+    caching = view.progress_html(job, None, "running")
+    assert "Caching latents · 5/6 images" in caching and "step" not in caching
+    assert 'data-sdwt-phase="caching latents"' in caching and 'data-sdwt-phase-status="now">1. Caching' in caching
+    job.progress = Progress("training", 1, 40)
+    training = view.progress_html(job, None, "running")
+    assert 'data-sdwt-phase="training"' in training and "width: 2.5%" in training
+    assert 'data-sdwt-phase-status="done">✓ 1. Caching latents' in training
+    assert 'data-sdwt-phase-status="now">2. Training' in training
+
+
 def test_interrupt_stops_the_running_job_which_keeps_its_result(service, demo) -> None:
     preset = training_preset(demo, steps=100_000)
     preset["loop"]["preview_every"] = 0
@@ -324,7 +411,9 @@ def test_demo_dataset_is_a_few_small_captioned_images(tmp_path) -> None:
     write_shapes(tmp_path)
     images = sorted(tmp_path.glob("*.png"))
     assert len(images) >= 4
-    assert all(image.with_suffix(".txt").read_text().startswith("a ") for image in images)
+    captions = [image.with_suffix(".txt").read_text().strip() for image in images]
+    assert all(caption.split()[0] == ("an" if caption.split()[1][0] in "aeiou" else "a") for caption in captions)
+    assert "an orange circle" in captions
     assert sum(path.stat().st_size for path in tmp_path.iterdir()) < 64_000
 
 
@@ -545,7 +634,7 @@ def test_merge_panel_says_when_another_job_runs(service, demo) -> None:
     training.start_training(*_values(training.form, preset), False)
     try:
         updates, _, _ = panel.view.poll({})
-        assert "Another job is running: Textual inversion" in updates[0]["value"]
+        assert "Another job is already running (Textual inversion" in updates[0]["value"]
         assert updates[2]["interactive"] is False  # Start
         name = demo.checkpoint.name
         status, *_ = panel.start_job(*_tool_values(panel, {"a": name, "b": name, "out": "refused"}))

@@ -9,9 +9,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from lib_training.aesthetic.cli import add_aesthetic_parsers, add_generate_arguments, applied_from_args
 from lib_training.app.ui.serve import add_serve_parser
-from lib_training.errors import UserError
+from lib_training.errors import CheckpointError, ConfigError, UserError
 from lib_training.merge.cli import add_merge_parsers
+from lib_training.options import SettingsError
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> None:
@@ -44,12 +46,18 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         sampler=args.sampler,
     )
     start = time.perf_counter()
-    with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
+    with applied_from_args(model, args) as extra, tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
         image = generate(model, settings, on_step=lambda done, total: bar.update(1))
-    from lib_training.formats.atomic import atomic_path
+    from lib_training.aesthetic.personalise import format_parameters
+    from lib_training.training.outputs import RunFolder
 
-    with atomic_path(args.out) as tmp:
-        image.save(tmp, format="PNG")
+    parameters = (
+        f"{settings.prompt}\nNegative prompt: {settings.negative_prompt}\nSteps: {settings.steps}, "
+        f"Sampler: {settings.sampler}, CFG scale: {settings.cfg_scale}, Seed: {settings.seed}, "
+        f"Size: {settings.width}x{settings.height}"
+    )
+    parameters += ", " + format_parameters(extra) if extra else ""
+    RunFolder.save_png(args.out, image, {"parameters": parameters})
     print(
         f"wrote {args.out} ({image.width}x{image.height}, {model.family.describe()}, "
         f"{time.perf_counter() - start:.1f} s)"
@@ -89,19 +97,30 @@ def _add_train_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from tqdm import tqdm
-
-    from lib_training.devices import pick_device, pick_dtype
     from lib_training.methods import spec_for
-    from lib_training.model.standalone import load_model
     from lib_training.options import namespace_values
+    from lib_training.training.outputs import RunFolder
     from lib_training.training.request import GROUPS, group_settings, parse_request
-    from lib_training.training.run import prepare_dataset, train
 
     spec = spec_for(args.kind)
     body = {group: namespace_values(group_settings(spec, group)[0], args) for group in GROUPS}
     request = parse_request(spec, {**body, "resume": args.resume})  # every bad option at once, before any work
     method = request.build()
+    problem = RunFolder(args.out, method.name, method.suffix).start_problem(request.overwrite, request.resume)
+    if problem:
+        raise ConfigError(problem)
+    if not Path(args.ckpt).is_file():
+        raise CheckpointError(
+            f"the checkpoint {args.ckpt} does not exist. Give the path of a .safetensors or .ckpt file."
+        )
+
+    # Only now what training needs: a bad option above is refused without these imports.
+    from tqdm import tqdm
+
+    from lib_training.devices import pick_device, pick_dtype
+    from lib_training.model.standalone import load_model
+    from lib_training.training.run import prepare_dataset, train
+
     dataset = prepare_dataset(method, request.data, request.loop)
     print(dataset.summary(batch_size=request.loop.batch_size))
     device = pick_device(args.device)
@@ -132,7 +151,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lib_training", description=__doc__)
+    installed = Path(sys.argv[0]).name.startswith("sd-webui-training")  # the console command, not `-m`
+    parser = argparse.ArgumentParser(
+        prog="sd-webui-training" if installed else "python -m lib_training", description=__doc__
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tiny = commands.add_parser(
@@ -163,9 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", choices=["euler", "ddim"], default="euler", help="sampler (default euler)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     gen.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16 (default auto)")
+    add_generate_arguments(gen)
     gen.set_defaults(run=_cmd_generate)
 
     _add_train_parsers(commands)
+    add_aesthetic_parsers(commands)
     add_merge_parsers(commands)
     add_serve_parser(commands)
     return parser
@@ -175,7 +199,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
+    except SettingsError as error:
+        print(f"error: invalid settings:\n{settings_lines(error, getattr(args, 'kind', None))}", file=sys.stderr)
+        return 2
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def settings_lines(error: SettingsError, kind: str | None) -> str:
+    """One line per bad setting, named by its command-line flag ("  --lr: ..."), or its dotted name."""
+    flags: dict[str, str] = {}
+    if kind is not None:
+        from lib_training.methods import spec_for
+        from lib_training.options import describe
+        from lib_training.training.request import GROUPS, group_settings
+
+        spec = spec_for(kind)
+        for group in GROUPS:
+            flags.update({f"{group}.{info.name}": info.flag for info in describe(*group_settings(spec, group))})
+        flags["resume"] = "--resume"
+    return "\n".join(f"  {flags.get(name, name) or 'settings'}: {problem}" for name, problem in error.errors.items())

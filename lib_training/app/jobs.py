@@ -4,10 +4,14 @@ The UI and the HTTP API share one `JobManager`. Starting a job while another run
 with `JobBusyError` (the API answers 409), never queued behind it or run beside it. Inside a WebUI
 the manager is given the host's `run_exclusive`, which holds the host's queue lock for the whole
 job so that generation cannot run on a half-trained model.
+
+Every job's start, end and failure is logged (logger `lib_training.app.jobs`): a failure the user caused
+as its message, any other with its traceback, so the server's terminal shows what went wrong.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import traceback
@@ -19,6 +23,13 @@ from typing import Any
 from lib_training.devices import give_back_freed_memory
 from lib_training.errors import UserError
 from lib_training.training.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+def busy_text(title: str) -> str:
+    """The one sentence for "another job holds the job slot": the API's 409, the UI's forms, the hosts."""
+    return f"Another job is already running ({title}); start this one when it has finished, or interrupt it."
 
 
 class JobBusyError(UserError):
@@ -113,7 +124,7 @@ class JobManager:
         """Raise JobBusyError if a job is running: the one place that question is answered."""
         current = self._current
         if current is not None and current.running:
-            raise JobBusyError(f"a job is already running ({current.title}); wait for it to finish or interrupt it")
+            raise JobBusyError(busy_text(current.title))
 
     def start(self, kind: str, title: str, work: Work, settings: dict[str, Any] | None = None) -> Job:
         """Run `work` on a background thread; raise JobBusyError if a job is running."""
@@ -124,6 +135,7 @@ class JobManager:
             self._jobs[job.id] = job
             for old in list(self._jobs)[: max(0, len(self._jobs) - self._keep)]:
                 del self._jobs[old]
+        log.info("job %s started: %s", job.id, job.title)
         thread = threading.Thread(target=self._run, args=(job, work), name=f"job-{job.id}", daemon=True)
         thread.start()
         return job
@@ -141,18 +153,23 @@ class JobManager:
             except UserError as error:
                 job.error = str(error)
                 job.state = "failed"
+                log.warning("job %s failed: %s", job.id, error)
             except Exception as error:  # a bug: keep the traceback for the report
                 job.error = f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
                 job.state = "failed"
+                log.error("job %s (%s) failed with an unexpected error", job.id, job.title, exc_info=True)
 
         try:
             self._run_exclusive(job, body)
         except Exception as error:  # the host refused to run it (e.g. its own job is running)
             job.error = str(error)
             job.state = "failed"
+            log.warning("job %s could not run: %s", job.id, error)
         finally:
             give_back_freed_memory()
             job.finished = time.time()
+            if job.state != "failed":
+                log.info("job %s %s after %.1f s: %s", job.id, job.state, job.finished - job.started, job.title)
             job.done_event.set()
 
     def current(self) -> Job | None:

@@ -313,6 +313,7 @@ class MergeService:
         errors = field_errors(spec.config, data)
         specs = self._parse_rows(spec, rows, errors) if spec.rows is not None else None
         if errors:
+            self._missing_inputs(spec, data, errors)  # named with the other problems, not after them
             raise SettingsError(errors)
         config = from_dict(spec.config, data)
         if spec.rows is not None:
@@ -372,6 +373,16 @@ class MergeService:
                     setattr(config, info.name, self.resolve_output(spec, getattr(config, info.name)))
                 except ConfigError as error:
                     errors[info.name] = str(error)
+
+    @staticmethod
+    def _missing_inputs(spec: MergeTool, data: Mapping[str, Any], errors: dict[str, str]) -> None:
+        """Add "needs this model" for each empty model input the chosen method uses (as `_check_files` does)."""
+        infos = describe(spec.config)
+        method = data.get("method", next((i.default for i in infos if i.name == "method"), None))
+        for info in infos:
+            needed = info.role in ROLE_FOLDERS and info.used_by is not None and method in info.used_by
+            if needed and not data.get(info.name) and info.name not in errors:
+                errors[info.name] = f"the {method} method needs this model"
 
     def _check_files(self, spec: MergeTool, config: Any, errors: dict[str, str]) -> None:
         method = getattr(config, "method", None)

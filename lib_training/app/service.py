@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from lib_training.app.aesthetic_service import AestheticRequest, AestheticService
 from lib_training.app.jobs import Job, JobContext, JobManager
 from lib_training.dataset import TrainingDataset
 from lib_training.errors import ConfigError
@@ -29,6 +30,7 @@ from lib_training.methods import registered, spec_for
 from lib_training.methods.applied import ResultFile, results_applied
 from lib_training.model.diffusion import DiffusionModel
 from lib_training.model.sampler import SampleSettings, generate
+from lib_training.options import SettingsError
 from lib_training.training.method import MethodSpec
 from lib_training.training.outputs import RunFolder
 from lib_training.training.request import TrainingRequest, parse_request
@@ -114,11 +116,16 @@ class Workspace(ABC):
     def after_merge(self, kind: str, result: Path) -> None:  # noqa: B027  (optional)
         """A merge tool wrote `result` (kind "checkpoints" or "loras"); a WebUI refreshes its lists."""
 
+    def aesthetic_folders(self) -> list[Path]:
+        """Folders of aesthetic embeddings; new ones are written to the first. Default: none."""
+        return []
+
 
 class TrainingService:
     def __init__(self, workspace: Workspace, jobs: JobManager | None = None) -> None:
         self.workspace = workspace
         self.jobs = jobs or JobManager()
+        self.aesthetic = AestheticService(workspace.aesthetic_folders(), self.jobs)
 
     # --- training -----------------------------------------------------------------------------
     @staticmethod
@@ -136,6 +143,11 @@ class TrainingService:
         spec = request.spec
         folder = self.workspace.run_folder(spec, request.name)
         result_dir = self.workspace.result_dir(spec)
+        problem = RunFolder(folder, request.name, request.build().suffix, result_dir).start_problem(
+            request.overwrite, request.resume
+        )
+        if problem:
+            raise SettingsError({"resume" if request.resume else "method.name": problem})
 
         def work(context: JobContext) -> dict[str, Any]:
             method = request.build()
@@ -166,7 +178,7 @@ class TrainingService:
         settings = {**request.to_dict(), "resume": request.resume}
         return self.jobs.start(f"train/{spec.kind}", f"{spec.title}: {request.name}", work, settings)
 
-    def preview_dataset(self, kind: str, body: Mapping[str, Any], samples: int = 4) -> dict[str, Any]:
+    def preview_dataset(self, kind: str, body: Mapping[str, Any], samples: int = 8) -> dict[str, Any]:
         """Summary text, and a few (thumbnail, prompt) pairs, of the dataset a request would train on."""
         request = self.parse(kind, body)
         dataset = TrainingDataset(request.data, name=request.name)
@@ -190,6 +202,8 @@ class TrainingService:
                     continue
                 if path.name == RunFolder.RESUME_NAME or _RUN_SUBFOLDERS & set(path.relative_to(folder).parts[:-1]):
                     continue
+                if RunFolder.is_archived_result(path):  # an earlier run kept aside (OUT/embedding/NAME.1/)
+                    continue
                 stat = path.stat()
                 found.append(OutputFile(kind, path.stem, path, stat.st_size, stat.st_mtime))
         return found
@@ -210,15 +224,22 @@ class TrainingService:
         return sorted(set(names))
 
     def generate(
-        self, settings: SampleSettings, on_step: Callable[[int, int], None] | None = None
+        self,
+        settings: SampleSettings,
+        on_step: Callable[[int, int], None] | None = None,
+        aesthetic: AestheticRequest | None = None,
     ) -> tuple[Image.Image, list[str]]:
         """One image, with the results the prompt asks for applied (embeddings by name, <lora:NAME:0.8>,
-        ...); returns the image and what was applied. Refused while a job runs."""
+        ...) and the `aesthetic` embedding if any; returns the image and what was applied. Refused
+        while a job runs."""
         self.jobs.ensure_idle()
         with _generation_lock, self.workspace.session(), torch.no_grad():
             model = self.workspace.model()
             prompts = [settings.prompt, settings.negative_prompt]
-            with results_applied(model, prompts, self.result_files()) as applied:
+            with (
+                results_applied(model, prompts, self.result_files()) as applied,
+                self.aesthetic.applied(model, aesthetic) as aesthetic_params,
+            ):
                 prompt, negative = applied.prompts
                 image = generate(
                     model,
@@ -226,7 +247,10 @@ class TrainingService:
                     applied.embeddings,
                     on_step,
                 )
-                return image, applied.used
+                used = list(applied.used)
+                if aesthetic_params:
+                    used.append(f"aesthetic {aesthetic_params['Aesthetic embedding']}")
+                return image, used
 
 
 _generation_lock = threading.Lock()
@@ -288,3 +312,7 @@ class StandaloneWorkspace(Workspace):
     def merge_output_folder(self, kind: str) -> Path:
         """OUT/merge/ for merged checkpoints and LoRAs alike."""
         return self.root / MERGE_KIND
+
+    def aesthetic_folders(self) -> list[Path]:
+        """OUT/aesthetic/."""
+        return [self.root / "aesthetic"]

@@ -60,7 +60,8 @@ class DatasetConfig:
     path: str = option(help="Folder of training images (png, jpg, webp); subfolders included.", flag="--data")
     size: int = option(
         512,
-        "Training resolution in pixels: the square's side, or the side of the bucket area.",
+        "Training resolution in pixels, a multiple of 8 (of 64 with buckets or no upscaling): the square's "
+        "side, or the side of the bucket area.",
         min=64,
         max=4096,
     )
@@ -107,34 +108,68 @@ class DatasetConfig:
     seed: int = option(0, "Seed of the batch order and of every random choice per sample.", internal=True)
 
     def validate(self) -> None:
-        """Raise `ConfigError` naming the first invalid setting."""
+        """Raise `ConfigError` naming the first invalid setting (`problems` lists them all)."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(next(iter(problems.values())))
+
+    def problems(self) -> dict[str, str]:
+        """Every setting that cannot work, by field name, each with what to do instead (empty when
+        valid). Only the settings themselves: `folder_problem` and `template_problem` look at files."""
+        problems: dict[str, str] = {}
         step = 64 if self.buckets or self.no_upscale else 8
         if self.size < 64 or self.size % step:
-            raise ConfigError(f"The training size must be a multiple of {step} and at least 64 (got {self.size}).")
+            why = " with buckets or no_upscale" if step == 64 else ""
+            problems["size"] = (
+                f"The training size must be a multiple of {step}{why} and at least 64 (got {self.size}); "
+                f"try {max(64, round(self.size / step) * step)}."
+            )
         if self.buckets:
             for name in ("min_bucket", "max_bucket"):
                 value = getattr(self, name)
                 if value < BUCKET_STEP or value % BUCKET_STEP:
-                    raise ConfigError(f"{name} must be a positive multiple of {BUCKET_STEP} (got {value}).")
-            if not self.min_bucket <= self.size <= self.max_bucket:
-                raise ConfigError(
+                    problems[name] = f"{name} must be a positive multiple of {BUCKET_STEP} (got {value})."
+            if "size" not in problems and not self.min_bucket <= self.size <= self.max_bucket:
+                problems["size"] = (
                     f"The training size {self.size} must lie between min_bucket {self.min_bucket} "
                     f"and max_bucket {self.max_bucket}."
                 )
         if self.repeats < 1:
-            raise ConfigError(f"repeats must be at least 1 (got {self.repeats}).")
+            problems["repeats"] = f"repeats must be at least 1 (got {self.repeats})."
         if self.validation_images < 0:
-            raise ConfigError(f"validation_images cannot be negative (got {self.validation_images}).")
+            problems["validation_images"] = f"validation_images cannot be negative (got {self.validation_images})."
         if self.keep_tags < 0:
-            raise ConfigError(f"keep_tags cannot be negative (got {self.keep_tags}).")
+            problems["keep_tags"] = f"keep_tags cannot be negative (got {self.keep_tags})."
         for name in ("tag_dropout", "caption_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} is a probability between 0 and 1 (got {value}).")
+                problems[name] = f"{name} is a probability between 0 and 1 (got {value})."
         if not self.caption_extension.startswith(".") or len(self.caption_extension) < 2:
-            raise ConfigError(
+            problems["caption_extension"] = (
                 f"The caption extension must start with a dot, like '.txt' (got {self.caption_extension!r})."
             )
+        return problems
+
+    def folder_problem(self) -> str | None:
+        """Why the dataset folder cannot be trained on (missing, not a folder, unreadable, no images), or None.
+
+        Quick: lists the folder without opening the images (training checks every image before it starts).
+        """
+        if not str(self.path).strip():
+            return "Give the folder that holds the training images."
+        try:
+            scan_folder(Path(self.path), readable=True)
+        except DatasetError as error:
+            return str(error)
+        return None
+
+    def template_problem(self) -> str | None:
+        """Why the prompt template cannot be used (unknown, unreadable, empty), or None."""
+        try:
+            load_template(self.template)
+        except DatasetError as error:
+            return str(error)
+        return None
 
 
 @dataclass(frozen=True)

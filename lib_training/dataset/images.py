@@ -50,17 +50,20 @@ def relative_name(path: Path, root: Path) -> str:
         return str(path)
 
 
-def scan_folder(root: Path) -> FolderScan:
+def scan_folder(root: Path, readable: bool = False) -> FolderScan:
     """List the images under `root`, recursively and in a deterministic order.
 
     Files and folders whose names start with "." are skipped. Raises `DatasetError` when `root` is
-    missing, is not a folder, or holds no image.
+    missing, is not a folder, cannot be listed, or holds no image; with `readable`, also when an
+    image file cannot be opened for reading (its contents are not checked).
     """
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"The dataset folder {root} does not exist. Check the path.")
     if not root.is_dir():
         raise DatasetError(f"The dataset path {root} is a file, not a folder. Give the folder that holds the images.")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise DatasetError(f"The dataset folder {root} cannot be read. Fix its permissions or choose another folder.")
     images: list[Path] = []
     others: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -79,6 +82,13 @@ def scan_folder(root: Path) -> FolderScan:
             f"The dataset folder {root} contains no images{found}. "
             f"Accepted image extensions: {', '.join(IMAGE_EXTENSIONS)}."
         )
+    if readable:
+        unreadable = [relative_name(path, root) for path in images if not os.access(path, os.R_OK)]
+        if unreadable:
+            listed = ", ".join(unreadable[:5]) + (f" and {len(unreadable) - 5} more" if len(unreadable) > 5 else "")
+            raise DatasetError(
+                f"{len(unreadable)} image(s) in {root} cannot be read: {listed}. Fix their permissions or remove them."
+            )
     return FolderScan(root, images, others)
 
 

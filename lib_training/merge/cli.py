@@ -37,16 +37,24 @@ def config_from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
 
 
 def _progress_bar(description: str) -> tuple[Callable[[WriteProgress], None], Callable[[], None]]:
-    """A tqdm bar on stderr fed by progress reports, and a function that closes it."""
+    """A tqdm bar on stderr fed by progress reports, and a function that closes it. The bar appears
+    with the first report, so an error found before any work is printed on a line of its own."""
     from tqdm import tqdm
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, desc=description, file=sys.stderr, leave=False)
+    bars: list[tqdm] = []
 
     def update(progress: WriteProgress) -> None:
+        if not bars:
+            bars.append(tqdm(total=0, unit="B", unit_scale=True, desc=description, file=sys.stderr, leave=False))
+        bar = bars[0]
         bar.total = progress.total_bytes
         bar.update(progress.done_bytes - bar.n)
 
-    return update, bar.close
+    def close() -> None:
+        for bar in bars:
+            bar.close()
+
+    return update, close
 
 
 def _report(path: object, seconds: float, digest: str, warnings: list[str], extra: str = "") -> None:

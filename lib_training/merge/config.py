@@ -26,61 +26,68 @@ class MergeConfig:
     """A checkpoint merge: which models, which formula, which ratios, what to write."""
 
     a: str = option(
-        help="model A: the primary model; its keys, metadata and extra input channels are kept",
+        help="Model A: the primary model; its keys, metadata and extra input channels are kept.",
         role="model",
         label="Model A",
     )
-    out: str = option(help="output .safetensors file", role="output", label="Output file")
-    method: str = option("weighted_sum", "merge formula (see the methods list)", choices=tuple(MERGE_METHODS))
-    b: str = option("", "model B", role="model", used_by=_USES_B, label="Model B")
+    out: str = option(help="Output .safetensors file.", role="output", label="Output file")
+    method: str = option("weighted_sum", "Merge formula (see the methods list).", choices=tuple(MERGE_METHODS))
+    b: str = option(
+        "",
+        "Model B: the second model, combined with A by the method's formula.",
+        role="model",
+        used_by=_USES_B,
+        label="Model B",
+    )
     c: str = option(
         "",
-        "model C: the base of B for add/train difference; the common base of A and B for ties and dare",
+        "Model C: the base of B for add/train difference; the common base of A and B for ties and dare.",
         role="model",
         used_by=_USES_C,
         label="Model C",
     )
-    alpha: float = option(0.5, "ratio alpha (see the method's formula)", min=-1.0, max=2.0)
+    alpha: float = option(0.5, "Ratio alpha (see the method's formula).", min=-1.0, max=2.0)
     beta: float = option(
-        0.0, "ratio beta (triple_sum, sum_twice)", min=-1.0, max=2.0, used_by=("triple_sum", "sum_twice")
+        0.0, "Ratio beta (triple_sum, sum_twice).", min=-1.0, max=2.0, used_by=("triple_sum", "sum_twice")
     )
     blocks: str = option(
         "",
-        "alpha per block: 26 comma-separated values for SD1/SD2 (BASE, IN00-IN11, M00, "
-        "OUT00-OUT11), 20 for SDXL (BASE, IN00-IN08, M00, OUT00-OUT08), or a preset name",
+        "Alpha per block: 26 comma-separated values for SD1/SD2 (BASE, IN00-IN11, M00, "
+        "OUT00-OUT11), 20 for SDXL (BASE, IN00-IN08, M00, OUT00-OUT08), or a preset name.",
         role="blocks",
     )
-    blocks_beta: str = option("", "beta per block, as for blocks", role="blocks", used_by=("triple_sum", "sum_twice"))
+    blocks_beta: str = option("", "Beta per block, as for blocks.", role="blocks", used_by=("triple_sum", "sum_twice"))
     unet_alpha: float | None = option(
-        None, "alpha for the UNet where no block weight is given (empty: alpha)", min=-1.0, max=2.0
+        None, "Alpha for the UNet where no block weight is given (empty: alpha).", min=-1.0, max=2.0
     )
     text_encoder_alpha: float | None = option(
-        None, "alpha for the text encoder(s) where BASE is not given (empty: alpha)", min=-1.0, max=2.0
+        None, "Alpha for the text encoder(s) where BASE is not given (empty: alpha).", min=-1.0, max=2.0
     )
-    vae_alpha: float | None = option(None, "alpha for the VAE (empty: alpha)", min=-1.0, max=2.0)
+    vae_alpha: float | None = option(None, "Alpha for the VAE (empty: alpha).", min=-1.0, max=2.0)
     density: float = option(
-        0.2, "ties, dare: fraction of each difference (A - C, B - C) kept", min=0.0, max=1.0, used_by=("ties", "dare")
+        0.2, "Ties, dare: fraction of each difference (A - C, B - C) kept.", min=0.0, max=1.0, used_by=("ties", "dare")
     )
-    seed: int = option(0, "dare: seed of the random drop", used_by=("dare",))
-    weights_clip: bool = option(False, "clamp each merged weight to the range of the inputs' weights")
-    include: str = option("", "merge only keys matching this regex (others are copied from A)", role="regex")
-    exclude: str = option("", "copy keys matching this regex from A instead of merging them", role="regex")
-    discard: str = option("", "leave keys matching this regex out of the output", role="regex")
-    prune_ema: bool = option(True, "leave EMA weights (model_ema.*) out of the output")
-    vae: str = option("", "bake this VAE into the output (replaces the VAE weights)", role="vae")
-    dtype: str = option("fp16", "dtype of the output's float tensors", choices=DTYPE_CHOICES, label="Output dtype")
+    seed: int = option(0, "Dare: seed of the random drop.", used_by=("dare",))
+    weights_clip: bool = option(False, "Clamp each merged weight to the range of the inputs' weights.")
+    include: str = option("", "Merge only keys matching this regex (others are copied from A).", role="regex")
+    exclude: str = option("", "Copy keys matching this regex from A instead of merging them.", role="regex")
+    discard: str = option("", "Leave keys matching this regex out of the output.", role="regex")
+    prune_ema: bool = option(True, "Leave EMA weights (model_ema.*) out of the output.")
+    vae: str = option("", "Bake this VAE into the output (replaces the VAE weights).", role="vae")
+    dtype: str = option("fp16", "Data type of the output's float tensors.", choices=DTYPE_CHOICES, label="Output dtype")
     device: str = option(
-        "cpu", "where to compute: cpu, cuda or cuda:N (inputs are read and computed in fp32 there, one piece at a time)"
+        "cpu",
+        "Where to compute: cpu, cuda or cuda:N (inputs are read and computed in fp32 there, one piece at a time).",
     )
-    copy_metadata: bool = option(True, "start the output's metadata from model A's")
+    copy_metadata: bool = option(True, "Start the output's metadata from model A's.")
     copy_config: bool = option(
-        True, "copy the first input's .yaml config (A, else B, else C) beside the output, as A1111's merger does"
+        True, "Copy the first input's .yaml config (A, else B, else C) beside the output, as A1111's merger does."
     )
     hash_inputs: bool = option(
         True,
-        "record each input's sha256 in the metadata as A1111 does (reads each input once more, alongside the merge)",
+        "Record each input's sha256 in the metadata as A1111 does (reads each input once more, alongside the merge).",
     )
-    overwrite: bool = option(False, "replace the output file if it exists")
+    overwrite: bool = option(False, "Replace the output file if it exists.")
 
     def models(self) -> dict[str, Path]:
         """The input models the method uses, by letter."""
@@ -105,11 +112,11 @@ class MergeConfig:
 class LoraSpec:
     """One LoRA to bake: the file, its strength, and optionally its weight per block."""
 
-    path: str = option(help="LoRA file (kohya format)", role="lora")
-    strength: float = option(1.0, "strength, as in <lora:name:strength>", min=-2.0, max=2.0)
+    path: str = option(help="LoRA file (kohya format).", role="lora")
+    strength: float = option(1.0, "Strength, as in <lora:name:strength>.", min=-2.0, max=2.0)
     blocks: str = option(
         "",
-        "strength multiplier per block (BASE = text encoder), 26 values for SD1/SD2, 20 for SDXL, or a preset name",
+        "Strength multiplier per block (BASE = text encoder), 26 values for SD1/SD2, 20 for SDXL, or a preset name.",
         role="blocks",
     )
 
@@ -118,18 +125,18 @@ class LoraSpec:
 class LoraBakeConfig:
     """Bake LoRAs into a checkpoint: W += strength · block weight · (alpha / rank) · up @ down."""
 
-    model: str = option(help="checkpoint to bake into", role="model")
-    out: str = option(help="output .safetensors file", role="output", label="Output file")
+    model: str = option(help="Checkpoint to bake into.", role="model")
+    out: str = option(help="Output .safetensors file.", role="output", label="Output file")
     # Not a plain value: the CLI reads it from repeated --lora options, the UI from rows of LoraSpec.
     loras: list[LoraSpec] = field(
         default_factory=list, metadata={"help": "LoRAs to bake, applied in order", "internal": True}
     )
-    dtype: str = option("fp16", "dtype of the output's float tensors", choices=DTYPE_CHOICES, label="Output dtype")
-    device: str = option("cpu", "where to compute: cpu, cuda or cuda:N")
-    prune_ema: bool = option(True, "leave EMA weights (model_ema.*) out of the output")
-    copy_metadata: bool = option(True, "start the output's metadata from the checkpoint's")
-    copy_config: bool = option(True, "copy the checkpoint's .yaml config beside the output, as A1111's merger does")
-    overwrite: bool = option(False, "replace the output file if it exists")
+    dtype: str = option("fp16", "Data type of the output's float tensors.", choices=DTYPE_CHOICES, label="Output dtype")
+    device: str = option("cpu", "Where to compute: cpu, cuda or cuda:N.")
+    prune_ema: bool = option(True, "Leave EMA weights (model_ema.*) out of the output.")
+    copy_metadata: bool = option(True, "Start the output's metadata from the checkpoint's.")
+    copy_config: bool = option(True, "Copy the checkpoint's .yaml config beside the output, as A1111's merger does.")
+    overwrite: bool = option(False, "Replace the output file if it exists.")
 
     def validate(self) -> None:
         if not self.model:
@@ -146,22 +153,22 @@ class LoraBakeConfig:
 class LoraExtractConfig:
     """Extract a LoRA from the difference of a tuned model and its base, by SVD (kohya format)."""
 
-    base: str = option(help="the original model", role="model")
-    tuned: str = option(help="the fine-tuned model", role="model")
-    out: str = option(help="output LoRA .safetensors file", role="output", label="Output file")
-    rank: int = option(32, "rank (dim) of the linear and 1x1 layers", min=1, max=1024)
+    base: str = option(help="The original model.", role="model")
+    tuned: str = option(help="The fine-tuned model.", role="model")
+    out: str = option(help="Output LoRA .safetensors file.", role="output", label="Output file")
+    rank: int = option(32, "Rank (dim) of the linear and 1x1 layers.", min=1, max=1024)
     conv_rank: int = option(
-        0, "rank of the 3x3 convolutions of the ResBlocks and samplers (LoCon); 0: leave them out", min=0, max=1024
+        0, "Rank of the 3x3 convolutions of the ResBlocks and samplers (LoCon); 0: leave them out.", min=0, max=1024
     )
     clamp_quantile: float = option(
-        0.99, "clamp the factors' values to this quantile of their magnitudes (1: no clamping)", min=0.5, max=1.0
+        0.99, "Clamp the factors' values to this quantile of their magnitudes (1: no clamping).", min=0.5, max=1.0
     )
     min_diff: float = option(
-        0.01, "a text encoder whose weights differ by at most this everywhere is left out", min=0.0, max=1.0
+        0.01, "A text encoder whose weights differ by at most this everywhere is left out.", min=0.0, max=1.0
     )
-    dtype: str = option("fp16", "dtype of the LoRA's tensors", choices=DTYPE_CHOICES, label="Output dtype")
-    device: str = option("cpu", "where to compute the SVDs: cpu, cuda or cuda:N")
-    overwrite: bool = option(False, "replace the output file if it exists")
+    dtype: str = option("fp16", "Data type of the LoRA's tensors.", choices=DTYPE_CHOICES, label="Output dtype")
+    device: str = option("cpu", "Where to compute the SVDs: cpu, cuda or cuda:N.")
+    overwrite: bool = option(False, "Replace the output file if it exists.")
 
     def validate(self) -> None:
         if self.rank < 1 or self.conv_rank < 0:
@@ -178,23 +185,23 @@ class LoraExtractConfig:
 class LoraResizeConfig:
     """Change a LoRA's rank: SVD of each module's up @ down, keeping the largest singular values."""
 
-    lora: str = option(help="LoRA file (kohya format)", role="lora")
-    out: str = option(help="output LoRA .safetensors file", role="output", label="Output file")
-    rank: int = option(8, "new rank (the most kept, with a dynamic method)", min=1, max=1024)
-    conv_rank: int = option(0, "new rank of 3x3 convolutions; 0: same as rank", min=0, max=1024)
+    lora: str = option(help="LoRA file (kohya format).", role="lora")
+    out: str = option(help="Output LoRA .safetensors file.", role="output", label="Output file")
+    rank: int = option(8, "New rank (the most kept, with a dynamic method).", min=1, max=1024)
+    conv_rank: int = option(0, "New rank of 3x3 convolutions; 0: same as rank.", min=0, max=1024)
     dynamic_method: str = option(
         "none",
-        "choose each module's rank: sv_ratio keeps singular values above "
+        "Choose each module's rank: sv_ratio keeps singular values above "
         "the largest / param; sv_fro keeps param of the squared Frobenius norm; "
-        "sv_cumulative keeps param of the sum of singular values",
+        "sv_cumulative keeps param of the sum of singular values.",
         choices=DYNAMIC_METHODS,
     )
     dynamic_param: float = option(
-        0.0, "parameter of the dynamic method (ratio > 1, or fraction in (0, 1])", min=0.0, max=100.0
+        0.0, "Parameter of the dynamic method (ratio > 1, or fraction in (0, 1]).", min=0.0, max=100.0
     )
-    dtype: str = option("fp16", "dtype of the LoRA's tensors", choices=DTYPE_CHOICES, label="Output dtype")
-    device: str = option("cpu", "where to compute the SVDs: cpu, cuda or cuda:N")
-    overwrite: bool = option(False, "replace the output file if it exists")
+    dtype: str = option("fp16", "Data type of the LoRA's tensors.", choices=DTYPE_CHOICES, label="Output dtype")
+    device: str = option("cpu", "Where to compute the SVDs: cpu, cuda or cuda:N.")
+    overwrite: bool = option(False, "Replace the output file if it exists.")
 
     def validate(self) -> None:
         if self.rank < 1 or self.conv_rank < 0:

@@ -29,16 +29,18 @@ from lib_training.formats.safetensors_writer import (
 from lib_training.formats.tensor_files import open_tensors
 
 _PART = re.compile(r"^(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
-_OTHER_ADAPTERS = {
-    ".hada_": "LoHa",
-    ".lokr_": "LoKr",
-    ".dora_scale": "DoRA",
-    ".oft_": "OFT",
-    ".lora_mid.": "LoCon with a CP decomposition (lora_mid)",
-    ".diff": "a full-weight difference (LyCORIS 'full')",
+_OTHER_ADAPTERS = {  # a part of a key -> what the file is
+    ".hada_": "a LoHa adapter",
+    ".lokr_": "a LoKr adapter",
+    ".dora_scale": "a DoRA adapter",
+    ".oft_": "an OFT adapter",
+    ".lora_mid.": "a LoCon with a CP decomposition (lora_mid)",
     ".w_norm": "a norm adapter",
     ".lora_A.": "a PEFT/diffusers LoRA (lora_A/lora_B)",
 }
+_FULL_DIFFERENCE = (".diff", ".diff_b")  # key endings of a LyCORIS 'full' (full-weight difference) adapter
+# Key beginnings of a full checkpoint in the LDM layout (UNet, VAE, SD1/SD2 and SDXL text encoders).
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 _IGNORED = ("bundle_emb.",)  # embeddings bundled with a LoRA: not part of a checkpoint's weights
 
 
@@ -76,12 +78,19 @@ def read_lora(path: str | os.PathLike[str]) -> tuple[dict[str, LoraModule], dict
     path = Path(path)
     with open_tensors(path) as source:
         keys = source.keys()
-        for marker, kind in _OTHER_ADAPTERS.items():
-            if any(marker in key for key in keys):
-                raise CheckpointError(
-                    f"{path.name} is a {kind} adapter; only plain kohya LoRA / LoCon files (lora_up, lora_down, "
-                    "alpha) can be baked, resized or merged here"
-                )
+        if any(key.startswith(_CHECKPOINT_PREFIXES) for key in keys):
+            raise CheckpointError(
+                f"{path.name} is a full checkpoint, not a LoRA. Give a LoRA file (lora_up, lora_down, alpha) "
+                "here; a checkpoint is the model a LoRA is baked into (--model)"
+            )
+        found_kinds = [kind for marker, kind in _OTHER_ADAPTERS.items() if any(marker in key for key in keys)]
+        if any(key.endswith(_FULL_DIFFERENCE) for key in keys):
+            found_kinds.append("a full-weight difference (LyCORIS 'full') adapter")
+        if found_kinds:
+            raise CheckpointError(
+                f"{path.name} is {found_kinds[0]}; only plain kohya LoRA / LoCon files (lora_up, lora_down, "
+                "alpha) can be baked, resized or merged here"
+            )
         parts: dict[str, dict[str, Tensor]] = {}
         ignored: list[str] = []
         for key in keys:

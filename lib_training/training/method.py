@@ -29,9 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor, nn
 
 from lib_training.dataset import Batch, TrainingDataset
-from lib_training.errors import ConfigError
 from lib_training.model.diffusion import Conditioning, DiffusionModel, EmbeddingVectors
-from lib_training.options import option, to_dict
+from lib_training.options import SettingsError, option, to_dict
 
 if TYPE_CHECKING:
     from lib_training.training.config import LoopConfig
@@ -54,11 +53,13 @@ class MethodSettings:
         """Raise ConfigError if the settings cannot work together (after each field is valid alone).
         Subclasses that check more call `super().check()` first."""
         if not self.name.strip():
-            raise ConfigError("the result needs a name")
+            raise SettingsError({"name": "required: give the result a name"})
         if _BAD_NAME.search(self.name) or self.name.strip() != self.name or self.name.startswith("."):
-            raise ConfigError(
-                f'the name {self.name!r} cannot be a file name: avoid / \\ : * ? " < > |, leading dots and '
-                "leading or trailing spaces"
+            raise SettingsError(
+                {
+                    "name": f'{self.name!r} cannot be a file name: avoid / \\ : * ? " < > |, leading dots and '
+                    "leading or trailing spaces"
+                }
             )
 
 

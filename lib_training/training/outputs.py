@@ -12,6 +12,12 @@ and everything else in OUT, a log folder the WebUI does not scan.
 
 Every file is written to a temporary name and renamed, so an interrupted write never leaves half a
 file and never destroys the previous one.
+
+Nothing of an earlier run is ever deleted: a new run (not a resume) in a folder that holds an
+earlier one first moves that folder aside to OUT.1 (OUT.2, ... the first free number), together with
+a copy of its result when the result is kept elsewhere, so the earlier previews, loss.csv and result
+stay as they were. Only the latent cache moves back (it is a cache, not work). A run that fails or
+is stopped before it saved anything removes what it wrote and moves the earlier run back (`discard`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import csv
 import io
 import json
 import os
+import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +66,84 @@ class RunFolder:
         self.name = name
         self.suffix = suffix
         self.result_dir = self.root if result_dir is None else Path(result_dir)
+        self.archived: Path | None = None  # where `begin` moved an earlier run
+        self._created = False  # `begin` made the folder (so `discard` may remove it)
+        self._result_copy: Path | None = None  # the copy of an earlier result kept elsewhere
+
+    LATENT_CACHE = "latent-cache"
+
+    @staticmethod
+    def is_archived_result(path: Path) -> bool:
+        """Whether `path` is the result inside a run folder moved aside (OUT/NAME.3/NAME.safetensors)."""
+        return re.fullmatch(re.escape(path.stem) + r"\.\d+", path.parent.name) is not None
+
+    def start_problem(self, overwrite: bool, resume: bool) -> str | None:
+        """Why a run cannot start here (an existing result not to be replaced, nothing to resume), or None."""
+        if resume:
+            if not self.resume_state.exists():
+                return f"nothing to resume: {self.resume_state} does not exist. Start without resuming."
+            return None
+        if self.result.exists() and not overwrite:
+            return (
+                f"{self.result} already exists. Choose another name or output folder, resume the run, or allow "
+                "overwriting (the earlier run is then kept beside it, numbered)."
+            )
+        return None
+
+    def _free_archive_name(self) -> Path:
+        number = 1
+        while (candidate := self.root.with_name(f"{self.root.name}.{number}")).exists():
+            number += 1
+        return candidate
+
+    def begin(self, resume: bool = False) -> None:
+        """Make the folder ready for a run; an earlier run in it is moved aside first (see the module
+        docstring) unless the run continues it. Raises OutputError if the folder cannot be written."""
+        self.archived = self._result_copy = None
+        if not resume:
+            earlier = self.root.is_dir() and any(self.root.iterdir())
+            earlier_result = self.result_dir != self.root and self.result.is_file()
+            if earlier or earlier_result:
+                archive = self._free_archive_name()
+                try:
+                    if earlier:
+                        os.replace(self.root, archive)
+                    else:
+                        archive.mkdir(parents=True)
+                    if earlier_result:
+                        self._result_copy = archive / self.result.name
+                        shutil.copy2(self.result, self._result_copy)
+                    cache = archive / self.LATENT_CACHE
+                    if cache.is_dir():
+                        self.root.mkdir(parents=True, exist_ok=True)
+                        os.replace(cache, self.root / self.LATENT_CACHE)
+                except OSError as error:
+                    raise OutputError(
+                        f"cannot keep the earlier run in {self.root} as {archive}: {error.strerror or error}. "
+                        "Choose another name or output folder."
+                    ) from error
+                self.archived = archive
+        self._created = not self.root.exists()
+        self.prepare()
+
+    def discard(self) -> None:
+        """Undo `begin` for a run that saved nothing: remove the folder it made (a new run's) and move the
+        earlier run back. A resumed run's folder is left alone."""
+        if self.archived is not None:
+            cache = self.root / self.LATENT_CACHE
+            if cache.is_dir() and not (self.archived / self.LATENT_CACHE).exists():
+                os.replace(cache, self.archived / self.LATENT_CACHE)
+            if self._result_copy is not None:
+                self._result_copy.unlink(missing_ok=True)
+            shutil.rmtree(self.root, ignore_errors=True)
+            if any(self.archived.iterdir()):
+                os.replace(self.archived, self.root)
+            else:
+                self.archived.rmdir()
+            self.archived = self._result_copy = None
+        elif self._created:
+            shutil.rmtree(self.root, ignore_errors=True)
+        self._created = False
 
     @property
     def result(self) -> Path:

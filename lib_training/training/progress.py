@@ -32,7 +32,7 @@ class Progress:
             parts.append(f"loss {self.loss:.4f}")
         if self.steps_per_second:
             parts.append(f"{self.steps_per_second:.2f} it/s")
-        if self.eta_seconds is not None:
+        if self.eta_seconds is not None and self.step < self.total:  # nothing left: no "ETA 0:00"
             parts.append(f"ETA {format_duration(self.eta_seconds)}")
         return ", ".join(parts)
 

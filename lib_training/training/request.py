@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from lib_training.dataset import DatasetConfig
-from lib_training.options import SettingsError, field_errors, from_dict, to_dict
+from lib_training.errors import ConfigError
+from lib_training.options import SettingsError, convert, describe, field_errors, from_dict, to_dict
 from lib_training.training.config import LoopConfig
+from lib_training.training.lr_schedule import parse_schedule
 from lib_training.training.method import MethodSettings, MethodSpec, TrainingMethod
 
 GROUPS = ("method", "data", "loop")
@@ -53,18 +55,112 @@ class TrainingRequest:
         return self.spec.build(self.method)
 
 
+MAX_LEARNING_RATE = 10.0  # far above any useful rate (Prodigy's multiplier is about 1); larger ones overflow
+
+
 def request_errors(spec: MethodSpec, body: Any) -> dict[str, str]:
-    """Problems with a request body, by dotted field name ("loop.steps": "must be at least 1")."""
+    """Problems with a request body, by dotted field name ("loop.steps": "must be at least 1").
+
+    Every field is checked, each as far as it can be on its own: kinds and ranges, then the
+    learning-rate and clipping schedules' syntax and values, the dataset folder (it exists, can be
+    read and holds images; the images themselves are opened when training starts), the prompt
+    template, the size rules, and the method's own check. Quick: nothing is loaded.
+    """
     if not isinstance(body, Mapping):
         return {"": "expected a JSON object with 'method', 'data' and 'loop' settings"}
     errors = {key: "unknown group (expected method, data, loop)" for key in body if key not in (*GROUPS, "resume")}
     if not isinstance(body.get("resume", False), bool):
         errors["resume"] = f"expected true or false, got {body['resume']!r}"
+    values: dict[str, dict[str, Any]] = {}
     for group in GROUPS:
         cls, defaults = group_settings(spec, group)
-        for name, problem in field_errors(cls, body.get(group, {}), defaults).items():
+        given = body.get(group, {})
+        problems = field_errors(cls, given, defaults)
+        for name, problem in problems.items():
             errors[f"{group}.{name}" if name else group] = problem
+        values[group] = _valid_values(cls, given if isinstance(given, Mapping) else {}, defaults, problems)
+    _check_loop(values["loop"], errors, default_lr=str(group_settings(spec, "loop")[1].get("lr", "0.005")))
+    _check_data(values["data"], errors)
+    _check_method(spec, values["method"], errors)
     return errors
+
+
+def _valid_values(
+    cls: type, given: Mapping[str, Any], defaults: Mapping[str, Any], problems: Mapping[str, str]
+) -> dict[str, Any]:
+    """The group's settings as far as they are valid: given values that convert, else the defaults."""
+    infos = {info.name: info for info in describe(cls, defaults)}
+    values = {name: info.default for name, info in infos.items()}
+    for name, value in given.items():
+        if name in infos and name not in problems:
+            values[name] = convert(infos[name], value)
+    return values
+
+
+def _schedule_problem(
+    text: str, *, what: str, limit: float | None = None, default: str = "", **shape: Any
+) -> str | None:
+    try:
+        schedule = parse_schedule(text, what=what, **shape)
+    except ConfigError as error:
+        return str(error)
+    largest = max(value for value, _ in schedule.pieces)
+    if limit is not None and largest > limit:
+        return (
+            f"the {what} {largest:g} is far too large (at most {limit:g}); usual values are 1e-4 to 0.01 "
+            f"(the default here is {default})"
+        )
+    return None
+
+
+def _check_loop(loop: dict[str, Any], errors: dict[str, str], default_lr: str) -> None:
+    steps = loop["steps"] if "loop.steps" not in errors else 10_000_000
+    warmup = loop["lr_warmup_steps"]
+    if "loop.lr_warmup_steps" not in errors and "loop.steps" not in errors and warmup > steps:
+        errors["loop.lr_warmup_steps"] = f"must be at most the number of steps ({steps:,}), got {warmup:,}"
+    shape = {
+        "total_steps": steps,
+        "name": loop["lr_scheduler"] if "loop.lr_scheduler" not in errors else "constant",
+        "warmup_steps": min(warmup, steps) if "loop.lr_warmup_steps" not in errors else 0,
+        "cycles": loop["lr_cycles"] if "loop.lr_cycles" not in errors else 1,
+    }
+    if "loop.lr" not in errors:
+        problem = _schedule_problem(
+            str(loop["lr"]), what="learning rate", limit=MAX_LEARNING_RATE, default=default_lr, **shape
+        )
+        if problem:
+            errors["loop.lr"] = problem
+    if "loop.clip_grad_value" not in errors and loop["clip_grad"] != "none":
+        problem = _schedule_problem(str(loop["clip_grad_value"]), what="gradient clipping limit", total_steps=steps)
+        if problem:
+            errors["loop.clip_grad_value"] = problem
+
+
+def _check_data(data: dict[str, Any], errors: dict[str, str]) -> None:
+    config = DatasetConfig(**{**data, "path": data.get("path") or ""})
+    for name, problem in config.problems().items():
+        errors.setdefault(f"data.{name}", problem)
+    if "data.path" not in errors:
+        problem = config.folder_problem()
+        if problem:
+            errors["data.path"] = problem
+    if "data.template" not in errors:
+        problem = config.template_problem()
+        if problem:
+            errors["data.template"] = problem
+
+
+def _check_method(spec: MethodSpec, method: dict[str, Any], errors: dict[str, str]) -> None:
+    if "method.name" not in errors and not str(method.get("name") or "").strip():
+        errors["method.name"] = "required: give the result a name"
+    if any(key.startswith("method.") or key == "method" for key in errors):
+        return  # the method's own check needs every one of its fields
+    try:
+        spec.settings(**method).check()
+    except SettingsError as error:
+        errors.update({f"method.{name}" if name else "method": problem for name, problem in error.errors.items()})
+    except ConfigError as error:
+        errors["method"] = str(error)
 
 
 def parse_request(spec: MethodSpec, body: Any) -> TrainingRequest:
@@ -76,5 +172,4 @@ def parse_request(spec: MethodSpec, body: Any) -> TrainingRequest:
     for group in GROUPS:
         cls, defaults = group_settings(spec, group)
         parts[group] = from_dict(cls, body.get(group, {}), defaults)
-    parts["method"].check()  # settings that cannot work together: a ConfigError
     return TrainingRequest(spec, parts["method"], parts["data"], parts["loop"], bool(body.get("resume", False)))

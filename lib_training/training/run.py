@@ -45,15 +45,14 @@ def train(
     `file_metadata` goes into every file saved (the WebUIs show `sd_checkpoint` and
     `sd_checkpoint_name`: the hash and name of the model it was trained on).
 
-    An existing result of the same name is only replaced with `overwrite`, or continued with
-    `resume`. Raises `UserError`s for bad settings, data or outputs before any work is done.
+    An existing result of the same name is only replaced with `overwrite` (the earlier run is kept,
+    numbered: `RunFolder.begin`), or continued with `resume`. Raises `UserError`s for bad settings,
+    data or outputs before any work is done.
     """
     folder = RunFolder(out, method.name, method.suffix, result_dir)
-    if folder.result.exists() and not (overwrite or resume):
-        raise ConfigError(
-            f"{folder.result} already exists. Choose another name or output folder, allow overwriting, "
-            "or resume the run."
-        )
+    problem = folder.start_problem(overwrite, resume)
+    if problem:
+        raise ConfigError(problem)
     dataset = data if isinstance(data, TrainingDataset) else prepare_dataset(method, data, loop)
     method.check_dataset(dataset)
     record = {"loop": to_dict(loop), "data": to_dict(dataset.config), "model": {"title": model_title}}

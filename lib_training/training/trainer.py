@@ -111,6 +111,7 @@ class Trainer:
             self.clip_schedule = parse_schedule(loop.clip_grad_value, total_steps=loop.steps, what="gradient clip")
         self.total_steps = min(loop.steps, self.lr_schedule.end_step or loop.steps)
         self.losses: list[LossRecord] = []
+        self._saved = False  # this run has written a result or a numbered copy
         self._latest_preview: Path | None = None
         self._text_cache: dict[str, tuple[Tensor, Tensor | None]] = {}  # prompt -> its text encoders' output
         self._class_sampler = None  # batches of the regularization images, if any
@@ -118,7 +119,21 @@ class Trainer:
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainingResult:
-        self.folder.prepare()
+        """Train; a run that fails, or is stopped before its first step, leaves no folder behind (and an
+        earlier run moved aside for it is moved back: `RunFolder.discard`)."""
+        self._saved = False
+        self.folder.begin(resume)
+        try:
+            result = self._run(resume)
+        except BaseException:
+            if not self._saved and not resume:
+                self.folder.discard()
+            raise
+        if not self._saved and not resume:
+            self.folder.discard()
+        return result
+
+    def _run(self, resume: bool) -> TrainingResult:
         self.method.begin_run(self.dataset, self.loop)
         self._report("preparing", 0)
         cache = LatentCache(
@@ -373,10 +388,21 @@ class Trainer:
         return None
 
     def _stop_on_nan(self, step: int, loss: Tensor) -> None:
-        kept = f"The last good result is {self.folder.result}." if self.folder.result.exists() else "Nothing was saved."
+        if self._saved:
+            kept = f"The last good result is {self.folder.result}."
+        elif self.folder.archived is not None:
+            kept = "Nothing of this run was saved; the earlier run of this name is kept as it was."
+        else:
+            kept = "Nothing was saved."
+        fixes = ["lower the learning rate", "use gradient clipping"]
+        if self.autocast is torch.float16:
+            fixes.append("train in bf16 (or fp32) instead of fp16")
+        elif self.autocast is torch.bfloat16:
+            fixes.append("train in fp32 instead of bf16")
+        advice = ", ".join(fixes[:-1]) + " or " + fixes[-1]
         raise TrainingError(
             f"training stopped at step {step + 1}: the loss became {loss.item()} (not a number). {kept} "
-            "Lower the learning rate, use gradient clipping, or train in bf16/fp32 instead of fp16."
+            f"To fix it, {advice}."
         )
 
     # --- outputs ----------------------------------------------------------------------------
@@ -384,6 +410,7 @@ class Trainer:
         if self.loop.save_every and step % self.loop.save_every == 0 and step < self.total_steps:
             self._report("saving", step)
             self.method.save(self.folder.checkpoint(step), step, self._file_metadata(step))
+            self._saved = True
             self._save_result(step)
             self._save_resume(step, optimizer, scaler, sampler)
             self.folder.write_losses(self.losses)
@@ -394,6 +421,7 @@ class Trainer:
 
     def _save_result(self, step: int) -> None:
         self.method.save(self.folder.result, step, self._file_metadata(step))
+        self._saved = True
 
     def _file_metadata(self, step: int) -> dict[str, str]:
         return {**self.file_metadata, "step": str(step), "sd_checkpoint_family": self.model.family.name}

@@ -2,7 +2,7 @@
 
     /                    the Gradio page: Training, Generate and Merge tabs
     /training/v1/...     the HTTP API (`lib_training.app.api`)
-    /docs, /openapi.json the API's documentation and schema
+    /docs, /openapi.json the API's documentation (Swagger UI served locally: `api_docs`) and schema
 
 The app plays the host: it injects `javascript/sdwt-training.js` and `style.css` itself, which
 A1111 and Forge do for an extension.
@@ -17,6 +17,7 @@ import gradio as gr
 from fastapi import FastAPI
 
 from lib_training.app.api import build_router
+from lib_training.app.api_docs import add_local_docs
 from lib_training.app.service import TrainingService
 from lib_training.app.ui import assets
 from lib_training.app.ui.compat import run_script_on_load
@@ -48,9 +49,9 @@ def build_blocks(
             f"## {TITLE}\nModel: `{service.workspace.describe_model()}` · API: [/docs](/docs)",
             elem_id="sdwt-header",
         )
-        with gr.Tabs(elem_id="sdwt-tabs"):
+        with gr.Tabs(selected=tabs[0][1], elem_id="sdwt-tabs"):  # `selected`: no console warning per tab
             for title, elem_id, tab in tabs:
-                with gr.Tab(title, elem_id=elem_id):
+                with gr.Tab(title, id=elem_id, elem_id=elem_id):
                     tab.render()
         run_script_on_load(blocks, assets.script())
     return blocks
@@ -62,7 +63,13 @@ def build_app(
     generate_defaults: Mapping[str, Any] | None = None,
 ) -> FastAPI:
     """The FastAPI application: the API router, then the page mounted at "/"."""
-    app = FastAPI(title=TITLE, description="Training and merging for Stable Diffusion: HTTP API.")
+    app = FastAPI(
+        title=TITLE,
+        description="Training and merging for Stable Diffusion: HTTP API.",
+        docs_url=None,  # FastAPI's page loads Swagger UI from a CDN: ours serves it locally
+        redoc_url=None,
+    )
+    add_local_docs(app)
     app.include_router(build_router(service))
     blocks = build_blocks(service, presets, generate_defaults)
     blocks.queue()  # Generate runs on the queue; the training tab's events bypass it

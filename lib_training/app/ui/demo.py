@@ -1,6 +1,6 @@
 """The `serve --demo` assets: a tiny SD1 checkpoint and a small dataset of drawn shapes, made once.
 
-They live in the cache folder (`$SDWT_CACHE`, else `~/.cache/sd-webui-training`) under `demo-v1/`,
+They live in the cache folder (`$SDWT_CACHE`, else `~/.cache/sd-webui-training`) under `demo-v2/`,
 built in a temporary folder and renamed into place, so an interrupted first start never leaves a
 half-made cache. The presets fill the textual-inversion form so that a run on a CPU takes seconds.
 """
@@ -18,12 +18,12 @@ from PIL import Image, ImageDraw
 from lib_training.errors import UserError
 from lib_training.user_cache import cache_root
 
-DEMO_VERSION = "demo-v1"
+DEMO_VERSION = "demo-v2"  # v2: "an orange circle"
 IMAGE_SIDE = 96
 TRAINING_SIDE = 64
 NAME = "demo-shape"
 
-# (shape, colour name, RGB): each becomes one image with the caption "a COLOUR SHAPE".
+# (shape, colour name, RGB): each becomes one image with the caption "a COLOUR SHAPE" ("an" before a vowel).
 _SHAPES = [
     ("circle", "red", (210, 40, 40)),
     ("square", "blue", (40, 80, 210)),
@@ -91,13 +91,15 @@ def write_shapes(folder: Path, side: int = IMAGE_SIDE) -> None:
             draw.polygon([(side / 2, low), (high, high), (low, high)], fill=rgb)
         stem = f"{index:02d}-{colour}-{shape}"
         image.save(folder / f"{stem}.png")
-        (folder / f"{stem}.txt").write_text(f"a {colour} {shape}\n", encoding="utf-8")
+        article = "an" if colour[0] in "aeiou" else "a"
+        (folder / f"{stem}.txt").write_text(f"{article} {colour} {shape}\n", encoding="utf-8")
 
 
 def training_preset(assets: DemoAssets, steps: int = 40) -> dict[str, Any]:
-    """A textual-inversion request body that trains in seconds on a CPU, with live previews."""
+    """A textual-inversion request body that trains in seconds on a CPU, with live previews. Overwrite
+    stays off, as everywhere: a second run of the same name asks first."""
     return {
-        "method": {"name": NAME, "init_text": "shape", "vectors": 2, "overwrite": True},
+        "method": {"name": NAME, "init_text": "shape", "vectors": 2},
         "data": {"path": str(assets.dataset), "size": TRAINING_SIDE, "template": "subject_filewords"},
         "loop": {
             "steps": steps,

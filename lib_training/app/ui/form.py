@@ -19,7 +19,7 @@ from typing import Any
 import gradio as gr
 
 from lib_training.app.ui.compat import QUICK
-from lib_training.options import FieldInfo, describe, field_errors
+from lib_training.options import FieldInfo, describe, range_text
 from lib_training.training.method import MethodSpec
 from lib_training.training.request import GROUPS, group_settings, request_errors
 
@@ -27,25 +27,11 @@ GROUP_TITLES = {"data": "Dataset", "loop": "Training"}  # "method": the method's
 SLIDER_INT_SPAN = 200  # whole-number ranges up to this wide are sliders
 SLIDER_FLOAT_SPAN = 100.0
 ERROR_MARK = "⚠"
+INVALID_CLASS = "sdwt-invalid"  # a control whose value has a problem (red border, red text: style.css)
 
 
 def group_title(spec: MethodSpec, group: str) -> str:
     return spec.title if group == "method" else GROUP_TITLES[group]
-
-
-def _number(value: float) -> str:
-    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
-
-
-def range_text(info: FieldInfo) -> str:
-    """'1 to 75', 'at least 0', 'at most 4,096' or '' for a field's bounds."""
-    if info.min is not None and info.max is not None:
-        return f"{_number(info.min)} to {_number(info.max)}"
-    if info.min is not None:
-        return f"at least {_number(info.min)}"
-    if info.max is not None:
-        return f"at most {_number(info.max)}"
-    return ""
 
 
 def is_slider(info: FieldInfo) -> bool:
@@ -61,7 +47,14 @@ def help_text(info: FieldInfo, problem: str | None = None) -> str:
     bounds = range_text(info)
     if bounds and not is_slider(info):
         text = f"{text} ({bounds})" if text else bounds
-    return f"{ERROR_MARK} {problem}. {text}" if problem else text
+    return f"{ERROR_MARK} {problem.rstrip('.')}. {text}" if problem else text
+
+
+def field_update(info: FieldInfo, problem: str | None, **changes: Any) -> dict[str, Any]:
+    """An update showing a control's problem (the text at the field, and a red border: the class
+    `INVALID_CLASS`, styled in style.css) or, without one, its help."""
+    classes = [INVALID_CLASS] if problem else []
+    return gr.update(info=help_text(info, problem), elem_classes=classes, **changes)
 
 
 def _slider_step(info: FieldInfo) -> float:
@@ -184,11 +177,13 @@ class SettingsForm:
         return request_errors(self.spec, body)
 
     def field_problem(self, control: FieldControl, value: Any) -> str | None:
-        """The problem with one control's value on its own, or None."""
-        cls, defaults = group_settings(self.spec, control.group)
+        """The problem with one control's value on its own (every check of `request_errors` that needs
+        no other field: kind, range, schedule syntax, dataset folder, template), or None."""
         converted = to_json(control.info, value)
-        data = {} if converted is None and control.info.required else {control.info.name: converted}
-        return field_errors(cls, data, defaults).get(control.info.name)
+        body: dict[str, dict[str, Any]] = {group: {} for group in GROUPS}
+        if converted is not None or not control.info.required:
+            body[control.group][control.info.name] = converted
+        return request_errors(self.spec, body).get(control.key)
 
     def label(self, key: str) -> str:
         """'Training › Steps' for 'loop.steps'; unknown keys as they are."""
@@ -205,8 +200,8 @@ class SettingsForm:
 
     # --- showing --------------------------------------------------------------------------------
     def hint_updates(self, errors: Mapping[str, str]) -> list[dict[str, Any]]:
-        """One update per control: its help text, or its problem first."""
-        return [gr.update(info=help_text(c.info, errors.get(c.key))) for c in self.controls]
+        """One update per control: its help text, or its problem first and a red border."""
+        return [field_update(c.info, errors.get(c.key)) for c in self.controls]
 
     def fill_updates(self, body: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Updates setting every control to `body`'s value (defaults where it has none), with hints."""
@@ -215,9 +210,7 @@ class SettingsForm:
         for control in self.controls:
             group = body.get(control.group, {})
             value = group.get(control.info.name, control.info.default) if isinstance(group, Mapping) else None
-            updates.append(
-                gr.update(value=_display(control.info, value), info=help_text(control.info, errors.get(control.key)))
-            )
+            updates.append(field_update(control.info, errors.get(control.key), value=_display(control.info, value)))
         return updates
 
     def watch(self) -> None:
@@ -225,6 +218,6 @@ class SettingsForm:
         for control in self.controls:
 
             def check(value: Any, control: FieldControl = control) -> dict[str, Any]:
-                return gr.update(info=help_text(control.info, self.field_problem(control, value)))
+                return field_update(control.info, self.field_problem(control, value))
 
             control.component.input(check, inputs=[control.component], outputs=[control.component], **QUICK)

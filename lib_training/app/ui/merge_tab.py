@@ -87,9 +87,10 @@ def build_merge_tab(service: TrainingService, merges: MergeService | None = None
     merges = merges or MergeService(service.workspace, service.jobs)
     with gr.Blocks(analytics_enabled=False) as blocks:
         gr.Markdown(intro_text(merges), elem_id="sdwt-merge-intro")
-        with gr.Tabs(elem_id="sdwt-merge-tools"):
+        first = slug(next(iter(TOOLS.values())).kind)
+        with gr.Tabs(selected=first, elem_id="sdwt-merge-tools"):  # `selected`: no console warning per tab
             for spec in TOOLS.values():
-                with gr.Tab(spec.title, elem_id=f"sdwt-tool-{slug(spec.kind)}"):
+                with gr.Tab(spec.title, id=slug(spec.kind), elem_id=f"sdwt-tool-{slug(spec.kind)}"):
                     ToolPanel(merges, spec)
     return blocks
 

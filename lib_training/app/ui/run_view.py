@@ -28,6 +28,8 @@ from lib_training.training.plot import plot_loss
 from lib_training.training.progress import format_duration
 
 _STEP_IN_NAME = re.compile(r"-(\d+)\.png$")
+PHASES = ("caching latents", "training")  # a run's phases, as the progress bar lists them
+BEFORE_TRAINING = ("preparing", "caching latents")  # progress phases of the first one
 OUTPUTS_TTL = 10.0  # seconds between scans of the results folders while nothing changes
 
 
@@ -140,6 +142,10 @@ class RunView:
             p = job.progress
             if p is None:
                 parts = ["Starting…" if job.running else ENDED_LABELS.get(job.state, job.state)]
+            elif job.running and p.phase in BEFORE_TRAINING:
+                counted = f"{p.step}/{p.total} images" if p.phase == "caching latents" and p.total else ""
+                parts = [p.phase.capitalize(), *([counted] if counted else []), *([p.message] if p.message else [])]
+                return progress_html(state, self.poll_id, p.fraction, parts, PHASES, 0)
             else:
                 fraction = 1.0 if job.state == "finished" else p.fraction
                 parts = [ENDED_LABELS.get(job.state, p.phase.capitalize()), f"step {p.step}/{p.total}"]
@@ -154,6 +160,7 @@ class RunView:
                     parts.append(f"took {format_duration(job.finished - job.started)}")
                 if p.message and job.running:
                     parts.append(p.message)
+                return progress_html(state, self.poll_id, fraction, parts, PHASES, 1)
         return progress_html(state, self.poll_id, fraction, parts)
 
     def result_html(self, job: Job | None) -> str:

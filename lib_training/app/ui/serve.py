@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import socket
 from pathlib import Path
 
@@ -65,6 +66,18 @@ def check_web_stack() -> None:
         )
 
 
+def log_to_terminal() -> None:
+    """Show the app's log (jobs started, ended and failed, with tracebacks) in the server's terminal."""
+    logger = logging.getLogger("lib_training")
+    if not any(getattr(handler, "sdwt", False) for handler in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s sd-webui-training: %(message)s", "%H:%M:%S"))
+        handler.sdwt = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def run_serve(args: argparse.Namespace) -> None:
     if args.ckpt is None and not args.demo:
         raise UserError(
@@ -75,6 +88,7 @@ def run_serve(args: argparse.Namespace) -> None:
         raise UserError(f"the checkpoint {args.ckpt} does not exist; check the path given to --ckpt")
     check_port_free(args.host, args.port)
     check_web_stack()
+    log_to_terminal()
 
     import uvicorn
 

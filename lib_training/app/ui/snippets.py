@@ -5,12 +5,14 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
+from lib_training.app.jobs import busy_text
+
 ENDED_LABELS = {"finished": "Finished", "interrupted": "Interrupted", "failed": "Failed"}  # job state -> label
 
 
 def another_job_text(title: str) -> str:
     """What a form says while another job holds the one job slot."""
-    return f"Another job is running: {title}. Start is possible when it has finished."
+    return busy_text(title)
 
 
 def message_html(text: str, kind: str = "info") -> str:
@@ -24,12 +26,35 @@ def problems_html(lines: Sequence[str]) -> str:
     return f'<div class="sdwt-error"><b>Fix these settings first:</b><ul>{items}</ul></div>'
 
 
-def progress_html(state: str, poll_id: str, fraction: float, parts: Sequence[str]) -> str:
-    """The progress bar of a job: `state` for the page script, `parts` joined under the bar."""
+def progress_html(
+    state: str,
+    poll_id: str,
+    fraction: float,
+    parts: Sequence[str],
+    phases: Sequence[str] = (),
+    current: int = 0,
+) -> str:
+    """The progress bar of a job: `state` for the page script, `parts` joined under the bar.
+
+    With `phases` (e.g. caching latents, training) the steps of the job are listed above the bar,
+    those before `current` ticked off, and the bar measures the current phase alone: it fills once
+    per phase instead of filling during one phase and dropping back at the next.
+    """
     text = " · ".join(html.escape(part) for part in parts)
+    steps = ""
+    if phases:
+        items = []
+        for index, phase in enumerate(phases):
+            status = "done" if index < current or state == "finished" else ("now" if index == current else "todo")
+            mark = "✓ " if status == "done" else ""
+            items.append(
+                f'<li data-sdwt-phase-status="{status}">{mark}{index + 1}. {html.escape(phase.capitalize())}</li>'
+            )
+        steps = f'<ol class="sdwt-phases">{"".join(items)}</ol>'
+    phase = html.escape(phases[current]) if phases and current < len(phases) else ""
     return (
-        f'<div class="sdwt-progress" data-sdwt-state="{state}" data-sdwt-poll="{poll_id}">'
-        f'<div class="sdwt-progress-track"><div class="sdwt-progress-fill" style="width: {100 * fraction:.1f}%">'
+        f'<div class="sdwt-progress" data-sdwt-state="{state}" data-sdwt-poll="{poll_id}" data-sdwt-phase="{phase}">'
+        f'{steps}<div class="sdwt-progress-track"><div class="sdwt-progress-fill" style="width: {100 * fraction:.1f}%">'
         f'</div></div><div class="sdwt-progress-text">{text}</div></div>'
     )
 

@@ -30,9 +30,11 @@ Body = Mapping[str, Mapping[str, Any]]
 
 def build_training_tab(service: TrainingService, presets: Mapping[str, Body] | None = None) -> gr.Blocks:
     """The Training tab. `presets` pre-fills methods' forms by kind (request bodies)."""
-    with gr.Blocks(analytics_enabled=False) as blocks, gr.Tabs(elem_id="sdwt-training-methods"):
-        for kind, spec in registered().items():
-            with gr.Tab(spec.title, elem_id=f"sdwt-train-{kind}"):
+    specs = registered()
+    first = next(iter(specs))  # Tabs need `selected`: without it Gradio 4 warns in the console at every tab
+    with gr.Blocks(analytics_enabled=False) as blocks, gr.Tabs(selected=first, elem_id="sdwt-training-methods"):
+        for kind, spec in specs.items():
+            with gr.Tab(spec.title, id=kind, elem_id=f"sdwt-train-{kind}"):
                 MethodPanel(service, spec, (presets or {}).get(kind))
     return blocks
 
@@ -77,7 +79,7 @@ class MethodPanel:
                     self.samples = gr.Gallery(
                         label="Samples and their prompts",
                         columns=4,
-                        height=170,
+                        height=None,  # as tall as the samples need: every one shown, none cut off
                         object_fit="contain",
                         elem_id=f"sdwt-{kind}-samples",
                     )

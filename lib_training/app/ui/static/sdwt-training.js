@@ -1,0 +1,1 @@
+../../../../javascript/sdwt-training.js
