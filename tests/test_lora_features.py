@@ -187,7 +187,8 @@ def test_black_masks_train_nothing(masked_balls, tiny_sd1, tmp_path) -> None:
     for mask in masked_balls.glob("*.mask.png"):
         Image.new("L", (64, 64), 0).save(mask)
     method = small_lora()
-    train(tiny_sd1, method, data(masked_balls, alpha_weight=True), dataclasses.replace(FAST, steps=2), tmp_path)
+    loop = dataclasses.replace(FAST, steps=2)
+    train(tiny_sd1, method, data(masked_balls, alpha_weight=True), loop, tmp_path / "run")
     assert not any(module.up.any() for module in method.network.lora.values())
 
 
