@@ -183,8 +183,6 @@ class LoraMethod(TrainingMethod):
         self._family: Any = None
         self._seed = 0
         self._run: RunFacts | None = None
-        self._model_name = ""
-        self._model_hash = ""
         self._components: dict[str, str] = {}  # kohya name -> "unet", "clip_l", ...
         self._embeddings: dict[str, dict[str, Tensor]] = {}  # pivotal word -> encoder key -> [n, width]
         self._blocks: dict[str, str] = {}  # kohya name -> block ("BASE", "IN01", ...)

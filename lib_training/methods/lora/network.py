@@ -19,7 +19,7 @@ its adapted weights (the changes of every attached LoRA summed, as A1111 and Com
 
 Dropout, as kohya's `networks/lora.py` has it, only while training: `dropout` drops elements of
 down(x), `rank_dropout` whole ranks per sample (the rest scaled up), `module_dropout` skips a module
-for a step. It draws from the network's own generator, so a resumed run draws the same numbers. On
+in a forward pass. It draws from the network's own generator, so a resumed run draws the same numbers. On
 layers that run on W' (DoRA, fused q/k/v) only `module_dropout` applies.
 """
 
