@@ -13,6 +13,7 @@ WebUI's FastAPI app alike, under `/training/v1`.
     POST /training/v1/lora/bake               start baking LoRAs into a checkpoint (likewise)
     POST /training/v1/lora/extract            start extracting a LoRA from a tuned model and its base
     POST /training/v1/lora/resize             start changing a LoRA's rank
+    POST /training/v1/aesthetic/create        start making an aesthetic embedding from a folder of images
 
 Merges are jobs like trainings (watched and cancelled with the job routes), and one job runs at a time.
 """
@@ -25,6 +26,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from lib_training.app.aesthetic_service import CreateConfig
 from lib_training.app.jobs import Job, JobBusyError, JobNotFoundError
 from lib_training.app.merge_service import TOOLS, MergeService, MergeTool
 from lib_training.app.merge_service import request_schema as merge_request_schema
@@ -61,6 +63,7 @@ def build_router(service: TrainingService, merges: MergeService | None = None) -
         _add_train_route(router, service, kind)
     for spec in TOOLS.values():
         _add_merge_route(router, merges, spec)
+    _add_aesthetic_route(router, service)
 
     @router.get("/jobs")
     def jobs() -> list[dict[str, Any]]:
@@ -138,6 +141,24 @@ def _add_train_route(router: APIRouter, service: TrainingService, kind: str) -> 
         responses={409: {"description": "another job is running"}, 422: {"description": "invalid settings"}},
         openapi_extra={
             "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema(kind)}}}
+        },
+    )
+
+
+def _add_aesthetic_route(router: APIRouter, service: TrainingService) -> None:
+    async def start(request: Request) -> Any:
+        return await _start_job(request, service.aesthetic.start_create)
+
+    router.add_api_route(
+        "/aesthetic/create",
+        start,
+        methods=["POST"],
+        summary="Start: aesthetic embedding",
+        description=(CreateConfig.__doc__ or "").strip() + " Written to `out`, else the aesthetic embeddings folder.",
+        status_code=202,
+        responses={409: {"description": "another job is running"}, 422: {"description": "invalid settings"}},
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": json_schema(CreateConfig)}}}
         },
     )
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from lib_training.aesthetic.cli import add_aesthetic_parsers, add_generate_arguments, applied_from_args
 from lib_training.app.hypernetwork_cli import add_hypernetwork_parser
 from lib_training.app.ui.serve import add_serve_parser
 from lib_training.errors import CheckpointError, ConfigError, UserError
@@ -46,12 +47,18 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         sampler=args.sampler,
     )
     start = time.perf_counter()
-    with tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
+    with applied_from_args(model, args) as extra, tqdm(total=settings.steps, desc="sampling", unit="step") as bar:
         image = generate(model, settings, on_step=lambda done, total: bar.update(1))
-    from lib_training.formats.atomic import atomic_path
+    from lib_training.aesthetic.personalise import format_parameters
+    from lib_training.training.outputs import RunFolder
 
-    with atomic_path(args.out) as tmp:
-        image.save(tmp, format="PNG")
+    parameters = (
+        f"{settings.prompt}\nNegative prompt: {settings.negative_prompt}\nSteps: {settings.steps}, "
+        f"Sampler: {settings.sampler}, CFG scale: {settings.cfg_scale}, Seed: {settings.seed}, "
+        f"Size: {settings.width}x{settings.height}"
+    )
+    parameters += ", " + format_parameters(extra) if extra else ""
+    RunFolder.save_png(args.out, image, {"parameters": parameters})
     print(
         f"wrote {args.out} ({image.width}x{image.height}, {model.family.describe()}, "
         f"{time.perf_counter() - start:.1f} s)"
@@ -138,6 +145,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         )  # fmt: skip
     finally:
         bar.close()
+    if result.resumed_from is not None:
+        print(f"resumed the run at step {result.resumed_from} (same optimizer state, data order and random numbers)")
     state = "interrupted" if result.interrupted else "finished"
     print(f"{state} after {result.step} steps; wrote {result.result}")
 
@@ -177,10 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--sampler", choices=["euler", "ddim"], default="euler", help="sampler (default euler)")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     gen.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16 (default auto)")
+    add_generate_arguments(gen)
     gen.set_defaults(run=_cmd_generate)
 
     _add_train_parsers(commands)
     add_hypernetwork_parser(commands)
+    add_aesthetic_parsers(commands)
     add_merge_parsers(commands)
     add_serve_parser(commands)
     return parser

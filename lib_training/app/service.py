@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from lib_training.app.aesthetic_service import AestheticRequest, AestheticService
 from lib_training.app.jobs import Job, JobContext, JobManager
 from lib_training.dataset import TrainingDataset
 from lib_training.errors import ConfigError
@@ -115,11 +116,16 @@ class Workspace(ABC):
     def after_merge(self, kind: str, result: Path) -> None:  # noqa: B027  (optional)
         """A merge tool wrote `result` (kind "checkpoints" or "loras"); a WebUI refreshes its lists."""
 
+    def aesthetic_folders(self) -> list[Path]:
+        """Folders of aesthetic embeddings; new ones are written to the first. Default: none."""
+        return []
+
 
 class TrainingService:
     def __init__(self, workspace: Workspace, jobs: JobManager | None = None) -> None:
         self.workspace = workspace
         self.jobs = jobs or JobManager()
+        self.aesthetic = AestheticService(workspace.aesthetic_folders(), self.jobs)
 
     # --- training -----------------------------------------------------------------------------
     @staticmethod
@@ -218,15 +224,22 @@ class TrainingService:
         return sorted(set(names))
 
     def generate(
-        self, settings: SampleSettings, on_step: Callable[[int, int], None] | None = None
+        self,
+        settings: SampleSettings,
+        on_step: Callable[[int, int], None] | None = None,
+        aesthetic: AestheticRequest | None = None,
     ) -> tuple[Image.Image, list[str]]:
         """One image, with the results the prompt asks for applied (embeddings by name, <lora:NAME:0.8>,
-        ...); returns the image and what was applied. Refused while a job runs."""
+        ...) and the `aesthetic` embedding if any; returns the image and what was applied. Refused
+        while a job runs."""
         self.jobs.ensure_idle()
         with _generation_lock, self.workspace.session(), torch.no_grad():
             model = self.workspace.model()
             prompts = [settings.prompt, settings.negative_prompt]
-            with results_applied(model, prompts, self.result_files()) as applied:
+            with (
+                results_applied(model, prompts, self.result_files()) as applied,
+                self.aesthetic.applied(model, aesthetic) as aesthetic_params,
+            ):
                 prompt, negative = applied.prompts
                 image = generate(
                     model,
@@ -234,7 +247,10 @@ class TrainingService:
                     applied.embeddings,
                     on_step,
                 )
-                return image, applied.used
+                used = list(applied.used)
+                if aesthetic_params:
+                    used.append(f"aesthetic {aesthetic_params['Aesthetic embedding']}")
+                return image, used
 
 
 _generation_lock = threading.Lock()
@@ -296,3 +312,7 @@ class StandaloneWorkspace(Workspace):
     def merge_output_folder(self, kind: str) -> Path:
         """OUT/merge/ for merged checkpoints and LoRAs alike."""
         return self.root / MERGE_KIND
+
+    def aesthetic_folders(self) -> list[Path]:
+        """OUT/aesthetic/."""
+        return [self.root / "aesthetic"]

@@ -24,7 +24,7 @@ image at or below its own size instead.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ from lib_training.dataset.images import (
     inspect_images,
     load_view,
     load_weight,
+    mask_path,
     relative_name,
     scan_folder,
 )
@@ -47,7 +48,7 @@ from lib_training.dataset.summary import DatasetSummary, summarize
 from lib_training.dataset.templates import fill_template, load_template
 from lib_training.errors import ConfigError
 from lib_training.options import option
-from lib_training.seeding import rng_for
+from lib_training.seeding import derive_seed, rng_for
 
 MAX_UPSCALE = 2.0  # images that would need more enlargement than this are refused
 
@@ -85,7 +86,24 @@ class DatasetConfig:
         0.0, "Probability of leaving out the whole caption; [name] stays.", min=0.0, max=1.0, advanced=True
     )
     alpha_weight: bool = option(
-        False, "Use the alpha channel of images that have one as a per-pixel loss weight.", advanced=True
+        False,
+        "Masked loss: use each image's NAME.mask.png (white trains, black does not), or its alpha channel, "
+        "as a per-pixel loss weight.",
+        advanced=True,
+    )
+    class_path: str = option(
+        "",
+        "Regularization (class) images: a folder of pictures of the subject's class, trained on their own "
+        "captions (caption files, else file names); each step also trains on one of their batches.",
+        advanced=True,
+        role="folder",
+    )
+    prior_loss_weight: float = option(1.0, "Weight of the regularization images' loss.", min=0.0, advanced=True)
+    validation_images: int = option(
+        0,
+        "Images held out of training (chosen by the seed) whose loss is measured as a validation loss.",
+        min=0,
+        advanced=True,
     )
     seed: int = option(0, "Seed of the batch order and of every random choice per sample.", internal=True)
 
@@ -118,6 +136,8 @@ class DatasetConfig:
                 )
         if self.repeats < 1:
             problems["repeats"] = f"repeats must be at least 1 (got {self.repeats})."
+        if self.validation_images < 0:
+            problems["validation_images"] = f"validation_images cannot be negative (got {self.validation_images})."
         if self.keep_tags < 0:
             problems["keep_tags"] = f"keep_tags cannot be negative (got {self.keep_tags})."
         for name in ("tag_dropout", "caption_dropout"):
@@ -273,9 +293,49 @@ class TrainingDataset:
                 f"{len(too_small)} image(s) are too small for training size {config.size} "
                 "(sizes as width x height):\n  " + "\n  ".join(too_small) + "\n" + fix
             )
-        caption_files = {caption_path(path, config.caption_extension) for path in scan.images}
-        self.other_files = [path for path in scan.other_files if path not in caption_files]
+        known = {caption_path(path, config.caption_extension) for path in scan.images}
+        known |= {mask_path(path) for path in scan.images}
+        self.other_files = [path for path in scan.other_files if path not in known]
         self._weights: dict[ImageView, Tensor | None] = {}  # alpha weights kept for runs on cached latents
+        self.validation: list[ImageRecord] = []  # held out of training, for a validation loss
+        if config.validation_images:
+            self._hold_out(config.validation_images)
+        self.class_data: TrainingDataset | None = None  # regularization images, if any
+        if config.class_path.strip():
+            self.class_data = self._class_dataset(config)
+
+    def _class_dataset(self, config: DatasetConfig) -> TrainingDataset:
+        """The regularization images: trained on their own captions (caption files, else file names)."""
+        own = replace(
+            config,
+            path=config.class_path,
+            class_path="",
+            template="filewords",
+            validation_images=0,
+            seed=derive_seed(config.seed, "class"),
+        )
+        try:
+            return TrainingDataset(own, self.name)
+        except DatasetError as error:
+            raise DatasetError(
+                f"regularization (class) images: {error} Give a folder of class images, or clear class_path."
+            ) from error
+
+    def _hold_out(self, count: int) -> None:
+        if count >= len(self.samples):
+            raise DatasetError(
+                f"{count} validation image(s) would leave no training image of the {len(self.samples)} found; "
+                "hold out fewer, or add images."
+            )
+        chosen = set(rng_for(self.config.seed, "validation").sample(range(len(self.samples)), count))
+        self.validation = [r for i, r in enumerate(self.samples) if i in chosen]
+        self.samples = [r for i, r in enumerate(self.samples) if i not in chosen]
+
+    def validation_items(self) -> list[tuple[ImageView, str]]:
+        """The held-out images as the validation loss sees them: unflipped, with the template's first line
+        and the plain caption."""
+        line = self.template.lines[0]
+        return [(record.view(False), fill_template(line, self.name, record.caption)) for record in self.validation]
 
     def __len__(self) -> int:
         """Training items per epoch (images x repeats)."""
@@ -346,7 +406,9 @@ class TrainingDataset:
     def views(self) -> list[ImageView]:
         """Every distinct view training can ask for: each image, and its mirror image when flip is on."""
         flips = (False, True) if self.config.flip else (False,)
-        return [record.view(flip) for record in self.samples for flip in flips]
+        held_out = [view for view, _ in self.validation_items()]
+        regularization = self.class_data.views() if self.class_data is not None else []
+        return [record.view(flip) for record in self.samples for flip in flips] + held_out + regularization
 
     def load_image(self, view: ImageView) -> Tensor:
         """The image of `view` as [3, H, W] in [-1, 1] (for filling a latent cache)."""

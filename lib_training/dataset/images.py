@@ -5,7 +5,9 @@ after that rotation, as (height, width). An image that has an alpha channel is s
 alpha before resizing. The RGB values are kept as stored: transparent pixels are *not* composited
 onto a background, so what the file holds under them (often black) is what the VAE sees. The alpha
 channel can become a per-pixel loss weight at latent resolution (`alpha_to_weight`), which is how
-transparent areas are kept out of training.
+transparent areas are kept out of training. A mask file beside the image, `NAME.mask.png` for
+`NAME.png` / `NAME.jpg` / ..., takes the alpha channel's place (white trains, black does not); mask
+files are not training images themselves.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor
 from lib_training.dataset.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+MASK_SUFFIX = ".mask.png"  # NAME.mask.png beside NAME.png (or .jpg, ...): the image's loss weight
 LATENT_FACTOR = 8  # pixels per latent cell along each side
 
 _EXIF_ORIENTATION = 0x0112
@@ -69,7 +72,8 @@ def scan_folder(root: Path, readable: bool = False) -> FolderScan:
             if filename.startswith("."):
                 continue
             path = Path(dirpath) / filename
-            (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+            is_image = path.suffix.lower() in IMAGE_EXTENSIONS and not filename.lower().endswith(MASK_SUFFIX)
+            (images if is_image else others).append(path)
     images.sort(key=lambda p: relative_name(p, root))
     others.sort(key=lambda p: relative_name(p, root))
     if not images:
@@ -95,7 +99,7 @@ class ImageInfo:
     path: Path
     format: str  # lower-case Pillow format name: "png", "jpeg", "webp"
     size: tuple[int, int]  # (height, width) once EXIF orientation is applied
-    has_alpha: bool
+    has_alpha: bool  # an alpha channel, or a mask file (either gives the loss weight)
 
 
 def _has_alpha(img: Image.Image) -> bool:
@@ -118,7 +122,7 @@ def inspect_images(paths: list[Path], root: Path) -> tuple[list[ImageInfo], list
                 if img.getexif().get(_EXIF_ORIENTATION, 1) in _ORIENTATIONS_SWAPPING_SIDES:
                     width, height = height, width
                 fmt = (img.format or path.suffix.lstrip(".")).lower()
-                infos.append(ImageInfo(path, fmt, (height, width), _has_alpha(img)))
+                infos.append(ImageInfo(path, fmt, (height, width), _has_alpha(img) or mask_path(path).is_file()))
         except Exception as error:  # any decoder failure means the file is unusable
             problems.append(f"{relative_name(path, root)}: {type(error).__name__}: {error}")
     return infos, problems
@@ -191,10 +195,25 @@ def alpha_to_weight(alpha: Image.Image) -> Tensor:
     return F.avg_pool2d(values[None, None], LATENT_FACTOR)[0]  # [1, H/8, W/8]
 
 
+def mask_path(image: Path) -> Path:
+    """Where the mask of `image` would be: NAME.mask.png beside it."""
+    return image.with_name(image.stem + MASK_SUFFIX)
+
+
+def _weight_source(path: Path, rgb: Image.Image, alpha: Image.Image | None) -> Image.Image | None:
+    """The image's mask file as an "L" image of the image's size, else its alpha channel (or None)."""
+    mask = mask_path(path)
+    if not mask.is_file():
+        return alpha
+    found = open_upright(mask).convert("L")
+    return found if found.size == rgb.size else found.resize(rgb.size, Image.Resampling.BILINEAR)
+
+
 def load_weight(view: ImageView) -> Tensor | None:
-    """Only the loss weight [1, H/8, W/8] of `view` from its alpha channel; None without alpha."""
-    _, alpha = split_alpha(open_upright(view.path))
-    return None if alpha is None else alpha_to_weight(_apply_view(alpha, view))
+    """Only the loss weight [1, H/8, W/8] of `view` from its mask file or alpha channel; None without."""
+    rgb, alpha = split_alpha(open_upright(view.path))
+    weight = _weight_source(view.path, rgb, alpha)
+    return None if weight is None else alpha_to_weight(_apply_view(weight, view))
 
 
 def load_view(view: ImageView, with_alpha: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -205,5 +224,6 @@ def load_view(view: ImageView, with_alpha: bool = False) -> tuple[Tensor, Tensor
     """
     rgb, alpha = split_alpha(open_upright(view.path))
     image = rgb_to_tensor(_apply_view(rgb, view))
-    weight = alpha_to_weight(_apply_view(alpha, view)) if with_alpha and alpha is not None else None
+    source = _weight_source(view.path, rgb, alpha) if with_alpha else None
+    weight = alpha_to_weight(_apply_view(source, view)) if source is not None else None
     return image, weight

@@ -76,19 +76,24 @@ def check_supported(sd_model: Any) -> Arch:
     """The family of A1111's loaded model, or a UserError saying why it cannot be trained here."""
     from modules import sd_unet, shared
 
-    if sd_model is None:
-        raise UserError("no model is loaded in the WebUI; choose a Stable Diffusion checkpoint first")
-    if shared.cmd_opts.lowvram:
+    if sd_model is not None and shared.cmd_opts.lowvram:
         raise UserError(LOWVRAM_MESSAGE)
-    if getattr(sd_model, "is_sd3", False):
-        raise UserError("SD3 models cannot be trained here; load an SD1, SD2 or SDXL checkpoint")
     unet = getattr(sd_unet, "current_unet", None)
-    if unet is not None:
+    if sd_model is not None and unet is not None:
         label = getattr(getattr(unet, "option", None), "label", type(unet).__name__)
         raise UserError(
             f"the SD UNet '{label}' replaces the model's UNet and cannot be trained through; set 'SD Unet' to "
             "'None' in the settings (or the quick settings) and start again"
         )
+    return model_arch(sd_model)
+
+
+def model_arch(sd_model: Any) -> Arch:
+    """The family of A1111's loaded model (what training also needs of the setup: `check_supported`)."""
+    if sd_model is None:
+        raise UserError("no model is loaded in the WebUI; choose a Stable Diffusion checkpoint first")
+    if getattr(sd_model, "is_sd3", False):
+        raise UserError("SD3 models cannot be trained here; load an SD1, SD2 or SDXL checkpoint")
     if getattr(sd_model, "is_sdxl", False) or hasattr(sd_model, "conditioner"):
         towers = _sdxl_towers(sd_model)
         if towers is None:
@@ -125,7 +130,7 @@ def text_root(sd_model: Any) -> nn.Module:
 
 def host_modules(sd_model: Any) -> dict[str, nn.Module]:
     """Named host modules (for hashing): UNet, VAE, text encoders by their TI key."""
-    arch = check_supported(sd_model)
+    arch = model_arch(sd_model)
     modules: dict[str, nn.Module] = {
         "unet": sd_model.model.diffusion_model,
         "vae": sd_model.first_stage_model,
@@ -150,10 +155,11 @@ def module_roots(sd_model: Any) -> list[ModuleRoot]:
 
 
 def build_model(sd_model: Any, checkpointing: Checkpointing | None = None) -> HostDiffusionModel:
-    """The interface over A1111's loaded model (valid while the session that built it is open)."""
+    """The interface over A1111's loaded model (valid while the session that built it is open; a
+    session checks the setup first, `check_supported`)."""
     from modules import devices, shared
 
-    arch = check_supported(sd_model)
+    arch = model_arch(sd_model)
     opts = shared.opts
     dm = sd_model.model.diffusion_model
     prediction = "v" if getattr(sd_model, "parameterization", "eps") == "v" else "epsilon"

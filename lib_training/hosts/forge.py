@@ -56,6 +56,18 @@ _PREDICTIONS = {"epsilon": "epsilon", "v_prediction": "v"}
 
 def check_supported(sd_model: Any) -> Arch:
     """The family of Forge's loaded engine, or a UserError saying why it cannot be trained here."""
+    arch = model_arch(sd_model)
+    kmodel = sd_model.forge_objects_original.unet.model
+    if not isinstance(kmodel.storage_dtype, torch.dtype):
+        raise UserError(
+            f"the UNet is stored quantised ({kmodel.storage_dtype}); choose a normal (fp16/bf16/fp32) weight "
+            "format for the model to train on it"
+        )
+    return arch
+
+
+def model_arch(sd_model: Any) -> Arch:
+    """The family of Forge's loaded engine (what training also needs of the setup: `check_supported`)."""
     if getattr(sd_model, "forge_objects_original", None) is None:
         raise UserError("no model is loaded in Forge; choose a Stable Diffusion checkpoint first")
     if getattr(sd_model, "is_sdxl", False):
@@ -72,11 +84,6 @@ def check_supported(sd_model: Any) -> Arch:
             "trained here"
         )
     kmodel = sd_model.forge_objects_original.unet.model
-    if not isinstance(kmodel.storage_dtype, torch.dtype):
-        raise UserError(
-            f"the UNet is stored quantised ({kmodel.storage_dtype}); choose a normal (fp16/bf16/fp32) weight "
-            "format for the model to train on it"
-        )
     prediction = getattr(kmodel.predictor, "prediction_type", None)
     if prediction not in _PREDICTIONS or not hasattr(kmodel.predictor, "alphas_cumprod"):
         raise UserError(f"models predicting {prediction!r} cannot be trained here (only epsilon and v)")
@@ -92,7 +99,7 @@ def host_modules(sd_model: Any) -> dict[str, nn.Module]:
 def module_roots(sd_model: Any) -> list[ModuleRoot]:
     """Where the module map finds the layers: the UNet (LDM names) and every text tower's HF
     `CLIPTextModel` (separate q/k/v Linears, also for OpenCLIP-H and bigG)."""
-    arch = check_supported(sd_model)
+    arch = model_arch(sd_model)
     objects = sd_model.forge_objects_original
     roots = [ModuleRoot("unet", objects.unet.model.diffusion_model, "ldm")]
     for _, key in _ENGINES[arch]:
@@ -101,11 +108,12 @@ def module_roots(sd_model: Any) -> list[ModuleRoot]:
 
 
 def build_model(sd_model: Any, blocks: ForgeBlocks | None = None) -> HostDiffusionModel:
-    """The interface over Forge's loaded engine (valid while the session that built it is open)."""
+    """The interface over Forge's loaded engine (valid while the session that built it is open; a
+    session checks the setup first, `check_supported`)."""
     from backend import memory_management
     from modules import shared
 
-    arch = check_supported(sd_model)
+    arch = model_arch(sd_model)
     objects = sd_model.forge_objects_original
     unet, clip, vae = objects.unet, objects.clip, objects.vae
     kmodel = unet.model
@@ -146,6 +154,8 @@ def build_model(sd_model: Any, blocks: ForgeBlocks | None = None) -> HostDiffusi
                 projection=projection,
                 device=device,
                 prepare=load_unet_and_text,
+                # SD1's CLIP-L projection is left uninitialised by Forge's loader; the others are loaded
+                feature_projection=None if key == "clip_l" else getattr(tower.transformer, "text_projection", None),
             )
         )
     return HostDiffusionModel(

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lib_training.model.diffusion import TextEncoderOutput
 from lib_training.model.diffusion import Tokenizer as TokenizerProtocol
+from lib_training.model.networks.text_encoder import TextEncoderConfig, TowerWeights, heads_for_width, hf_to_open_clip
 
 
 def unwrap_embedding(module: nn.Module) -> nn.Embedding:
@@ -76,6 +77,37 @@ def _on_device(embedding: nn.Embedding, device: torch.device) -> nn.Module:
     return embedding if embedding.weight.device == device else _EmbeddingOnDevice(embedding, device)
 
 
+def unwrapped_state(module: nn.Module) -> dict[str, Tensor]:
+    """`module.state_dict()` without the textual-inversion wrappers' `.wrapped` level (the tensors
+    themselves, not copies; a name the wrapper registers twice is kept once)."""
+    state: dict[str, Tensor] = {}
+    for key, value in module.state_dict().items():
+        state.setdefault(key.replace(".wrapped.", "."), value)
+    return state
+
+
+def weights_version(module: nn.Module) -> int:
+    """Changes when a parameter of `module` is modified in place or replaced (for caches of results
+    computed from the weights). Inference tensors (Forge) have no version counter: their storage counts."""
+    parts = []
+    for param in module.parameters():
+        try:
+            parts.append((param.data_ptr(), param._version))
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            parts.append((param.data_ptr(), 0))
+    return hash(tuple(parts))
+
+
+def _clip_skip(layer: int, layers: int) -> int:
+    """Our `clip_skip` for a host's `hidden_states[layer]` (0 = embeddings, -1 or `layers` = last layer)."""
+    index = layers + 1 + layer if layer < 0 else layer  # blocks run before the hidden state
+    return layers - index + 1
+
+
+_OPEN_CLIP_TEXT = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.", "text_projection")
+_OPEN_CLIP_TEXT += ("logit_scale",)
+
+
 class _HostTextEncoder:
     """What both kinds of tower share: key, tokenizer, token embedding, width."""
 
@@ -110,7 +142,9 @@ class HFTextEncoder(_HostTextEncoder):
     """A Hugging Face `CLIPTextTransformer` (`text_model`): A1111's CLIP-L, Forge's every tower.
 
     `layer` indexes `hidden_states` (0 = embeddings, -1 = last layer); `final_norm` applies the
-    tower's final LayerNorm to it; `projection` (Forge's clip_g) projects the pooled output.
+    tower's final LayerNorm to it; `projection` (Forge's clip_g) projects the pooled output;
+    `feature_projection` is a projection the tower has without pooling through it (Forge's SD2), for
+    the text features of a private copy (`tower_weights`).
     """
 
     def __init__(
@@ -124,12 +158,14 @@ class HFTextEncoder(_HostTextEncoder):
         device: torch.device,
         projection: nn.Module | None = None,
         prepare: Callable[[], None] | None = None,
+        feature_projection: nn.Module | None = None,
     ) -> None:
         super().__init__(key, tokenizer, unwrap_embedding(text_model.embeddings.token_embedding), device, prepare)
         self.text_model = text_model
         self.layer = layer
         self.final_norm = final_norm
         self.projection = projection
+        self.feature_projection = feature_projection
 
     def encode_embeddings(self, embeds: Tensor, ids: Tensor) -> TextEncoderOutput:
         embeds, ids = self._inputs(embeds, ids)
@@ -140,6 +176,37 @@ class HFTextEncoder(_HostTextEncoder):
             hidden = self.text_model.final_layer_norm(hidden)
         pooled = None if self.projection is None else self.projection(out.pooler_output)  # [B, P]
         return TextEncoderOutput(hidden.to(self.device), None if pooled is None else pooled.to(self.device))
+
+    def tower_weights(self) -> TowerWeights:
+        """The tower in our open_clip layout and role (for a private copy: aesthetic gradients)."""
+        c = self.text_model.config
+        vocab, width = self._embedding.weight.shape
+        projection = self.projection if self.projection is not None else self.feature_projection
+
+        def read_state() -> dict[str, Tensor]:
+            state = hf_to_open_clip({f"text_model.{k}": v for k, v in unwrapped_state(self.text_model).items()})
+            if projection is not None:
+                state["text_projection"] = projection.weight.T  # Linear [P, W] -> ours [W, P]
+            return state
+
+        config = TextEncoderConfig(
+            key=self.key,  # type: ignore[arg-type]
+            width=int(width),
+            layers=int(c.num_hidden_layers),
+            heads=int(c.num_attention_heads),
+            activation="quick_gelu" if c.hidden_act == "quick_gelu" else "gelu",
+            checkpoint_layout="hf",
+            output_layer="last",
+            final_norm=self.final_norm,
+            projection_dim=None if projection is None else int(projection.weight.shape[0]),
+            pooled_output=self.projection is not None,
+            vocab_size=int(vocab),
+            context_length=int(c.max_position_embeddings),
+        )
+        version = weights_version(self.text_model)
+        if projection is not None:
+            version ^= weights_version(projection)
+        return TowerWeights(config, read_state, _clip_skip(self.layer, config.layers), version)
 
 
 class OpenClipTextEncoder(_HostTextEncoder):
@@ -171,3 +238,33 @@ class OpenClipTextEncoder(_HostTextEncoder):
         else:
             hidden = out
         return TextEncoderOutput(hidden.to(self.device), None if pooled is None else pooled.to(self.device))
+
+    def tower_weights(self) -> TowerWeights:
+        """The tower in our open_clip layout and role (for a private copy: aesthetic gradients). ldm's
+        embedder applies ln_final to its layer; sgm's (SDXL bigG) does not and pools."""
+        model = self.embedder.model
+
+        def read_state() -> dict[str, Tensor]:
+            return {k: v for k, v in unwrapped_state(model).items() if k.startswith(_OPEN_CLIP_TEXT)}
+
+        projection = getattr(model, "text_projection", None)
+        vocab, width = self._embedding.weight.shape
+        blocks = model.transformer.resblocks
+        sgm = hasattr(self.embedder, "legacy") or hasattr(self.embedder, "return_pooled")
+        config = TextEncoderConfig(
+            key=self.key,  # type: ignore[arg-type]
+            width=int(width),
+            layers=len(blocks),
+            heads=int(getattr(blocks[0].attn, "num_heads", heads_for_width(int(width)))),
+            activation="gelu",
+            checkpoint_layout="open_clip",
+            output_layer="last",
+            final_norm=not sgm,
+            projection_dim=None if projection is None else int(projection.shape[1]),
+            has_logit_scale=getattr(model, "logit_scale", None) is not None,
+            pooled_output=sgm and bool(getattr(self.embedder, "return_pooled", True)) and projection is not None,
+            vocab_size=int(vocab),
+            context_length=int(model.positional_embedding.shape[0]),
+        )
+        skip = int(getattr(self.embedder, "layer_idx", 0) or 0) + 1
+        return TowerWeights(config, read_state, skip, weights_version(model))

@@ -119,6 +119,14 @@ class WebUIWorkspace(Workspace):
             "vaes": folders("vae_dir", models / "VAE"),
         }
 
+    def aesthetic_folders(self) -> list[Path]:
+        """`models/aesthetic_embeddings` (new embeddings go there), then the aesthetic-gradients
+        extension's own folder, so that its embeddings are found where people have them."""
+        from modules import paths
+
+        extension = Path(paths.script_path) / "extensions" / "stable-diffusion-webui-aesthetic-gradients"
+        return [Path(paths.models_path) / "aesthetic_embeddings", extension / "aesthetic_embeddings"]
+
     def after_merge(self, kind: str, result: Path) -> None:
         if kind == "checkpoints":
             self.host.refresh_checkpoints()

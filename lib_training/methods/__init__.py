@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from lib_training.errors import ConfigError
-from lib_training.methods import embedding, hypernetwork
+from lib_training.methods import embedding, hypernetwork, lora
 from lib_training.training.method import MethodSpec
 
-_REGISTRY: dict[str, MethodSpec] = {spec.kind: spec for spec in (embedding.SPEC, hypernetwork.SPEC)}
+_REGISTRY: dict[str, MethodSpec] = {spec.kind: spec for spec in (embedding.SPEC, lora.SPEC, hypernetwork.SPEC)}
 
 
 def registered() -> dict[str, MethodSpec]:

@@ -200,7 +200,6 @@ def modules_from_file(
 class HypernetworkMethod(TrainingMethod):
     kind = "hypernetwork"
     settings_type = HypernetworkConfig
-    fixed_conditioning = True  # only the UNet's view of the conditioning changes
     settings: HypernetworkConfig
 
     def __init__(self, settings: HypernetworkConfig) -> None:
@@ -217,6 +216,10 @@ class HypernetworkMethod(TrainingMethod):
     @property
     def suffix(self) -> str:
         return ".pt"
+
+    @property
+    def trains_text_encoders(self) -> bool:
+        return False  # only what the UNet's k/v projections read changes: each prompt is encoded once
 
     # --- training -------------------------------------------------------------------------------
     def attach(self, model: DiffusionModel) -> None:

@@ -51,7 +51,11 @@ class TextEncoderOutput:
 
 @runtime_checkable
 class TextEncoder(Protocol):
-    """One CLIP text tower, split so that token embeddings can be replaced (textual inversion)."""
+    """One CLIP text tower, split so that token embeddings can be replaced (textual inversion).
+
+    Towers that can be copied (aesthetic gradients) also have `tower_weights()` (see
+    `lib_training.model.networks.text_encoder.TowerWeights`).
+    """
 
     key: str  # "clip_l" (SD1, SDXL), "clip_h" (SD2), "clip_g" (SDXL): names the part in TI files
     tokenizer: Tokenizer

@@ -58,6 +58,20 @@ class LoopConfig:
     min_snr_gamma: float = option(
         0.0, "Min-SNR-gamma loss weighting (5 is usual); 0 turns it off.", min=0.0, max=100.0, advanced=True
     )
+    multires_noise_iterations: int = option(
+        0,
+        "Multi-resolution noise: coarser noise levels added (6-10 is usual); 0 turns it off.",
+        min=0,
+        max=20,
+        advanced=True,
+    )
+    multires_noise_discount: float = option(
+        0.3,
+        "Weight of each coarser level of multi-resolution noise, to the power of its level.",
+        min=0.0,
+        max=1.0,
+        advanced=True,
+    )
     noise_offset: float = option(
         0.0,
         "Noise offset (0.05-0.1 helps very dark or bright images); 0 turns it off.",
@@ -77,6 +91,12 @@ class LoopConfig:
     )
     seed: int = option(0, "Seed of every random choice: same seed, same result.", min=0)
     save_every: int = option(500, "Save a numbered copy every N steps (0: only at the end).", min=0)
+    validate_every: int = option(
+        0,
+        "Measure the loss of the held-out images (the data's validation_images) every N steps; 0: at the end only.",
+        min=0,
+        advanced=True,
+    )
     preview_every: int = option(500, "Make a preview image every N steps (0: none).", min=0)
     preview_prompt: str = option(
         "", "Prompt of the preview images; [name] is the name being trained. Empty: a line of the template."

@@ -1,4 +1,5 @@
-"""The denoising loss: MSE in fp32, with optional per-pixel weights, Min-SNR-gamma and noise offset."""
+"""The denoising loss: MSE in fp32, with optional per-pixel weights, Min-SNR-gamma, noise offset and
+multi-resolution noise."""
 
 from __future__ import annotations
 
@@ -7,6 +8,27 @@ from torch import Tensor
 
 from lib_training.errors import ConfigError
 from lib_training.model.noise_schedule import NoiseSchedule
+
+
+def multires_noise(noise: Tensor, iterations: int, discount: float, generator: torch.Generator) -> Tensor:
+    """Multi-resolution ("pyramid") noise: noise [B, C, H, W] plus, for i = 1 .. iterations, N(0, 1)
+    drawn at a random fraction 1 / r^i of the size (r uniform in [2, 4)) and upsampled bilinearly,
+    weighted discount^i; then scaled back to unit standard deviation. Stops once a side reaches 1.
+    Drawn from `generator` (on its device) in fp32; the result has the noise's dtype and device.
+    """
+    if iterations <= 0:
+        return noise
+    batch, channels, height, width = noise.shape
+    total = noise.float()
+    for i in range(1, iterations + 1):
+        r = 2 + 2 * torch.rand((), generator=generator, device=generator.device).item()
+        h, w = max(1, int(height / r**i)), max(1, int(width / r**i))
+        coarse = torch.randn((batch, channels, h, w), generator=generator, device=generator.device)
+        up = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+        total = total + up.to(total.device) * discount**i
+        if h == 1 or w == 1:
+            break
+    return (total / total.std()).to(noise.dtype)
 
 
 def noise_offset(noise: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:

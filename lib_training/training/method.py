@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -32,6 +32,9 @@ from torch.optim import Optimizer
 from lib_training.dataset import Batch, TrainingDataset
 from lib_training.model.diffusion import Conditioning, DiffusionModel, EmbeddingVectors
 from lib_training.options import SettingsError, option, to_dict
+
+if TYPE_CHECKING:
+    from lib_training.training.config import LoopConfig
 
 _BAD_NAME = re.compile(r"[\\/:*?\"<>|\x00-\x1f]")
 
@@ -88,9 +91,6 @@ class TrainingMethod(ABC):
 
     kind: ClassVar[str]  # "embedding": the CLI subcommand, the URL part and the app's output folder
     settings_type: ClassVar[type[MethodSettings]] = MethodSettings
-    # True when nothing that trains changes the text conditioning (no prompt vectors, no text-encoder
-    # weights): the trainer then encodes each prompt once and reuses it, as A1111's trainers do.
-    fixed_conditioning: ClassVar[bool] = False
 
     def __init__(self, settings: MethodSettings) -> None:
         settings.check()
@@ -124,6 +124,16 @@ class TrainingMethod(ABC):
 
     def check_dataset(self, dataset: TrainingDataset) -> None:  # noqa: B027  (optional for subclasses)
         """Raise a UserError if this method cannot train on `dataset` (before any work is done)."""
+
+    def begin_run(self, dataset: TrainingDataset, loop: LoopConfig) -> None:  # noqa: B027  (optional)
+        """Called once before `attach` by the trainer: the run's data and loop settings, for methods
+        that seed their own randomness or record the run in their files."""
+
+    @property
+    def trains_text_encoders(self) -> bool:
+        """Whether the text encoders' outputs can change while training (through the method's vectors or
+        hooks). When not, the trainer encodes each prompt once and reuses its output."""
+        return True
 
     def prompt_embeddings(self) -> Mapping[str, EmbeddingVectors]:
         """Textual-inversion vectors to use in prompts, by name (none for most methods)."""

@@ -27,12 +27,13 @@ from torch import Tensor
 
 from lib_training.dataset import Batch, LatentCache, LatentSampler, TrainingDataset
 from lib_training.errors import UserError
+from lib_training.formats.atomic import write_text
 from lib_training.formats.fingerprint import weights_fingerprint
 from lib_training.model.diffusion import Conditioning, DiffusionModel, SizeConditioning
 from lib_training.model.sampler import SampleSettings, generate
 from lib_training.seeding import derive_seed
 from lib_training.training.config import LoopConfig
-from lib_training.training.loss import diffusion_loss, noise_offset
+from lib_training.training.loss import diffusion_loss, multires_noise, noise_offset
 from lib_training.training.lr_schedule import StepSchedule, parse_schedule, set_learning_rate
 from lib_training.training.method import StepOutputs, TrainingMethod
 from lib_training.training.optim import build_optimizer, clip_gradients
@@ -40,7 +41,7 @@ from lib_training.training.outputs import LossRecord, RunFolder
 from lib_training.training.progress import Progress, RateMeter
 
 ProgressCallback = Callable[[Progress], None]
-_CONDITIONING_CACHE_BYTES = 256 * 2**20  # at most this much conditioning kept for reuse
+_TEXT_CACHE_LIMIT = 4096  # prompts whose text-encoder outputs are kept (frozen text encoders)
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
@@ -55,6 +56,8 @@ class TrainingResult:
     interrupted: bool
     loss: float | None  # mean loss of the last 20 steps
     folder: Path
+    resumed_from: int | None = None  # the step a resumed run continued from (None: a new run)
+    validation_loss: float | None = None  # the held-out images' loss at the end (None: none held out)
 
 
 def autocast_dtype(precision: str, device: torch.device, weights: torch.dtype = torch.float32) -> torch.dtype | None:
@@ -110,7 +113,9 @@ class Trainer:
         self.losses: list[LossRecord] = []
         self._saved = False  # this run has written a result or a numbered copy
         self._latest_preview: Path | None = None
-        self._cond_cache: dict[tuple[Any, ...], Conditioning] = {}  # see _conditioning; oldest use first
+        self._text_cache: dict[str, tuple[Tensor, Tensor | None]] = {}  # prompt -> its text encoders' output
+        self._class_sampler = None  # batches of the regularization images, if any
+        self.validation: list[tuple[int, float]] = []  # (step, loss of the held-out images)
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainingResult:
@@ -129,6 +134,7 @@ class Trainer:
         return result
 
     def _run(self, resume: bool) -> TrainingResult:
+        self.method.begin_run(self.dataset, self.loop)
         self._report("preparing", 0)
         cache = LatentCache(
             self._encode, weights_fingerprint({"vae": self.model.modules["vae"]}), self.latent_cache_dir
@@ -142,6 +148,8 @@ class Trainer:
         )
         latents_for = LatentSampler(self.loop.latent_sampling, self.loop.seed)
         sampler = self.dataset.sampler(self.loop.batch_size)
+        class_data = self.dataset.class_data
+        self._class_sampler = class_data.sampler(self.loop.batch_size) if class_data is not None else None
 
         with self.method.attached(self.model), self._gradient_checkpointing():
             groups = self.method.param_groups()
@@ -157,6 +165,11 @@ class Trainer:
             step = 0
             if resume:
                 step = self._restore(self.folder.load_resume_state(), optimizer, scaler, sampler)
+                self._report(
+                    "preparing",
+                    step,
+                    message=f"resumed the run at step {step}: same optimizer state, data order and random numbers",
+                )
             elif (start := self.method.initial_optimizer_state()) is not None:
                 optimizer.load_state_dict(start)
             first_step = step
@@ -186,9 +199,13 @@ class Trainer:
                 self.losses.append(LossRecord(step, total_loss, lr, epoch, time.perf_counter() - started))
                 rate.mark(step)
                 self._periodic_outputs(step, optimizer, scaler, sampler)
+                if self.loop.validate_every and step % self.loop.validate_every == 0 and step < self.total_steps:
+                    self._validate(step, cache)
                 self._report("training", step, loss=total_loss, lr=lr, rate=rate)
 
             if step > first_step or not interrupted:  # stopped before any step: nothing new to save
+                if self.dataset.validation:
+                    self._validate(step, cache)
                 self._report("saving", step)
                 self._save_result(step, optimizer)
                 self._save_resume(step, optimizer, scaler, sampler)
@@ -196,7 +213,13 @@ class Trainer:
         recent = [r.loss for r in self.losses[-20:]]
         self._report("done", step, message="interrupted" if interrupted else "finished")
         return TrainingResult(
-            self.folder.result, step, interrupted, sum(recent) / len(recent) if recent else None, self.folder.root
+            self.folder.result,
+            step,
+            interrupted,
+            sum(recent) / len(recent) if recent else None,
+            self.folder.root,
+            resumed_from=first_step if resume else None,
+            validation_loss=self.validation[-1][1] if self.validation else None,
         )
 
     # --- one step -------------------------------------------------------------------------
@@ -222,6 +245,13 @@ class Trainer:
             epoch = plan.epoch
             batch = self.dataset.batch(plan, load_images=False)
             loss = self._loss(batch, latents_for(cache, batch.views, step, self.dataset.load_image), step)
+            if self._class_sampler is not None:  # regularization: a batch of class images, weighted
+                class_data = self.dataset.class_data
+                assert class_data is not None
+                class_batch = class_data.batch(next(self._class_sampler), load_images=False)
+                class_latents = latents_for(cache, class_batch.views, step, class_data.load_image)
+                class_loss = self._loss(class_batch, class_latents, step, stream="class-noise")
+                loss = loss + self.dataset.config.prior_loss_weight * class_loss
             if not torch.isfinite(loss):
                 self._stop_on_nan(step, loss)
             scaled = loss / self.loop.grad_accumulation
@@ -245,14 +275,18 @@ class Trainer:
         if self.model.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _loss(self, batch: Batch, latents: Tensor, step: int) -> Tensor:
+    def _loss(self, batch: Batch, latents: Tensor, step: int, stream: str = "noise") -> Tensor:
         model = self.model
         latents = (latents * model.family.latent_scale).to(model.device)
-        seed = derive_seed(self.loop.seed, "noise", step, batch.plan.epoch, batch.plan.position)
+        seed = derive_seed(self.loop.seed, stream, step, batch.plan.epoch, batch.plan.position)
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(latents.shape, generator=generator)
         if self.loop.noise_offset > 0:
             noise = noise_offset(noise, self.loop.noise_offset, generator)
+        if self.loop.multires_noise_iterations > 0:
+            noise = multires_noise(
+                noise, self.loop.multires_noise_iterations, self.loop.multires_noise_discount, generator
+            )
         timesteps = torch.randint(0, model.schedule.num_steps, (latents.shape[0],), generator=generator)
         noise, timesteps = noise.to(model.device), timesteps.to(model.device)
         x_t = model.schedule.add_noise(latents, noise, timesteps)
@@ -279,19 +313,55 @@ class Trainer:
         return self.method.objective(StepOutputs(batch, x_t, timesteps, target, prediction, cond, loss))
 
     def _conditioning(self, prompts: list[str], sizes: list[SizeConditioning] | None) -> Conditioning:
-        """The batch's conditioning; encoded once per (prompts, sizes) when the method's is fixed."""
-        if not self.method.fixed_conditioning:
-            return self.model.encode_prompts(prompts, self.method.prompt_embeddings(), sizes)
-        key = (tuple(prompts), None if sizes is None else tuple(sizes))
-        cond = self._cond_cache.pop(key, None)
-        if cond is None:
+        """The batch's conditioning; with frozen text encoders each prompt is encoded once, alone, and its
+        output reused (so a resumed run computes the same values as an uninterrupted one)."""
+        model = self.model
+        if self.method.trains_text_encoders:
+            return model.encode_prompts(prompts, self.method.prompt_embeddings(), sizes)
+        parts = []
+        for prompt in prompts:
+            found = self._text_cache.get(prompt)
+            if found is None:
+                with torch.no_grad():
+                    encoded = model.encode_prompts([prompt])
+                found = (encoded.context, encoded.pooled)  # [1, 77 * chunks, C], [1, P] or None
+                if len(self._text_cache) < _TEXT_CACHE_LIMIT:
+                    self._text_cache[prompt] = found
+            parts.append(found)
+        if len({context.shape[1] for context, _ in parts}) > 1:  # prompts of different lengths: pad together
             with torch.no_grad():
-                cond = self.model.encode_prompts(prompts, None, sizes)
-            size = sum(t.numel() * t.element_size() for t in (cond.context, cond.y, cond.pooled) if t is not None)
-            while self._cond_cache and len(self._cond_cache) * size >= _CONDITIONING_CACHE_BYTES:
-                self._cond_cache.pop(next(iter(self._cond_cache)))  # the least recently used
-        self._cond_cache[key] = cond
-        return cond
+                return model.encode_prompts(prompts, None, sizes)
+        context = torch.cat([context for context, _ in parts])
+        if not model.family.is_sdxl:
+            return Conditioning(context)
+        pooled = torch.cat([p for _, p in parts if p is not None])
+        if sizes is None:
+            side = model.family.default_size
+            sizes = [SizeConditioning((side, side))] * len(prompts)
+        return Conditioning(context, model.size_vector(pooled, sizes), pooled)
+
+    def _validate(self, step: int, cache: LatentCache) -> None:
+        """The held-out images' mean loss, each at a fixed noise and timestep (the same at every
+        evaluation), with the result applied as at generation; appended to validation.csv."""
+        model = self.model
+        losses = []
+        with torch.no_grad(), self._autocast(), self.method.apply_for_generation(model) as embeddings:
+            for index, (view, prompt) in enumerate(self.dataset.validation_items()):
+                mean, _ = cache.get(view, self.dataset.load_image)
+                latents = (mean[None] * model.family.latent_scale).to(model.device)  # [1, 4, h, w]
+                generator = torch.Generator().manual_seed(derive_seed(self.loop.seed, "validation", index))
+                noise = torch.randn(latents.shape, generator=generator).to(model.device)
+                timesteps = torch.randint(0, model.schedule.num_steps, (1,), generator=generator).to(model.device)
+                x_t = model.schedule.add_noise(latents, noise, timesteps)
+                target = model.schedule.target(latents, noise, timesteps)
+                cond = model.encode_prompts([prompt], embeddings)
+                prediction = model.predict(x_t.to(model.dtype), timesteps, cond)
+                losses.append(torch.nn.functional.mse_loss(prediction.float(), target.float()).item())
+        value = sum(losses) / len(losses)
+        self.validation.append((step, value))
+        rows = "".join(f"{s},{v:.6g}\n" for s, v in self.validation)
+        write_text(self.folder.root / "validation.csv", "step,validation_loss\n" + rows)
+        self._report("validating", step, loss=value, message=f"validation loss {value:.6g} at step {step}")
 
     def _encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
@@ -369,7 +439,9 @@ class Trainer:
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None,
                 "sampler": sampler.state_dict(),
+                "class_sampler": self._class_sampler.state_dict() if self._class_sampler is not None else None,
                 "losses": [r.__dict__ for r in self.losses],
+                "validation": self.validation,
                 "identity": self._identity(),
             }
         )
@@ -397,7 +469,10 @@ class Trainer:
         if scaler and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
+        if self._class_sampler is not None and state.get("class_sampler") is not None:
+            self._class_sampler.load_state_dict(state["class_sampler"])
         self.losses = [LossRecord(**r) for r in state["losses"]]
+        self.validation = [(int(s), float(v)) for s, v in state.get("validation", [])]
         return int(state["step"])
 
     def _config_record(self, resumed: bool) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 import gradio as gr
 
 from lib_training.app.service import TrainingService
+from lib_training.app.ui.aesthetic_panel import build_aesthetic_panel
 from lib_training.app.ui.compat import PRIVATE, QUICK
 from lib_training.errors import UserError
 from lib_training.model.sampler import LATENT_FACTOR, SampleSettings
@@ -80,13 +81,14 @@ def build_generate_tab(service: TrainingService, defaults: Mapping[str, Any] | N
                 with gr.Row():
                     names = gr.Markdown(results_text(service))
                     refresh = gr.Button("Refresh list", size="sm", min_width=120)
+                aesthetic = build_aesthetic_panel(service.aesthetic)
             with gr.Column(scale=2, min_width=300):
                 run = gr.Button("Generate", variant="primary", elem_id="sdwt-gen-run")
                 image = gr.Image(label="Image", interactive=False, height=384, elem_id="sdwt-gen-image")
                 status = gr.HTML("", elem_id="sdwt-gen-status")
 
         def generate(*args: Any) -> list[Any]:
-            text, neg, seed_value, sampler_name, step_count, scale, w, h = args
+            text, neg, seed_value, sampler_name, step_count, scale, w, h = args[:8]
             started = time.perf_counter()
             try:
                 settings = SampleSettings(
@@ -99,13 +101,13 @@ def build_generate_tab(service: TrainingService, defaults: Mapping[str, Any] | N
                     height=int(h),
                     sampler=sampler_name,
                 )
-                picture, used = service.generate(settings)
+                picture, used = service.generate(settings, aesthetic=aesthetic.request(*args[8:]))
             except UserError as error:
                 return [gr.update(), f'<div class="sdwt-error">{html.escape(str(error))}</div>']
             note = result_note(settings, time.perf_counter() - started, used)
             return [picture, f'<div class="sdwt-info" data-sdwt-used="{len(used)}">{html.escape(note)}</div>']
 
-        inputs = [prompt, negative, seed, sampler_box, steps_box, cfg_box, width, height]
+        inputs = [prompt, negative, seed, sampler_box, steps_box, cfg_box, width, height, *aesthetic.inputs]
         run.click(generate, inputs, [image, status], **PRIVATE)
         refresh.click(lambda: results_text(service), None, [names], **QUICK)
         blocks.load(lambda: results_text(service), None, [names], **QUICK)  # fresh on every page load

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -305,6 +305,26 @@ def text_encoder_config_from_shapes(
     )
 
 
+@dataclass(frozen=True)
+class TowerWeights:
+    """What a private copy of a text tower needs (aesthetic gradients personalise one per prompt).
+
+    `state` gives the tower's current weights in our open_clip layout (converted from the host's
+    layout when asked: only a copy needs them); `version` changes whenever one of them is modified
+    in place or replaced (a LoRA merged by a host), so results computed from an older version are
+    known to be stale.
+    """
+
+    config: TextEncoderConfig
+    read_state: Callable[[], Mapping[str, Tensor]]
+    clip_skip: int = 1
+    version: int = 0
+
+    @property
+    def state(self) -> Mapping[str, Tensor]:
+        return self.read_state()
+
+
 def causal_mask(length: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Additive mask [L, L]: -inf above the diagonal, so each token sees itself and earlier tokens."""
     return torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu_(1)
@@ -416,6 +436,11 @@ class ClipTextEncoder(nn.Module):
     def forward(self, ids: Tensor) -> TextEncoderOutput:
         """Token ids [B, L] -> output (see `encode_embeddings`)."""
         return self.encode_embeddings(self.token_embedding(ids), ids)
+
+    def tower_weights(self) -> TowerWeights:
+        """This tower's weights and role, for a private copy (`TowerWeights`)."""
+        version = hash(tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        return TowerWeights(self.config, self.state_dict, self.clip_skip, version)
 
     # --- checkpoints ------------------------------------------------------------------------
     @classmethod

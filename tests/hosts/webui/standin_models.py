@@ -162,7 +162,8 @@ def build_forge(standalone):
         )
         towers, tokenizers = {}, {}
         for encoder in standalone.text_encoders:
-            tower = IntegratedCLIP(CLIPTextModel, hf_config(encoder), add_text_projection=encoder.key == "clip_g")
+            # Forge gives every tower a projection, loaded where the checkpoint has one (not SD1's CLIP-L)
+            tower = IntegratedCLIP(CLIPTextModel, hf_config(encoder), add_text_projection=encoder.key != "clip_l")
             load_hf_weights(tower.transformer, encoder)
             towers[encoder.key] = tower
             tokenizers[encoder.key] = CLIPTokenizerLike(EOS_ID if encoder.key == "clip_l" else 0)

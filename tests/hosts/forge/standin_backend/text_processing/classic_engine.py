@@ -60,3 +60,23 @@ class ClassicTextProcessingEngine:
 
     def tokenize(self, texts):
         return self.tokenizer(texts, truncation=False, add_special_tokens=False)["input_ids"]
+
+    def process_tokens(self, remade_batch_tokens, batch_multipliers):
+        """One chunk [B][77] -> [B, 77, C] (`.pooled` when the engine returns it), without emphasis."""
+        tokens = torch.asarray(remade_batch_tokens)
+        if self.id_end != self.id_pad:
+            for row in range(len(remade_batch_tokens)):
+                index = remade_batch_tokens[row].index(self.id_end)
+                tokens[row, index + 1 :] = self.id_pad
+        return self.encode_with_transformers(tokens)
+
+    def encode_with_transformers(self, tokens):
+        transformer = self.text_encoder.transformer
+        outputs = transformer(input_ids=tokens, output_hidden_states=True)
+        z = outputs.hidden_states[-max(self.clip_skip, self.minimal_clip_skip)]
+        if self.final_layer_norm:
+            z = transformer.text_model.final_layer_norm(z)
+        if self.return_pooled:
+            pooled = outputs.pooler_output
+            z.pooled = transformer.text_projection(pooled) if self.text_projection else pooled
+        return z

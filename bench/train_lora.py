@@ -1,0 +1,301 @@
+"""LoRA training steps: ours against diffusers + peft, on the same weights, rank, modules and batches.
+
+Ours is the real training path, `lib_training.training.run.train` with a `LoraMethod` (kohya's
+default module set: every Linear / 1x1 conv of the UNet's transformer blocks) over a synthetic image
+folder; its time per step comes from the progress callback, after warm-up steps (latent caching
+comes before the first step and is not timed). The reference is the diffusers LoRA recipe
+(`train_text_to_image_lora.py`): diffusers' `UNet2DConditionModel` with the same weights, a peft
+`LoraConfig` with the same rank, alpha and target modules added by `unet.add_adapter`, the frozen
+text encoder(s) as transformers CLIP models, run once per batch before training (as the SDXL recipe
+precomputes them; ours encodes each prompt once while its text encoders are frozen, so with
+--warmup at least --images every timed step of both reuses the text outputs), AdamW on the LoRA
+weights.
+
+Both see the same latents, prompts, noise, timesteps (and SDXL size conditioning) at every step with
+the same learning rate; both LoRAs start with up = 0, so the losses of the first step must agree,
+which is printed as a check. Each implementation runs in its own subprocess; time per step is the
+median over the timed steps; peak memory is measured as in bench/train_embedding.py (whose model
+builders and measuring helpers this script uses). Prints both, and the ratios ours/reference.
+Target: ours at least 1.3x the reference's steps/s (time ratio at most 0.77), no more peak memory.
+
+peft must be importable (`pip install peft`, or PYTHONPATH pointing at a folder it was installed to).
+
+    python bench/train_lora.py --threads 1                # SD1 and SDXL shapes on the CPU
+    python bench/train_lora.py --arch sd1 --steps 3 --threads 1
+    python bench/train_lora.py --device cuda --full       # full-size SD1.5 (512 px) and SDXL (1024 px)
+    python bench/train_lora.py --tiny --steps 2 --warmup 1   # tiny models: a quick check
+
+Default shapes (CPU): as bench/train_embedding.py: SD1.5's UNet structure at width 64 with the full
+CLIP-L; SDXL's UNet structure at width 64, 2 transformer blocks per attention level, CLIP-L and
+OpenCLIP bigG (--bigg-layers to shorten it); 256 px, batch 1, rank 16, alpha 8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train_embedding as shared
+
+NAME = "zqx"
+TEMPLATE = "subject"
+LR = 1e-4
+SEED = shared.SEED
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+
+
+def run_ours(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, Any]:
+    """Train with lib_training's trainer; time and memory from its progress callback."""
+    from lib_training.dataset import DatasetConfig
+    from lib_training.methods.lora import LoraConfig, LoraMethod
+    from lib_training.training.config import LoopConfig
+    from lib_training.training.run import train
+
+    device, dtype = torch.device(args.device), shared.DTYPES[args.dtype]
+    total = args.warmup + args.steps
+    model = shared.build_model(shapes, device, dtype)
+    method = LoraMethod(LoraConfig(name=NAME, rank=args.rank, alpha=args.alpha))
+    data = DatasetConfig(path=args.data, size=shapes.size, template=TEMPLATE)
+    loop = LoopConfig(
+        steps=total,
+        batch_size=args.batch,
+        lr=str(LR),
+        precision=args.dtype,
+        seed=SEED,
+        save_every=0,
+        preview_every=0,
+        latent_sampling="mean",
+    )
+    recorder = shared.StepRecorder(args.warmup, total, device)
+
+    def on_progress(progress) -> None:
+        if progress.phase == "training":
+            recorder.step_done(progress.step, progress.loss)
+
+    with tempfile.TemporaryDirectory(prefix="bench-lora-out-") as out:
+        train(model, method, data, loop, out, on_progress=on_progress)
+    return {
+        **recorder.result(),
+        **recorder.memory_result,
+        "trained_parameters": sum(p.numel() for p in method.parameters()),
+        "modules": len(method.network.lora),
+        "components": {name: shared.parameter_count(module) for name, module in model.modules.items()},
+    }
+
+
+def reference_batches(model, args: argparse.Namespace, shapes: shared.Shapes, total: int) -> list[dict[str, Any]]:
+    """Ours's batches for steps 1..total (order, prompts as ids, latents, noise, timesteps, sizes)."""
+    from lib_training.dataset import DatasetConfig, TrainingDataset
+    from lib_training.model.prompt import tokenize
+    from lib_training.seeding import derive_seed
+
+    dataset = TrainingDataset(DatasetConfig(path=args.data, size=shapes.size, template=TEMPLATE, seed=SEED), NAME)
+    sampler = dataset.sampler(args.batch)
+    means: dict[Any, torch.Tensor] = {}
+    batches = []
+    for step in range(total):
+        plan = next(sampler)
+        batch = dataset.batch(plan, load_images=False)
+        for view in batch.views:
+            if view not in means:
+                with torch.no_grad():
+                    means[view] = model.encode_latent_distribution(dataset.load_image(view)[None]).mean[0].cpu()
+        latents = torch.stack([means[view] for view in batch.views]) * model.family.latent_scale
+        generator = torch.Generator().manual_seed(derive_seed(SEED, "noise", step, plan.epoch, plan.position))
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, model.schedule.num_steps, (latents.shape[0],), generator=generator)
+        ids = [tokenize(batch.prompts, e.tokenizer, {}).ids[:, 0] for e in model.text_encoders]  # [B, 77] each
+        time_ids = None
+        if shapes.family.is_sdxl:
+            rows = [(*original, *crop, *batch.target_size) for original, crop in zip(batch.original_sizes, batch.crops)]
+            time_ids = torch.tensor(rows, dtype=torch.float32)
+        batches.append({"latents": latents, "noise": noise, "timesteps": timesteps, "ids": ids, "time_ids": time_ids})
+    return batches
+
+
+def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, Any]:
+    """The diffusers + peft LoRA loop over the same batches as ours."""
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+
+    device, dtype = torch.device(args.device), shared.DTYPES[args.dtype]
+    total = args.warmup + args.steps
+    model = shared.build_model(shapes, device, dtype)
+    batches = reference_batches(model, args, shapes, total)
+    unet = shared.diffusers_unet(model.unet_module).requires_grad_(False)
+    encoders = []
+    for encoder in model.text_encoders:
+        hf = shared.hf_text_encoder(encoder, torch.zeros(0, encoder.width)).requires_grad_(False).eval()
+        encoders.append(hf.to(device, dtype))
+    del model
+    gc.collect()
+
+    unet.to(device=device, dtype=dtype)
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=PEFT_TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for param in params:  # the recipe keeps the trained LoRA weights in fp32
+        param.data = param.data.float()
+    modules = sum(1 for name, _ in unet.named_modules() if name.endswith(".lora_A"))
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+    )
+    recorder = shared.StepRecorder(args.warmup, total, device)
+
+    def encode(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        ids = [i.to(device) for i in batch["ids"]]
+        with torch.no_grad():  # frozen text encoders
+            if batch["time_ids"] is not None:  # SDXL: penultimate layers of both, pooled bigG + sizes
+                hidden_l = encoders[0](ids[0], output_hidden_states=True).hidden_states[-2]
+                output_g = encoders[1](ids[1], output_hidden_states=True)
+                context = torch.cat([hidden_l, output_g.hidden_states[-2]], dim=-1)
+                return context, {"text_embeds": output_g.text_embeds, "time_ids": batch["time_ids"].to(device, dtype)}
+            return encoders[0](ids[0])[0], None
+
+    # The text encoders' outputs: computed before training as the SDXL recipe does, or (the SD1
+    # recipe as written, --reference-encodes-each-step) inside each step.
+    conditioning = [None if args.reference_encodes_each_step else encode(batch) for batch in batches]
+    unet.train()
+    for step, (batch, found) in enumerate(zip(batches, conditioning), start=1):
+        context, added = encode(batch) if found is None else found
+        latents, noise = batch["latents"].to(device, dtype), batch["noise"].to(device, dtype)
+        timesteps = batch["timesteps"].to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        with shared.autocast(device, dtype):
+            prediction = unet(noisy, timesteps, context.to(dtype), added_cond_kwargs=added).sample
+        loss = F.mse_loss(prediction.float(), noise.float(), reduction="mean")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        recorder.step_done(step, loss.detach().item())
+    return {
+        **recorder.result(),
+        **recorder.memory_result,
+        "trained_parameters": sum(p.numel() for p in params),
+        "modules": modules,
+    }
+
+
+PASSED_ON = (
+    "device",
+    "dtype",
+    "steps",
+    "warmup",
+    "batch",
+    "rank",
+    "alpha",
+    "width",
+    "sdxl_depth",
+    "bigg_layers",
+    "size",
+)
+
+
+def child_argv(args: argparse.Namespace, arch: str, impl: str, data: Path) -> list[str]:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--impl", impl, "--arch", arch, "--data", str(data)]
+    for name in (*PASSED_ON, "threads"):
+        value = getattr(args, name)
+        if value is not None:
+            argv += ["--" + name.replace("_", "-"), str(value)]
+    argv += [
+        flag
+        for flag in ("--full", "--tiny", "--reference-encodes-each-step")
+        if getattr(args, flag[2:].replace("-", "_"))
+    ]
+    return argv
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="both", choices=[*shared.ARCHS, "both"])
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps (default 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them, at least 1 (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", choices=list(shared.DTYPES), help="default: fp32 on the CPU, bf16 on a GPU")
+    parser.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    parser.add_argument("--alpha", type=float, default=8.0, help="LoRA alpha (default 8)")
+    parser.add_argument("--images", type=int, default=2, help="images in the synthetic dataset (default 2)")
+    parser.add_argument("--size", type=int, help="image side in px (default 256; 64 with --tiny; 512/1024 with --full)")
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument("--full", action="store_true", help="full-size SD1.5 and SDXL (for a GPU)")
+    scale.add_argument("--tiny", action="store_true", help="tiny models throughout: a quick check of the script")
+    parser.add_argument("--width", type=int, default=64, help="UNet model_channels of the default shapes (64)")
+    parser.add_argument("--sdxl-depth", type=int, default=2, help="transformer blocks per SDXL attention level (2)")
+    parser.add_argument("--bigg-layers", type=int, help="layers of OpenCLIP bigG in the default shapes (32: all)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads of the workers (default: torch's choice)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each implementation; the fastest is kept (1)")
+    parser.add_argument(
+        "--reference-encodes-each-step",
+        action="store_true",
+        help="the reference runs its frozen text encoders in every step, as diffusers' SD1 LoRA script does",
+    )
+    parser.add_argument("--impl", choices=shared.IMPLS, help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if min(args.warmup, args.steps, args.rounds) < 1:
+        parser.error("--warmup, --steps and --rounds must be at least 1")
+    if args.warmup * args.batch < args.images:
+        print("note: --warmup * --batch < --images: some timed steps of ours encode their prompts", file=sys.stderr)
+    if args.dtype is None:
+        args.dtype = "fp32" if args.device == "cpu" else "bf16"
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.impl:  # a worker
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        worker = run_ours if args.impl == "ours" else run_reference
+        print(json.dumps(worker(args, shared.model_shapes(args.arch, args))))
+        return
+
+    archs = shared.ARCHS if args.arch == "both" else (args.arch,)
+    threads = args.threads or torch.get_num_threads()
+    print(
+        "LoRA training steps: ours (lib_training trainer, kohya's default modules) vs diffusers + peft "
+        "(UNet2DConditionModel.add_adapter), same weights, rank, modules and batches\n"
+        f"{args.device} ({threads} threads), {args.dtype}, batch {args.batch}, rank {args.rank}, alpha {args.alpha:g}, "
+        f"AdamW lr {LR}; median of {args.steps} steps after {args.warmup} warm-up steps\n"
+    )
+    summary = {}
+    with tempfile.TemporaryDirectory(prefix="bench-lora-data-") as root:
+        for arch in archs:
+            shapes = shared.model_shapes(arch, args)
+            data = Path(root) / arch
+            shared.make_images(data, args.images, shapes.size)
+            runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl in shared.IMPLS}
+            for _ in range(args.rounds):
+                for impl in shared.IMPLS:
+                    runs[impl].append(shared.run_child(child_argv(args, arch, impl, data)))
+                    print(shared.describe_run(arch, impl, runs[impl][-1], threads), flush=True)
+            results = {impl: min(found, key=lambda r: r["step_s"]) for impl, found in runs.items()}
+            print(f"  adapted modules: ours {results['ours']['modules']}, reference {results['reference']['modules']}")
+            ratios = shared.print_case(arch, shapes, results, args)
+            ratios["steps/s"] = 1 / ratios["time"]
+            summary[arch] = ratios
+            print()
+    for arch, ratios in summary.items():
+        fast = ratios["steps/s"] >= 1.3
+        lean = ratios["peak total"] <= 1.0
+        verdict = "meets the target" if fast and lean else "misses the target"
+        print(
+            f"{arch.upper()}: steps/s ratio {ratios['steps/s']:.2f}, "
+            f"peak total memory ratio {ratios['peak total']:.2f}: {verdict} "
+            "(target: at least 1.3x the steps/s, no more memory)"
+        )
+
+
+if __name__ == "__main__":
+    main()
