@@ -8,7 +8,7 @@ import pytest
 
 from lib_training.errors import UserError
 from lib_training.hosts import extension, settings
-from lib_training.methods import spec_for
+from lib_training.methods import registered, spec_for
 from lib_training.training.outputs import RunFolder
 
 TODAY = datetime.date(2025, 6, 2)
@@ -27,7 +27,14 @@ def test_results_go_to_the_webui_folders_and_logs_to_a_dated_run_folder(a1111) -
     space = workspace(a1111)
     assert space.result_dir(EMBEDDING) == settings.folder(settings.EMBEDDINGS_DIR)
     assert space.run_folder(EMBEDDING, "cat") == a1111.data / "textual_inversion" / "2025-06-02" / "cat"
-    assert space.result_folders() == {"embedding": settings.folder(settings.EMBEDDINGS_DIR)}
+    roles = {
+        "embeddings": settings.EMBEDDINGS_DIR,
+        "hypernetworks": settings.HYPERNETWORKS_DIR,
+        "loras": settings.LORA_DIR,
+    }
+    assert space.result_folders() == {
+        kind: settings.folder(roles[spec.result_role]) for kind, spec in registered().items()
+    }  # each method's results in the WebUI's folder for its role
 
 
 def test_files_record_the_loaded_checkpoints_hash_and_name(a1111, monkeypatch) -> None:
