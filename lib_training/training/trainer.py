@@ -29,14 +29,17 @@ from lib_training.dataset import Batch, LatentCache, LatentSampler, TrainingData
 from lib_training.errors import UserError
 from lib_training.formats.fingerprint import weights_fingerprint
 from lib_training.model.diffusion import DiffusionModel, SizeConditioning
+from lib_training.model.memory_format import channels_last, use_channels_last
 from lib_training.model.sampler import SampleSettings, generate
 from lib_training.seeding import derive_seed
+from lib_training.training.compiled import CompiledUNet, use_compile
 from lib_training.training.config import LoopConfig
 from lib_training.training.loss import diffusion_loss, noise_offset
 from lib_training.training.lr_schedule import StepSchedule, parse_schedule, set_learning_rate
 from lib_training.training.method import StepOutputs, TrainingMethod
 from lib_training.training.optim import build_optimizer, clip_gradients
 from lib_training.training.outputs import LossRecord, RunFolder
+from lib_training.training.peak_memory import peak_memory, reset_peak_memory
 from lib_training.training.progress import Progress, RateMeter
 
 ProgressCallback = Callable[[Progress], None]
@@ -107,10 +110,37 @@ class Trainer:
             self.clip_schedule = parse_schedule(loop.clip_grad_value, total_steps=loop.steps, what="gradient clip")
         self.total_steps = min(loop.steps, self.lr_schedule.end_step or loop.steps)
         self.losses: list[LossRecord] = []
+        self.speed: dict[str, Any] = {}  # what the run used: channels_last, compile (see _fast_path)
         self._latest_preview: Path | None = None
 
     # --- the run ----------------------------------------------------------------------------
     def run(self, resume: bool = False) -> TrainingResult:
+        with self._fast_path():
+            return self._run(resume)
+
+    @contextlib.contextmanager
+    def _fast_path(self):
+        """For this run: channels-last UNet and VAE weights (restored on exit) and the UNet call
+        compiled through a wrapper (the model's own `unet` comes back on exit); see LoopConfig."""
+        model, loop = self.model, self.loop
+        reset_peak_memory(model.device)
+        unet = model.unet
+        self.speed = {"channels_last": use_channels_last(loop.channels_last, model.device), "compile": "off"}
+        if use_compile(loop.compile, model.device):
+            self.speed["compile"] = "on"
+            model.unet = CompiledUNet(unet, on_fallback=self._compile_fell_back)
+        modules = [model.modules[key] for key in ("unet", "vae") if key in model.modules]
+        try:
+            with channels_last(modules, enabled=self.speed["channels_last"]):
+                yield
+        finally:
+            model.unet = unet
+
+    def _compile_fell_back(self, message: str) -> None:
+        self.speed["compile"] = "failed: " + message
+        self._report("training", self.losses[-1].step if self.losses else 0, message=message)
+
+    def _run(self, resume: bool) -> TrainingResult:
         self.folder.prepare()
         self._report("preparing", 0)
         cache = LatentCache(
@@ -174,6 +204,8 @@ class Trainer:
                 self._save_result(step)
                 self._save_resume(step, optimizer, scaler, sampler)
                 self.folder.write_losses(self.losses)
+            end = {"step": step, "interrupted": interrupted, **self.speed, **peak_memory(self.model.device)}
+            self.folder.write_config({**self._config_record(resume), "end": end})
         recent = [r.loss for r in self.losses[-20:]]
         self._report("done", step, message="interrupted" if interrupted else "finished")
         return TrainingResult(
@@ -246,7 +278,7 @@ class Trainer:
             ]
         with self._autocast():
             cond = model.encode_prompts(batch.prompts, self.method.prompt_embeddings(), sizes)
-            prediction = model.predict(x_t.to(model.dtype), timesteps, cond)
+            prediction = model.predict(x_t, timesteps, cond)  # casts x_t to the model's dtype
         weight = None if batch.weights is None else batch.weights.to(model.device)
         prediction, target = prediction.float(), target.float()
         loss = diffusion_loss(
@@ -269,7 +301,10 @@ class Trainer:
         if not self.loop.gradient_checkpointing:
             yield
             return
-        self.model.set_gradient_checkpointing(True)
+        fraction = self.loop.checkpoint_blocks
+        self.model.set_gradient_checkpointing(
+            True, fraction
+        ) if fraction < 1 else self.model.set_gradient_checkpointing(True)
         try:
             yield
         finally:

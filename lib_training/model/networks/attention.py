@@ -156,6 +156,7 @@ class SpatialTransformer(nn.Module):
         inner_dim = heads * dim_head
         self.use_linear = use_linear
         self.gradient_checkpointing = False
+        self.level = 0  # resolution level in the UNet (set by it), for selective checkpointing
         self.norm = nn.GroupNorm(32, in_channels, eps=TRANSFORMER_NORM_EPS)
         if use_linear:
             self.proj_in: nn.Module = nn.Linear(in_channels, inner_dim)

@@ -17,8 +17,9 @@ Module and parameter names are those of LDM's and SGM's `openaimodel.UNetModel`,
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,6 +189,7 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int) -> None:
         super().__init__()
         self.gradient_checkpointing = False
+        self.level = 0  # resolution level in the UNet (set by it), for selective checkpointing
         self.in_layers = nn.Sequential(
             GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
@@ -309,6 +311,13 @@ class SharedProjections:
         return shared
 
 
+def _set_level(layers: Iterable[nn.Module], level: int) -> None:
+    """Note the resolution level (0: full latent resolution) on ResBlocks and SpatialTransformers."""
+    for layer in layers:
+        if isinstance(layer, (ResBlock, SpatialTransformer)):
+            layer.level = level
+
+
 def _plain_emb_layers(block: ResBlock) -> bool:
     layers = block.emb_layers
     return (
@@ -354,6 +363,7 @@ class UNetModel(nn.Module):
                 ch = mc * mult
                 if depth > 0:
                     layers.append(transformer(ch, depth))
+                _set_level(layers, level)
                 self.input_blocks.append(TimestepSequential(*layers))
                 skip_channels.append(ch)
             if level != last_level:
@@ -365,6 +375,7 @@ class UNetModel(nn.Module):
             transformer(ch, config.transformer_depth_middle),
             ResBlock(ch, emb_dim, ch),
         )
+        _set_level(self.middle_block, last_level)
 
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(config.channel_mult))):
@@ -376,6 +387,7 @@ class UNetModel(nn.Module):
                     layers.append(transformer(ch, depth))
                 if level > 0 and i == config.num_res_blocks:
                     layers.append(Upsample(ch))
+                _set_level(layers, level)
                 self.output_blocks.append(TimestepSequential(*layers))
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
@@ -388,11 +400,19 @@ class UNetModel(nn.Module):
         """The dtype of the weights, which is also the compute dtype."""
         return self.time_embed[0].weight.dtype
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute every ResBlock and SpatialTransformer in the backward pass (while grad is enabled)."""
-        for module in self.modules():
-            if isinstance(module, (ResBlock, SpatialTransformer)):
-                module.gradient_checkpointing = enabled
+    def set_gradient_checkpointing(self, enabled: bool, fraction: float = 1.0) -> None:
+        """Recompute ResBlocks and SpatialTransformers in the backward pass (while grad is enabled).
+
+        `fraction` of them (rounded up) are recomputed, those at the highest resolution first: their
+        activations are the largest (channels x pixels falls by 2 per level down), so a fraction
+        saves most of the memory for less of the recomputation.
+        """
+        blocks = sorted(
+            (m for m in self.modules() if isinstance(m, (ResBlock, SpatialTransformer))), key=lambda m: m.level
+        )  # stable: network order within a level
+        chosen = math.ceil(max(0.0, min(1.0, fraction)) * len(blocks)) if enabled else 0
+        for index, module in enumerate(blocks):
+            module.gradient_checkpointing = index < chosen
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
         """x [B, in, h, w], timesteps [B] (int or float), context [B, M, context_dim], y [B, adm] (SDXL).
