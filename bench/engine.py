@@ -75,7 +75,8 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
         if args.impl == "compiled":
             from lib_training.training.compiled import CompiledUNet
 
-            compiled = CompiledUNet(model, on_fallback=print)
+            say = lambda message: print(message, file=sys.stderr)  # noqa: E731
+            compiled = CompiledUNet(model, on_fallback=say, backend=args.backend)
             forward = lambda x, t, c: compiled(x, t, c)  # noqa: E731
 
     def step() -> None:
@@ -167,6 +168,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time ours through torch.compile")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of --compile (inductor)")
     parser.add_argument("--channels-last", default="auto", choices=["auto", "off", "on"], help="ours (auto: CUDA)")
     parser.add_argument("--count-ops", action="store_true", help="count aten operators per step instead of timing")
     parser.add_argument("--impl", choices=["ours", "compiled", "diffusers"], help=argparse.SUPPRESS)
