@@ -87,7 +87,9 @@ class _JointLinear(torch.autograd.Function):
         bias = torch.cat(biases) if biases else None
         ctx.count, ctx.has_bias = count, bool(biases)
         ctx.sizes = [w.shape[0] for w in weights]
-        ctx.save_for_backward(x, *weights)
+        # The input only for weight gradients (a frozen model keeps no activation for this layer).
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(x if any(ctx.needs_input_grad[2 : 2 + count]) else None, *weights)
         flat = x.reshape(-1, x.shape[-1])  # [tokens, in]
         out = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -99,7 +101,7 @@ class _JointLinear(torch.autograd.Function):
         flat = grad.reshape(-1, grad.shape[-1])  # [tokens, sum(out_i)]
         grad_x = None
         if needs[0]:
-            grad_x = torch.mm(flat, _cast(torch.cat(weights), grad.dtype)).view(x.shape)  # [..., in]
+            grad_x = torch.mm(flat, _cast(torch.cat(weights), grad.dtype)).view(ctx.x_shape)  # [..., in]
         grad_weights: list[Tensor | None] = [None] * ctx.count
         grad_biases: list[Tensor | None] = [None] * ctx.count if ctx.has_bias else []
         if any(needs[2 : 2 + ctx.count]):
