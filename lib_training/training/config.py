@@ -60,7 +60,7 @@ class LoopConfig:
     checkpoint_blocks: float = option(
         1.0,
         "With gradient checkpointing: the fraction of UNet blocks recomputed, highest resolution first "
-        "(1: all; less saves less memory but costs less time).",
+        "(1: all; less saves less memory but costs less time). A WebUI's own UNet recomputes all its blocks.",
         min=0.0,
         max=1.0,
         advanced=True,

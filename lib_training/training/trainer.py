@@ -302,9 +302,10 @@ class Trainer:
             yield
             return
         fraction = self.loop.checkpoint_blocks
-        self.model.set_gradient_checkpointing(
-            True, fraction
-        ) if fraction < 1 else self.model.set_gradient_checkpointing(True)
+        if fraction < 1:
+            self.model.set_gradient_checkpointing(True, fraction)
+        else:
+            self.model.set_gradient_checkpointing(True)
         try:
             yield
         finally:
