@@ -187,9 +187,8 @@ def main() -> None:
         results[impl] = json.loads(out.strip().splitlines()[-1])
     shape = "SD1.5 full size" if args.full else f"SD1.5 structure, width {args.width}"
     if args.count_ops:
-        print(
-            f"aten operators per UNet forward+backward, {shape}, batch {args.batch}, latent {args.latent}, {args.dtype}"
-        )
+        what = f"{shape}, batch {args.batch}, latent {args.latent}x{args.latent}, {args.dtype}"
+        print(f"aten operators per UNet forward+backward (CPU profiler), {what}")
         ours, ref = results["ours"], results["diffusers"]
         for kind, key in (("all (nested included)", "ops"), ("top-level", "top_ops")):
             print(
