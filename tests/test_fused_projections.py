@@ -139,3 +139,21 @@ def test_an_override_changes_the_output_where_fusing_would_have_skipped_it() -> 
     finally:
         hooks.clear()
     assert not torch.allclose(plain, changed)
+
+
+def test_a_host_subclass_with_its_own_forward_gets_no_precomputed_projections() -> None:
+    """A WebUI's ResBlock keeps ldm's forward(x, emb): the UNet must not hand it a third argument."""
+
+    class HostResBlock(ResBlock):
+        def forward(self, x, emb):  # ldm's signature
+            return self._forward(x, emb)
+
+    model = tiny_unet(Arch.SD1).eval()
+    x, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, model.config.context_dim)
+    with torch.no_grad():
+        plain = model(x, torch.tensor([10]), context)
+        for module in model.modules():
+            if type(module) is ResBlock:
+                module.__class__ = HostResBlock
+        hosted = model(x, torch.tensor([10]), context)
+    torch.testing.assert_close(hosted, plain)

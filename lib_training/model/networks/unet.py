@@ -30,7 +30,13 @@ from torch.utils.checkpoint import checkpoint
 
 from lib_training.errors import CheckpointError
 from lib_training.formats.family import Arch
-from lib_training.model.networks.attention import SpatialTransformer, hooked, run_sequential
+from lib_training.model.networks.attention import (
+    BasicTransformerBlock,
+    CrossAttention,
+    SpatialTransformer,
+    hooked,
+    run_sequential,
+)
 from lib_training.model.networks.fused import fusable, joint_linear
 from lib_training.model.networks.timestep import timestep_embedding
 
@@ -297,9 +303,11 @@ class SharedProjections:
         blocks = [
             (st, block)
             for st in unet.transformers
-            if not hooked(st) and not hooked(st.transformer_blocks)
+            if runs_own_forward(st, SpatialTransformer) and not hooked(st.transformer_blocks)
             for block in st.transformer_blocks
-            if not hooked(block) and not hooked(block.attn2) and fusable((block.attn2.to_k, block.attn2.to_v))
+            if runs_own_forward(block, BasicTransformerBlock)
+            and runs_own_forward(block.attn2, CrossAttention)
+            and fusable((block.attn2.to_k, block.attn2.to_v))
         ]
         if len(blocks) > 1:
             linears = [lin for _, block in blocks for lin in (block.attn2.to_k, block.attn2.to_v)]
@@ -318,10 +326,16 @@ def _set_level(layers: Iterable[nn.Module], level: int) -> None:
             layer.level = level
 
 
+def runs_own_forward(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether calling `module` runs `cls.forward` (the signature that takes precomputed projections):
+    no instance override or hook, and no subclass (a host's) with a forward of its own."""
+    return type(module).forward is cls.forward and not hooked(module)
+
+
 def _plain_emb_layers(block: ResBlock) -> bool:
     layers = block.emb_layers
     return (
-        not hooked(block)
+        runs_own_forward(block, ResBlock)
         and not hooked(layers)
         and len(layers) == 2
         and type(layers[0]) is nn.SiLU
