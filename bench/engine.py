@@ -39,7 +39,7 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
 
     ours = UNetModel(config)
     randomize_weights(ours, torch.Generator().manual_seed(0))
-    if args.impl == "ours":
+    if args.impl in ("ours", "compiled"):
         model = ours
         forward = lambda x, t, c: model(x, t, c)  # noqa: E731
     else:
@@ -65,10 +65,27 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
     x = torch.randn(args.batch, 4, side, side, device=device, dtype=dtype)
     c = torch.randn(args.batch, 77, config.context_dim, device=device, dtype=dtype)
     t = torch.randint(0, 1000, (args.batch,), device=device)
+    compile_message = ""
+    if args.impl != "diffusers":
+        from lib_training.model.memory_format import channels_last, to_channels_last, use_channels_last
+
+        if use_channels_last(args.channels_last, device):
+            channels_last([model]).__enter__()  # for the whole process
+            x = to_channels_last(x)
+        if args.impl == "compiled":
+            from lib_training.training.compiled import CompiledUNet
+
+            say = lambda message: print(message, file=sys.stderr)  # noqa: E731
+            compiled = CompiledUNet(model, on_fallback=say, backend=args.backend)
+            forward = lambda x, t, c: compiled(x, t, c)  # noqa: E731
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
         forward(x, t, c).float().pow(2).mean().backward()
+
+    if args.count_ops:
+        step()
+        return count_ops(step)
 
     def saved_for_backward() -> float:
         return saved_for_backward_bytes(lambda: forward(x, t, c)) / 2**20
@@ -91,11 +108,36 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
         sync()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    if args.impl == "compiled" and compiled.fallback:
+        compile_message = compiled.fallback
     return {
         "step_s": statistics.median(times),
         "peak_mb": (peak - base) / 2**20,
         "saved_mb": saved_for_backward(),
+        "flops": step_flops(step),
+        "note": compile_message,
     }
+
+
+def step_flops(step) -> float:
+    """FLOPs of one training step (forward and backward), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def count_ops(step) -> dict[str, float]:
+    """aten operators one `step()` executes: all (nested included) and top-level ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    ops = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return {"ops": len(ops), "top_ops": len(top)}
 
 
 def saved_for_backward_bytes(run) -> int:
@@ -125,20 +167,35 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--impl", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help="also time ours through torch.compile")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of --compile (inductor)")
+    parser.add_argument("--channels-last", default="auto", choices=["auto", "off", "on"], help="ours (auto: CUDA)")
+    parser.add_argument("--count-ops", action="store_true", help="count aten operators per step instead of timing")
+    parser.add_argument("--impl", choices=["ours", "compiled", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.impl:
         print(json.dumps(worker(args)))
         return
 
     results = {}
-    for impl in ("ours", "diffusers"):
+    impls = ("ours", "diffusers") if args.count_ops or not args.compile else ("ours", "compiled", "diffusers")
+    for impl in impls:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl]
         # Large allocations through mmap, so that freed memory leaves the resident set at once.
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
         results[impl] = json.loads(out.strip().splitlines()[-1])
     shape = "SD1.5 full size" if args.full else f"SD1.5 structure, width {args.width}"
+    if args.count_ops:
+        what = f"{shape}, batch {args.batch}, latent {args.latent}x{args.latent}, {args.dtype}"
+        print(f"aten operators per UNet forward+backward (CPU profiler), {what}")
+        ours, ref = results["ours"], results["diffusers"]
+        for kind, key in (("all (nested included)", "ops"), ("top-level", "top_ops")):
+            print(
+                f"  {kind:22s} ours {ours[key]:7d}   diffusers {ref[key]:7d}   "
+                f"ratio ours/diffusers {ours[key] / ref[key]:.3f}"
+            )
+        return
     print(
         f"UNet forward+backward, {shape}, batch {args.batch}, latent {args.latent}x{args.latent}, "
         f"{args.dtype} on {args.device}, median of {args.iters}"
@@ -146,14 +203,20 @@ def main() -> None:
     for impl, r in results.items():
         print(
             f"  {impl:9s} {r['step_s'] * 1000:9.1f} ms/step   peak +{r['peak_mb']:8.1f} MiB   "
-            f"saved for backward {r['saved_mb']:8.1f} MiB"
+            f"saved for backward {r['saved_mb']:8.1f} MiB   {r['flops'] / r['step_s'] / 1e12:7.3f} TFLOP/s"
         )
-    ours, ref = results["ours"], results["diffusers"]
-    print(
-        f"  ratio ours/diffusers: time {ours['step_s'] / ref['step_s']:.3f}, "
-        f"peak memory {ours['peak_mb'] / max(ref['peak_mb'], 1e-9):.3f}, "
-        f"saved for backward {ours['saved_mb'] / ref['saved_mb']:.3f}"
-    )
+        if r.get("note"):
+            print(f"            ({r['note']})")
+    ref = results["diffusers"]
+    for impl in results:
+        if impl == "diffusers":
+            continue
+        ours = results[impl]
+        print(
+            f"  ratio {impl}/diffusers: time {ours['step_s'] / ref['step_s']:.3f}, "
+            f"peak memory {ours['peak_mb'] / max(ref['peak_mb'], 1e-9):.3f}, "
+            f"saved for backward {ours['saved_mb'] / ref['saved_mb']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ warm-up) over the timed steps, and that peak in total, weights included; on a GP
 allocated memory, the same two ways. Prints both, and the ratios ours/reference. Target: time and
 memory ratios at most 1.
 
+Achieved TFLOP/s: the FLOPs of one more step after the timed ones (untimed; counted by
+torch.utils.flop_counter's FlopCounterMode on the same shapes) over the median step time.
+`--compile` turns on ours' compiled UNet call (LoopConfig.compile; off otherwise, so that the default
+run measures the eager path); `--channels-last` is passed to ours as it is (auto: on for CUDA).
+
 CPU times are only comparable on an otherwise idle machine: the CPU pressure (Linux PSI) during
 each run is printed beside it. When other work competes for the cores, multi-threaded steps slow
 down erratically (threads wait for each other); `--threads 1` keeps the comparison steady then.
@@ -27,6 +32,7 @@ down erratically (threads wait for each other); `--threads 1` keeps the comparis
     python bench/train_embedding.py                 # SD1 and SDXL shapes on the CPU, see below
     python bench/train_embedding.py --arch sd1 --steps 3
     python bench/train_embedding.py --device cuda --full     # full-size SD1.5 and SDXL, bf16
+    python bench/train_embedding.py --device cuda --full --compile   # ours with the compiled step
     python bench/train_embedding.py --tiny --steps 2 --warmup 1   # tiny models: a quick check
 
 Default shapes (CPU): SD1 = SD1.5's UNet structure at width 64 with the full-size CLIP-L; SDXL =
@@ -224,6 +230,8 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
 # --- ours ---------------------------------------------------------------------------------------
 def run_ours(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
     """Train with lib_training's trainer; time and memory from its progress callback."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from lib_training.dataset import DatasetConfig
     from lib_training.methods.embedding import EmbeddingConfig, EmbeddingMethod
     from lib_training.training.config import LoopConfig
@@ -235,7 +243,7 @@ def run_ours(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
     method = EmbeddingMethod(EmbeddingConfig(name=NAME, init_text=INIT_TEXT, vectors=args.vectors))
     data = DatasetConfig(path=args.data, size=shapes.size, template=TEMPLATE)
     loop = LoopConfig(
-        steps=total,
+        steps=total + 1,  # the last one (untimed) counts FLOPs
         batch_size=args.batch,
         lr=str(LR),
         weight_decay=WEIGHT_DECAY,
@@ -244,21 +252,32 @@ def run_ours(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
         save_every=0,
         preview_every=0,
         latent_sampling="mean",
+        compile="on" if args.compile else "off",
+        channels_last=args.channels_last,
     )
     recorder = StepRecorder(args.warmup, total, device)
+    flops = FlopCounterMode(display=False)
 
     def on_progress(progress) -> None:
-        if progress.phase == "training":
+        if progress.phase == "training" and progress.step <= total:
             recorder.step_done(progress.step, progress.loss)
+            if progress.step == total:
+                flops.__enter__()
+        if progress.message:
+            print(progress.message, file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="bench-ti-out-") as out:
-        train(model, method, data, loop, out, on_progress=on_progress)
+        try:
+            train(model, method, data, loop, out, on_progress=on_progress)
+        finally:
+            flops.__exit__(None, None, None)
     components = {name: parameter_count(module) for name, module in model.modules.items()}
     return {
         **recorder.result(),
         **recorder.memory_result,
         "trained_parameters": sum(p.numel() for p in method.parameters()),
         "components": components,
+        "flops": float(flops.get_total_flops()),
     }
 
 
@@ -406,7 +425,7 @@ def run_reference(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
     total = args.warmup + args.steps
 
     model = build_model(shapes, device, dtype)
-    batches = reference_batches(model, args, shapes, total)
+    batches = reference_batches(model, args, shapes, total + 1)  # the last one (untimed) counts FLOPs
     unet = diffusers_unet(model.unet_module).requires_grad_(False)
     encoders = [hf_text_encoder(e, initial_vectors(e, INIT_TEXT, args.vectors).cpu()) for e in model.text_encoders]
     vae = model.vae_module  # unused (latents are precomputed), but the recipe keeps its VAE on the device
@@ -426,8 +445,13 @@ def run_reference(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
     recorder = StepRecorder(args.warmup, total, device)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = FlopCounterMode(display=False)
 
     for step, batch in enumerate(batches, start=1):
+        if step == total + 1:
+            flops.__enter__()
         latents = batch.latents.to(device, dtype)
         noise = batch.noise.to(device, dtype)
         timesteps = batch.timesteps.to(device)
@@ -459,13 +483,16 @@ def run_reference(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
                 keep = torch.ones(weight.shape[0], dtype=torch.bool)
                 keep[-args.vectors :] = False
                 weight[keep] = original[keep]
-        recorder.step_done(step, loss.detach().item())
+        if step <= total:
+            recorder.step_done(step, loss.detach().item())
+    flops.__exit__(None, None, None)
 
     del vae
     return {
         **recorder.result(),
         **recorder.memory_result,
         "trained_parameters": sum(weight.numel() for weight in embeddings),
+        "flops": float(flops.get_total_flops()),
     }
 
 
@@ -480,7 +507,8 @@ def child_argv(args: argparse.Namespace, arch: str, impl: str, data: Path) -> li
         value = getattr(args, name)
         if value is not None:
             argv += ["--" + name.replace("_", "-"), str(value)]
-    argv += [flag for flag in ("--full", "--tiny") if getattr(args, flag[2:])]
+    argv += [flag for flag in ("--full", "--tiny", "--compile") if getattr(args, flag[2:])]
+    argv += ["--channels-last", args.channels_last]
     return argv
 
 
@@ -537,12 +565,13 @@ def print_case(
     """Print one architecture's table, ratios and loss check; return the ratios ours/reference."""
     ours, ref = results["ours"], results["reference"]
     print(describe_case(arch, shapes, ours["components"], args))
-    columns = ("ms/step", "fastest", "steps/s", "peak growth MiB", "peak total MiB", "trained params")
-    widths = (9, 9, 9, 17, 16, 16)
+    columns = ("ms/step", "fastest", "steps/s", "TFLOP/s", "peak growth MiB", "peak total MiB", "trained params")
+    widths = (9, 9, 9, 9, 17, 16, 16)
     print("  " + " " * 10 + "".join(f"{c:>{w}s}" for c, w in zip(columns, widths)))
     for impl, r in results.items():
         print(
             f"  {impl:10s}{r['step_s'] * 1000:9.1f}{r['fastest_step_s'] * 1000:9.1f}{1 / r['step_s']:9.2f}"
+            f"{r['flops'] / r['step_s'] / 1e12:9.3f}"
             f"{r['peak_growth_mib']:17.1f}{r['peak_total_mib']:16.1f}{r['trained_parameters']:16,d}"
         )
     ratios = {
@@ -584,6 +613,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bigg-layers", type=int, help="layers of OpenCLIP bigG in the default shapes (32: all)")
     parser.add_argument("--threads", type=int, help="torch CPU threads of the workers (default: torch's choice)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each implementation; the fastest is kept (1)")
+    parser.add_argument("--compile", action="store_true", help="ours with the compiled UNet call (default: eager)")
+    parser.add_argument(
+        "--channels-last", default="auto", choices=["auto", "off", "on"], help="ours' channels_last (auto: CUDA)"
+    )
     parser.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -14,8 +14,8 @@ class HostDiffusionModel(DiffusionModel):
 
     checkpointing: Callable[[bool], None] | None = None
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
+    def set_gradient_checkpointing(self, enabled: bool, fraction: float = 1.0) -> None:
         if self.checkpointing is None:
-            super().set_gradient_checkpointing(enabled)
+            super().set_gradient_checkpointing(enabled, fraction)
         else:
-            self.checkpointing(enabled)
+            self.checkpointing(enabled)  # a host's blocks: all of them (a fraction applies to our UNet)

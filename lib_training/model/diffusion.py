@@ -155,8 +155,9 @@ class DiffusionModel:
     module_roots: list[ModuleRoot] = field(default_factory=list)  # where the hookable layers are (module_map)
     _module_map: ModuleMap | None = field(default=None, init=False, repr=False, compare=False)
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute activations in the backward pass (less memory). Adapters that can, override this."""
+    def set_gradient_checkpointing(self, enabled: bool, fraction: float = 1.0) -> None:
+        """Recompute activations in the backward pass (less memory); `fraction` of the UNet's blocks,
+        highest resolution first, where the adapter supports a fraction. Adapters that can, override this."""
         if enabled:
             from lib_training.errors import ConfigError
 
@@ -253,13 +254,13 @@ class DiffusionModel:
         h, w] appended to x_t; without one they get the neutral conditioning of a text-to-image
         run: for inpainting a full mask and the latent of a grey image, for pix2pix zeros.
         """
-        x = x_t.to(self.dtype)
+        x = _cast(x_t, self.dtype)
         if self.family.unet_in_channels > x.shape[1]:
             if image_cond is None:
                 image_cond = self.neutral_image_conditioning(x)
-            x = torch.cat([x, image_cond.to(x.dtype)], dim=1)
-        cond = cond.to(self.dtype)
-        return self.unet(x, timesteps, cond.context, cond.y)
+            x = torch.cat([x, _cast(image_cond, x.dtype)], dim=1)
+        y = None if cond.y is None else _cast(cond.y, self.dtype)  # cond.pooled is not the UNet's: not cast
+        return self.unet(x, timesteps, _cast(cond.context, self.dtype), y)
 
     @torch.no_grad()
     def neutral_image_conditioning(self, latents: Tensor) -> Tensor:
@@ -272,3 +273,8 @@ class DiffusionModel:
         masked = self.encode_images(grey).to(latents)
         mask = latents.new_ones(1, 1, h, w)
         return torch.cat([mask, masked], dim=1).expand(B, -1, -1, -1)
+
+
+def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """`tensor.to(dtype)`, without an operator call when it has that dtype already."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)

@@ -58,9 +58,10 @@ class StandaloneModel(DiffusionModel):
     def vae_module(self) -> AutoencoderKL:
         return self.modules["vae"]  # type: ignore[return-value]
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute activations in the backward pass of UNet and text encoders (less memory, ~30% slower)."""
-        self.unet_module.set_gradient_checkpointing(enabled)
+    def set_gradient_checkpointing(self, enabled: bool, fraction: float = 1.0) -> None:
+        """Recompute activations in the backward pass of UNet and text encoders (less memory, ~30% slower);
+        `fraction`: of the UNet's blocks, highest resolution first."""
+        self.unet_module.set_gradient_checkpointing(enabled, fraction)
         for encoder in self.text_encoders:
             encoder.set_gradient_checkpointing(enabled)  # type: ignore[attr-defined]
 

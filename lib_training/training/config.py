@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lib_training.model.memory_format import CHANNELS_LAST_SETTINGS
 from lib_training.options import option
+from lib_training.training.compiled import COMPILE_SETTINGS
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 CLIP_MODES = ("none", "value", "norm")
@@ -55,6 +57,28 @@ class LoopConfig:
         choices=PRECISIONS,
     )
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: less memory, slower.")
+    checkpoint_blocks: float = option(
+        1.0,
+        "With gradient checkpointing: the fraction of UNet blocks recomputed, highest resolution first "
+        "(1: all; less saves less memory but costs less time). A WebUI's own UNet recomputes all its blocks.",
+        min=0.0,
+        max=1.0,
+        advanced=True,
+    )
+    channels_last: str = option(
+        "auto",
+        "Store UNet and VAE weights channels-last (NHWC), as GPU convolutions prefer: auto is on for a GPU and "
+        "off on the CPU. The model is restored afterwards.",
+        choices=CHANNELS_LAST_SETTINGS,
+        advanced=True,
+    )
+    compile: str = option(
+        "auto",
+        "Compile the UNet call of each step with torch.compile (once per bucket shape): auto is on for a GPU "
+        "where torch.compile works and off on the CPU; a failed compile falls back with a message.",
+        choices=COMPILE_SETTINGS,
+        advanced=True,
+    )
     min_snr_gamma: float = option(
         0.0, "Min-SNR-gamma loss weighting (5 is usual); 0 turns it off.", min=0.0, max=100.0, advanced=True
     )

@@ -30,14 +30,17 @@ from lib_training.errors import UserError
 from lib_training.formats.atomic import write_text
 from lib_training.formats.fingerprint import weights_fingerprint
 from lib_training.model.diffusion import Conditioning, DiffusionModel, SizeConditioning
+from lib_training.model.memory_format import channels_last, use_channels_last
 from lib_training.model.sampler import SampleSettings, generate
 from lib_training.seeding import derive_seed
+from lib_training.training.compiled import CompiledUNet, use_compile
 from lib_training.training.config import LoopConfig
 from lib_training.training.loss import diffusion_loss, multires_noise, noise_offset
 from lib_training.training.lr_schedule import StepSchedule, parse_schedule, set_learning_rate
 from lib_training.training.method import StepOutputs, TrainingMethod
 from lib_training.training.optim import build_optimizer, clip_gradients
 from lib_training.training.outputs import LossRecord, RunFolder
+from lib_training.training.peak_memory import peak_memory, reset_peak_memory
 from lib_training.training.progress import Progress, RateMeter
 
 ProgressCallback = Callable[[Progress], None]
@@ -112,6 +115,7 @@ class Trainer:
         self.total_steps = min(loop.steps, self.lr_schedule.end_step or loop.steps)
         self.losses: list[LossRecord] = []
         self._saved = False  # this run has written a result or a numbered copy
+        self.speed: dict[str, Any] = {}  # what the run used: channels_last, compile (see _fast_path)
         self._latest_preview: Path | None = None
         self._text_cache: dict[str, tuple[Tensor, Tensor | None]] = {}  # prompt -> its text encoders' output
         self._class_sampler = None  # batches of the regularization images, if any
@@ -124,7 +128,8 @@ class Trainer:
         self._saved = False
         self.folder.begin(resume)
         try:
-            result = self._run(resume)
+            with self._fast_path():
+                result = self._run(resume)
         except BaseException:
             if not self._saved and not resume:
                 self.folder.discard()
@@ -132,6 +137,28 @@ class Trainer:
         if not self._saved and not resume:
             self.folder.discard()
         return result
+
+    @contextlib.contextmanager
+    def _fast_path(self):
+        """For this run: channels-last UNet and VAE weights (restored on exit) and the UNet call
+        compiled through a wrapper (the model's own `unet` comes back on exit); see LoopConfig."""
+        model, loop = self.model, self.loop
+        reset_peak_memory(model.device)
+        unet = model.unet
+        self.speed = {"channels_last": use_channels_last(loop.channels_last, model.device), "compile": "off"}
+        if use_compile(loop.compile, model.device):
+            self.speed["compile"] = "on"
+            model.unet = CompiledUNet(unet, on_fallback=self._compile_fell_back)
+        modules = [model.modules[key] for key in ("unet", "vae") if key in model.modules]
+        try:
+            with channels_last(modules, enabled=self.speed["channels_last"]):
+                yield
+        finally:
+            model.unet = unet
+
+    def _compile_fell_back(self, message: str) -> None:
+        self.speed["compile"] = "failed: " + message
+        self._report("training", self.losses[-1].step if self.losses else 0, message=message)
 
     def _run(self, resume: bool) -> TrainingResult:
         self.method.begin_run(self.dataset, self.loop)
@@ -210,6 +237,8 @@ class Trainer:
                 self._save_result(step, optimizer)
                 self._save_resume(step, optimizer, scaler, sampler)
                 self.folder.write_losses(self.losses)
+            end = {"step": step, "interrupted": interrupted, **self.speed, **peak_memory(self.model.device)}
+            self.folder.write_config({**self._config_record(resume), "end": end})
         recent = [r.loss for r in self.losses[-20:]]
         self._report("done", step, message="interrupted" if interrupted else "finished")
         return TrainingResult(
@@ -299,7 +328,7 @@ class Trainer:
             ]
         with self._autocast():
             cond = self._conditioning(batch.prompts, sizes)
-            prediction = model.predict(x_t.to(model.dtype), timesteps, cond)
+            prediction = model.predict(x_t, timesteps, cond)  # casts x_t to the model's dtype
         weight = None if batch.weights is None else batch.weights.to(model.device)
         prediction, target = prediction.float(), target.float()
         loss = diffusion_loss(
@@ -373,7 +402,11 @@ class Trainer:
         if not self.loop.gradient_checkpointing:
             yield
             return
-        self.model.set_gradient_checkpointing(True)
+        fraction = self.loop.checkpoint_blocks
+        if fraction < 1:
+            self.model.set_gradient_checkpointing(True, fraction)
+        else:
+            self.model.set_gradient_checkpointing(True)
         try:
             yield
         finally:

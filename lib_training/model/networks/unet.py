@@ -17,8 +17,9 @@ Module and parameter names are those of LDM's and SGM's `openaimodel.UNetModel`,
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,14 @@ from torch.utils.checkpoint import checkpoint
 
 from lib_training.errors import CheckpointError
 from lib_training.formats.family import Arch
-from lib_training.model.networks.attention import SpatialTransformer
+from lib_training.model.networks.attention import (
+    BasicTransformerBlock,
+    CrossAttention,
+    SpatialTransformer,
+    hooked,
+    run_sequential,
+)
+from lib_training.model.networks.fused import fusable, joint_linear
 from lib_training.model.networks.timestep import timestep_embedding
 
 SD1_NUM_HEADS = 8  # SD1 fixes the number of heads; SD2 and SDXL fix their width instead
@@ -161,15 +169,23 @@ class UNetConfig:
 
 
 # --- building blocks -----------------------------------------------------------------------------
+def cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """`tensor.to(dtype)` without dispatching an operator when it already has that dtype."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm with 32 groups computed in float32 whatever the weights' dtype (as LDM's ResBlocks do)."""
+    """GroupNorm with 32 groups computed with float32 statistics whatever the weights' dtype (as LDM's)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__(32, channels)  # eps 1e-5
 
     def forward(self, x: Tensor) -> Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
+        if self.weight is None or x.dtype == self.weight.dtype or torch.is_autocast_enabled(x.device.type):
+            # torch's group_norm accumulates in float32 for half inputs, and autocast runs it in float32:
+            # no casts needed (diffusers does the same).
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        weight, bias = self.weight.float(), None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
@@ -179,6 +195,7 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int) -> None:
         super().__init__()
         self.gradient_checkpointing = False
+        self.level = 0  # resolution level in the UNet (set by it), for selective checkpointing
         self.in_layers = nn.Sequential(
             GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
@@ -194,16 +211,20 @@ class ResBlock(nn.Module):
         else:
             self.skip_connection = nn.Conv2d(channels, out_channels, 1)
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        """x [B, C_in, H, W], emb [B, E] -> [B, C_out, H, W]."""
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, emb, use_reentrant=False)
-        return self._forward(x, emb)
+    def forward(self, x: Tensor, emb: Tensor, emb_out: Tensor | None = None) -> Tensor:
+        """x [B, C_in, H, W], emb [B, E] -> [B, C_out, H, W].
 
-    def _forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        h = self.out_layers(h)
+        `emb_out` [B, C_out] is `emb_layers(emb)` when the UNet computed it already (for all ResBlocks at once).
+        """
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, emb, emb_out, use_reentrant=False)
+        return self._forward(x, emb, emb_out)
+
+    def _forward(self, x: Tensor, emb: Tensor, emb_out: Tensor | None = None) -> Tensor:
+        h = run_sequential(self.in_layers, x)
+        e = self.emb_layers(emb) if emb_out is None else emb_out  # [B, C_out]
+        h = h + cast(e, h.dtype).view(*e.shape, 1, 1)
+        h = run_sequential(self.out_layers, h)
         return self.skip_connection(x) + h
 
 
@@ -239,18 +260,88 @@ class TimestepSequential(nn.Sequential):
     """A sequence of layers that hands the time embedding to ResBlocks and the context to transformers."""
 
     def forward(  # type: ignore[override]
-        self, x: Tensor, emb: Tensor, context: Tensor | None = None, size: tuple[int, int] | None = None
+        self,
+        x: Tensor,
+        emb: Tensor,
+        context: Tensor | None = None,
+        size: tuple[int, int] | None = None,
+        shared: SharedProjections | None = None,
     ) -> Tensor:
+        shared = shared or SharedProjections({}, {})
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb) if layer not in shared.emb else layer(x, emb, shared.emb[layer])
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context) if layer not in shared.kv else layer(x, context, shared.kv[layer])
             elif isinstance(layer, Upsample):
                 x = layer(x, size)
             else:
                 x = layer(x)
         return x
+
+
+@dataclass
+class SharedProjections:
+    """Projections that many blocks make of the same input, computed by the UNet with one matmul each.
+
+    Every ResBlock projects the same time embedding (`emb_layers`: SiLU, Linear), and every
+    cross-attention projects the same text context to keys and values. Only blocks that nothing
+    overrides or hooks (down to the Linear layers) take part; the others compute their own.
+    """
+
+    emb: dict[nn.Module, Tensor]  # ResBlock -> emb_layers(emb) [B, C_out]
+    kv: dict[nn.Module, dict[nn.Module, Tensor]]  # SpatialTransformer -> {block: [B, M, 2 * inner]}
+
+    @classmethod
+    def compute(cls, unet: UNetModel, emb: Tensor, context: Tensor) -> SharedProjections:
+        resblocks = [m for m in unet.resblocks if _plain_emb_layers(m)]
+        shared = cls({}, {})
+        if len(resblocks) > 1:
+            linears = [m.emb_layers[1] for m in resblocks]
+            outs = joint_linear(F.silu(emb), linears).split([lin.weight.shape[0] for lin in linears], dim=-1)
+            shared.emb = dict(zip(resblocks, outs))
+        blocks = [
+            (st, block)
+            for st in unet.transformers
+            if runs_own_forward(st, SpatialTransformer) and not hooked(st.transformer_blocks)
+            for block in st.transformer_blocks
+            if runs_own_forward(block, BasicTransformerBlock)
+            and runs_own_forward(block.attn2, CrossAttention)
+            and fusable((block.attn2.to_k, block.attn2.to_v))
+        ]
+        if len(blocks) > 1:
+            linears = [lin for _, block in blocks for lin in (block.attn2.to_k, block.attn2.to_v)]
+            if fusable(linears):
+                sizes = [block.attn2.to_k.weight.shape[0] + block.attn2.to_v.weight.shape[0] for _, block in blocks]
+                outs = joint_linear(context, linears).split(sizes, dim=-1)
+                for (st, block), kv in zip(blocks, outs):
+                    shared.kv.setdefault(st, {})[block] = kv
+        return shared
+
+
+def _set_level(layers: Iterable[nn.Module], level: int) -> None:
+    """Note the resolution level (0: full latent resolution) on ResBlocks and SpatialTransformers."""
+    for layer in layers:
+        if isinstance(layer, (ResBlock, SpatialTransformer)):
+            layer.level = level
+
+
+def runs_own_forward(module: nn.Module, cls: type[nn.Module]) -> bool:
+    """Whether calling `module` runs `cls.forward` (the signature that takes precomputed projections):
+    no instance override or hook, and no subclass (a host's) with a forward of its own."""
+    return type(module).forward is cls.forward and not hooked(module)
+
+
+def _plain_emb_layers(block: ResBlock) -> bool:
+    layers = block.emb_layers
+    return (
+        runs_own_forward(block, ResBlock)
+        and not hooked(layers)
+        and len(layers) == 2
+        and type(layers[0]) is nn.SiLU
+        and not hooked(layers[0])
+        and fusable((layers[1], layers[1]))
+    )
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -286,6 +377,7 @@ class UNetModel(nn.Module):
                 ch = mc * mult
                 if depth > 0:
                     layers.append(transformer(ch, depth))
+                _set_level(layers, level)
                 self.input_blocks.append(TimestepSequential(*layers))
                 skip_channels.append(ch)
             if level != last_level:
@@ -297,6 +389,7 @@ class UNetModel(nn.Module):
             transformer(ch, config.transformer_depth_middle),
             ResBlock(ch, emb_dim, ch),
         )
+        _set_level(self.middle_block, last_level)
 
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(config.channel_mult))):
@@ -308,20 +401,32 @@ class UNetModel(nn.Module):
                     layers.append(transformer(ch, depth))
                 if level > 0 and i == config.num_res_blocks:
                     layers.append(Upsample(ch))
+                _set_level(layers, level)
                 self.output_blocks.append(TimestepSequential(*layers))
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
+        # Plain lists (not registered again as submodules), for SharedProjections.
+        self.__dict__["resblocks"] = [m for m in self.modules() if isinstance(m, ResBlock)]
+        self.__dict__["transformers"] = [m for m in self.modules() if isinstance(m, SpatialTransformer)]
 
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the weights, which is also the compute dtype."""
         return self.time_embed[0].weight.dtype
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute every ResBlock and SpatialTransformer in the backward pass (while grad is enabled)."""
-        for module in self.modules():
-            if isinstance(module, (ResBlock, SpatialTransformer)):
-                module.gradient_checkpointing = enabled
+    def set_gradient_checkpointing(self, enabled: bool, fraction: float = 1.0) -> None:
+        """Recompute ResBlocks and SpatialTransformers in the backward pass (while grad is enabled).
+
+        `fraction` of them (rounded up) are recomputed, those at the highest resolution first: their
+        activations are the largest (channels x pixels falls by 2 per level down), so a fraction
+        saves most of the memory for less of the recomputation.
+        """
+        blocks = sorted(
+            (m for m in self.modules() if isinstance(m, (ResBlock, SpatialTransformer))), key=lambda m: m.level
+        )  # stable: network order within a level
+        chosen = math.ceil(max(0.0, min(1.0, fraction)) * len(blocks)) if enabled else 0
+        for index, module in enumerate(blocks):
+            module.gradient_checkpointing = index < chosen
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
         """x [B, in, h, w], timesteps [B] (int or float), context [B, M, context_dim], y [B, adm] (SDXL).
@@ -332,23 +437,25 @@ class UNetModel(nn.Module):
             need = "needs" if self.label_emb is not None else "takes no"
             raise ValueError(f"this UNet {need} the vector conditioning y")
         dtype = self.dtype
-        timesteps = timesteps.to(x.device)
+        if timesteps.device != x.device:
+            timesteps = timesteps.to(x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))  # [B, E]
+        emb = self.time_embed(cast(timestep_embedding(timesteps, self.config.model_channels), dtype))  # [B, E]
         if self.label_emb is not None and y is not None:
-            emb = emb + self.label_emb(y.to(dtype))
-        context = context.to(dtype)
+            emb = emb + self.label_emb(cast(y, dtype))
+        context = cast(context, dtype)
 
-        h = x.to(dtype)
+        h = cast(x, dtype)
+        shared = SharedProjections.compute(self, emb, context)
         skips: list[Tensor] = []
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = block(h, emb, context, shared=shared)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, shared=shared)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
+            h = block(h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None, shared=shared)
         return self.out(h)
 
 
