@@ -84,6 +84,8 @@ def results_applied(model: DiffusionModel, prompts: Sequence[str], files: Sequen
                 raise UserError(
                     f"there is no {tag.tag} named {tag.name!r} in the outputs; check the name in the prompt"
                 )
+            if tag.strength == 0:
+                continue  # strength 0: the file is found, but nothing is applied (the model stays exact)
             loaded.append((tag, spec.method.load(match[0].path, model)))
         # Applied last to first: hooks applied later wrap those applied earlier and so see a layer's
         # input first, which makes the first tag's result act first, as in A1111 (hypernetworks chain).
