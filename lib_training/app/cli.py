@@ -12,6 +12,7 @@ from pathlib import Path
 from lib_training.app.ui.serve import add_serve_parser
 from lib_training.errors import UserError
 from lib_training.merge.cli import add_merge_parsers
+from lib_training.world.cli import add_world_parsers
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> None:
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parsers(commands)
     add_merge_parsers(commands)
     add_serve_parser(commands)
+    add_world_parsers(commands)
     return parser
 
 
