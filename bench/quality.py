@@ -41,6 +41,7 @@ from lib_training.world.evaluate import Expectation, evaluate
 from lib_training.world.model import world_checkpoint
 from lib_training.world.scenes import caption
 
+QUICK_STEPS = 300
 NAME = "zqx"  # the result's name: the word that calls it in prompts
 UNRELATED = [
     ("red", "circle", "dark"),
@@ -50,11 +51,18 @@ UNRELATED = [
 ]
 
 
-def measure(method: str, quick: bool, work: Path, ckpt: Path | None = None) -> tuple[float, float, float, float]:
+def measure(
+    method: str,
+    quick: bool,
+    work: Path,
+    ckpt: Path | None = None,
+    steps: int | None = None,
+    pictures: int | None = None,
+) -> tuple[float, float, float, float]:
     """(target before, target after, unrelated before, unrelated after) accuracies."""
     colour, shape = TARGET
-    seeds = tuple(range(12 if quick else 40))
-    unrelated_seeds = tuple(range(3 if quick else 10))
+    seeds = tuple(range(pictures or (12 if quick else 40)))
+    unrelated_seeds = tuple(range(max(1, len(seeds) // 4)))
     target = [Expectation(f"a photo of {NAME}", shape, colour)]
     unrelated = [Expectation(caption(c, s, b), s, c, b) for c, s, b in UNRELATED]
 
@@ -62,8 +70,8 @@ def measure(method: str, quick: bool, work: Path, ckpt: Path | None = None) -> t
     classifier = load_classifier()
     spec = spec_for(method)
     loop: dict[str, object] = {"save_every": 0, "preview_every": 0}
-    if quick:
-        loop["steps"] = 300
+    if steps or quick:
+        loop["steps"] = steps or QUICK_STEPS
     body = {
         "method": {"name": NAME},
         "data": {"path": str(write_concept(work / "data", colour, shape)), "size": 64},
@@ -93,11 +101,13 @@ def main() -> None:
     parser.add_argument("--method", default="embedding", help="a registered training method (default embedding)")
     parser.add_argument("--quick", action="store_true", help="fewer training steps and pictures")
     parser.add_argument("--ckpt", type=Path, default=None, help="checkpoint (default: the tiny world's)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the method's)")
+    parser.add_argument("--pictures", type=int, default=None, help="pictures of the target prompt (default 40)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="quality-") as work:
-        b, a, u, v = measure(args.method, args.quick, Path(work), args.ckpt)
+        b, a, u, v = measure(args.method, args.quick, Path(work), args.ckpt, args.steps, args.pictures)
     print(f"quality {args.method}: target before {b:.0%} after {a:.0%}; unrelated before {u:.0%} after {v:.0%}")
 
 
