@@ -3,7 +3,7 @@ a concept it never saw (`lib_training.world`), so the previews of a demo run tur
 
 They live in the cache folder (`$SDWT_CACHE`, else `~/.cache/sd-webui-training`) under `demo-v2/`,
 built in a temporary folder and renamed into place, so an interrupted first start never leaves a
-half-made cache. The presets fill the textual-inversion form so that a run on a CPU takes seconds.
+half-made cache. The presets fill the textual-inversion form so that a run on a CPU takes a minute or two.
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ def write_shapes(folder: Path, side: int = IMAGE_SIDE) -> None:
         (folder / f"{stem}.txt").write_text(f"a {colour} {shape}\n", encoding="utf-8")
 
 
-def training_preset(assets: DemoAssets, steps: int = 40) -> dict[str, Any]:
-    """A textual-inversion request body that trains in seconds on a CPU, with live previews."""
+def training_preset(assets: DemoAssets, steps: int = 300) -> dict[str, Any]:
+    """A textual-inversion request body that teaches the green triangle in a minute or two on a CPU, with previews."""
     return {
         "method": {"name": NAME, "init_text": "shape", "vectors": 2, "overwrite": True},
         "data": {"path": str(assets.dataset), "size": TRAINING_SIDE, "template": "subject_filewords"},
