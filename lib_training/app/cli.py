@@ -15,6 +15,7 @@ from lib_training.app.ui.serve import add_serve_parser
 from lib_training.errors import CheckpointError, ConfigError, UserError
 from lib_training.merge.cli import add_merge_parsers
 from lib_training.options import SettingsError
+from lib_training.world.cli import add_world_parsers
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> None:
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_aesthetic_parsers(commands)
     add_merge_parsers(commands)
     add_serve_parser(commands)
+    add_world_parsers(commands)
     return parser
 
 

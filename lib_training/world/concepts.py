@@ -1,0 +1,40 @@
+"""Sample data sets of one concept of the tiny world, for teaching it to the pretrained model.
+
+A concept is a (colour, shape) pair; a data set is a folder of its pictures with captions that
+say only what is not the concept (the background), so a method has to learn the concept itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lib_training.world.scenes import HELD_OUT_PAIRS, SIDE, Scene, render, scene_at
+
+TARGET = HELD_OUT_PAIRS[0]  # the held-out (colour, shape) pair taught by the demo and bench/quality.py
+
+
+def concept_scenes(colour: str, shape: str, count: int, seed: int = 0) -> list[Scene]:
+    """`count` scenes of the concept with the world's random places, sizes, tints and backgrounds."""
+    out = []
+    for index in range(count):
+        s = scene_at(seed, index)  # the layout; its colour and shape are replaced
+        out.append(Scene(shape, colour, s.background, s.centre, s.radius, _tint(colour, s), s.ground))
+    return out
+
+
+def _tint(colour: str, layout: Scene) -> tuple[int, int, int]:
+    """The concept's colour with the layout scene's jitter."""
+    from lib_training.world.scenes import COLOURS
+
+    base, drawn = COLOURS[layout.colour], layout.rgb
+    return tuple(max(0, min(255, c + d - b)) for c, b, d in zip(COLOURS[colour], base, drawn))  # type: ignore[return-value]
+
+
+def write_concept(folder: Path, colour: str, shape: str, count: int = 12, seed: int = 0, side: int = SIDE) -> Path:
+    """PNG pictures of the concept in `folder`, each with a caption naming only its background."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, scene in enumerate(concept_scenes(colour, shape, count, seed)):
+        stem = f"{index:02d}-{colour}-{shape}"
+        render(scene, side).save(folder / f"{stem}.png")
+        (folder / f"{stem}.txt").write_text(f"on a {scene.background} background\n", encoding="utf-8")
+    return folder
