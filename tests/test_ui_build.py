@@ -142,16 +142,19 @@ def test_advanced_fields_sit_in_a_closed_advanced_accordion(service) -> None:
         assert in_advanced(control.component) == control.info.advanced, control.key
 
 
+def _load_functions(blocks: gr.Blocks) -> list[Any]:
+    """The functions a page load runs (Gradio 4 keeps the trigger on the function, 3.41 in its config)."""
+    if isinstance(blocks.fns, dict):
+        return [fn for fn in blocks.fns.values() if any(trigger[1] == "load" for trigger in fn.targets)]
+    return [fn for fn, config in zip(blocks.fns, blocks.dependencies) if config.get("trigger") == "load"]
+
+
 def test_generate_tab_lists_the_results_afresh_on_every_page_load(service, tmp_path) -> None:
     from lib_training.app.ui.generate_tab import results_text
 
     blocks = build_generate_tab(service)
     names = next(b for b in blocks.blocks.values() if isinstance(b, gr.Markdown))
-    loads = [
-        dependency
-        for dependency in (blocks.fns.values() if isinstance(blocks.fns, dict) else blocks.fns)
-        if any(trigger[1] == "load" for trigger in dependency.targets) and names in dependency.outputs
-    ]
+    loads = [fn for fn in _load_functions(blocks) if names in fn.outputs]
     assert len(loads) == 1
     folder = tmp_path / "outputs" / "embedding" / "late-cat"
     folder.mkdir(parents=True)
