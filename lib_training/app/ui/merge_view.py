@@ -1,4 +1,5 @@
-"""What a merge tool's run panel shows: the progress bar of its job, and the file it wrote.
+"""What a merge tool's run panel shows: the progress bar of its job, and the file it wrote. The
+job-following part (`JobView`) also serves the Training tab's aesthetic-embedding sub-tab.
 
 As in the Training tab (`run_view`), the job runs on the `JobManager`'s thread and the page asks
 for news about once a second; `MergeView.poll` answers from the job's state alone and sends only
