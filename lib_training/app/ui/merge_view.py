@@ -2,7 +2,7 @@
 job-following part (`JobView`) also serves the Training tab's aesthetic-embedding sub-tab.
 
 As in the Training tab (`run_view`), the job runs on the `JobManager`'s thread and the page asks
-for news about once a second; `MergeView.poll` answers from the job's state alone and sends only
+for news about once a second; `JobView.poll` answers from the job's state alone and sends only
 what changed since the page's last poll (`seen`, kept per browser session).
 """
 
