@@ -15,8 +15,10 @@ import gradio as gr
 import pytest
 from fastapi.testclient import TestClient
 
+from lib_training.app.aesthetic_service import CreateConfig
 from lib_training.app.merge_service import ROLE_FOLDERS, TOOLS, MergeService, field_used
 from lib_training.app.service import StandaloneWorkspace, TrainingService
+from lib_training.app.ui.aesthetic_tab import AestheticCreatePanel
 from lib_training.app.ui.app import build_app
 from lib_training.app.ui.compat import choice_values
 from lib_training.app.ui.demo import DemoAssets, demo_assets, training_preset, write_shapes
@@ -73,7 +75,7 @@ def _wait(service: TrainingService, timeout: float = 120):
 # --- building ---------------------------------------------------------------------------------------
 def test_training_tab_has_one_sub_tab_per_method(service) -> None:
     blocks = build_training_tab(service)
-    tabs = {b.elem_id: b for b in blocks.blocks.values() if isinstance(b, gr.Tab)}
+    tabs = {b.elem_id: b for b in blocks.blocks.values() if isinstance(b, gr.Tab) and "-train-" in b.elem_id}
     assert set(tabs) == {f"sdwt-train-{kind}" for kind in registered()}
     assert [tabs[f"sdwt-train-{kind}"].label for kind in registered()] == [spec.title for spec in registered().values()]
 
@@ -645,3 +647,68 @@ def test_merge_panel_says_when_another_job_runs(service, demo) -> None:
     finally:
         service.jobs.cancel(service.jobs.current().id)
         _wait(service)
+
+
+# --- the Aesthetic embedding sub-tab -----------------------------------------------------------------
+def _aesthetic_panel(service: TrainingService) -> AestheticCreatePanel:
+    with gr.Blocks():
+        return AestheticCreatePanel(service.aesthetic)
+
+
+def _aesthetic_values(panel: AestheticCreatePanel, settings: dict) -> list[Any]:
+    values = [settings.get(c.info.name, c.info.default) for c in panel.form.controls]
+    return ["" if value is None else value for value in values]
+
+
+def test_training_tab_ends_with_an_aesthetic_embedding_sub_tab_of_the_create_settings(service) -> None:
+    blocks = build_training_tab(service)
+    tabs = [b for b in blocks.blocks.values() if isinstance(b, gr.Tab)]
+    assert tabs[-1].label == "Aesthetic embedding" and tabs[-1].elem_id == "sdwt-aesthetic-tab"
+    ids = {b.elem_id for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
+    expected = {f"sdwt-aesthetic-{info.name.replace('_', '-')}" for info in describe(CreateConfig)}
+    assert expected <= ids and {"sdwt-aesthetic-start", "sdwt-aesthetic-interrupt", "sdwt-aesthetic-poll"} <= ids
+
+
+def test_bad_aesthetic_settings_are_named_at_their_fields_and_nothing_starts(service, tmp_path) -> None:
+    panel = _aesthetic_panel(service)
+    values = _aesthetic_values(panel, {"name": "", "data": str(tmp_path / "missing")})
+    status, _, start, _, *hints, seen = panel.start_clicked({}, *values)
+    assert "Name: required" in status and "Image folder: folder not found" in status
+    problems = {c.info.name: _update(h)["info"] for c, h in zip(panel.form.controls, hints)}
+    assert "required" in problems["name"] and "folder not found" in problems["data"]
+    assert "interactive" not in _update(start)
+    assert service.jobs.current() is None and seen == {}
+
+
+def test_the_aesthetic_tab_says_when_another_job_runs(service, tmp_path) -> None:
+    import threading
+
+    from aesthetic_support import picture_folder
+
+    release = threading.Event()
+    other = service.jobs.start("other", "Other job", lambda context: release.wait(30) and {})
+    try:
+        panel = _aesthetic_panel(service)
+        values = _aesthetic_values(panel, {"name": "style", "data": str(picture_folder(tmp_path / "p", 1))})
+        status = panel.start_clicked({}, *values)[0]
+        assert "Other job" in status and service.jobs.current() is other
+    finally:
+        release.set()
+        service.jobs.wait(other.id, 30)
+
+
+def test_a_valid_aesthetic_request_runs_as_a_job_and_shows_the_embedding_written(service, tmp_path) -> None:
+    from aesthetic_support import picture_folder, tiny_clip
+
+    clip = tiny_clip(tmp_path / "clip", text_width=64)
+    panel = _aesthetic_panel(service)
+    settings = {"name": "style", "data": str(picture_folder(tmp_path / "p", 3)), "clip_model": clip.model,
+                "clip_weights": str(clip.weights), "device": "cpu"}  # fmt: skip
+    status, *_, seen = panel.start_clicked({}, *_aesthetic_values(panel, settings))
+    assert "Started Aesthetic embedding: style" in status and seen["running"]
+    assert _wait(service).state == "finished"
+    progress, result, start, interrupt, _, seen = panel.poll(seen)
+    path = tmp_path / "outputs" / "aesthetic" / "style.pt"
+    assert path.is_file() and str(path) in _update(result)["value"] and "3 images" in _update(result)["value"]
+    assert "3/3 images" in _update(progress)["value"]
+    assert _update(start)["interactive"] is True and _update(interrupt)["interactive"] is False

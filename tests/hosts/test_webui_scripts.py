@@ -48,6 +48,15 @@ def test_the_training_and_merge_tabs_are_built_for_the_webui(webui) -> None:
     assert all(type(blocks).__name__ == "Blocks" for blocks, _, _ in tabs)
 
 
+def test_the_webuis_training_tab_has_the_aesthetic_embedding_sub_tab(webui) -> None:
+    load_script(webui)
+    (training, _, _), *_ = webui.module("modules.script_callbacks").ui_tabs_callback()
+    tabs = {b.elem_id: b for b in training.blocks.values() if type(b).__name__ in ("Tab", "TabItem")}
+    assert tabs["sdwt-aesthetic-tab"].label == "Aesthetic embedding"
+    intro = next(b for b in training.blocks.values() if getattr(b, "elem_id", None) == "sdwt-aesthetic-intro")
+    assert "aesthetic_embeddings" in intro.value
+
+
 def test_settings_section_defaults_to_the_webui_folders(webui) -> None:
     load_script(webui)
     webui.module("modules.script_callbacks").ui_settings_callback()

@@ -1,7 +1,8 @@
-"""What a merge tool's run panel shows: the progress bar of its job, and the file it wrote.
+"""What a merge tool's run panel shows: the progress bar of its job, and the file it wrote. The
+job-following part (`JobView`) also serves the Training tab's aesthetic-embedding sub-tab.
 
 As in the Training tab (`run_view`), the job runs on the `JobManager`'s thread and the page asks
-for news about once a second; `MergeView.poll` answers from the job's state alone and sends only
+for news about once a second; `JobView.poll` answers from the job's state alone and sends only
 what changed since the page's last poll (`seen`, kept per browser session).
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import gradio as gr
 
-from lib_training.app.jobs import Job
+from lib_training.app.jobs import Job, JobManager
 from lib_training.app.merge_service import MergeService, MergeTool, format_size
 from lib_training.app.ui.snippets import ENDED_LABELS, another_job_text, failure_html, progress_html
 from lib_training.training.progress import format_duration
@@ -59,17 +60,22 @@ def result_box(job: Job) -> str:
     return text
 
 
-class MergeView:
-    def __init__(self, merges: MergeService, spec: MergeTool, poll_id: str, idle_text: str) -> None:
-        self.merges = merges
-        self.spec = spec
+class JobView:
+    """The progress bar and result of the newest job of one kind (a merge tool, the aesthetic
+    embedding maker); subclasses say how its result looks (`result_html`)."""
+
+    unit = "steps"  # what the progress counts when the job's progress does not say
+
+    def __init__(self, manager: JobManager, kind: str, poll_id: str, idle_text: str) -> None:
+        self.manager = manager
+        self.kind = kind
         self.poll_id = poll_id  # elem_id of the hidden button the page clicks to poll
         self.idle_text = idle_text
 
     def jobs(self) -> tuple[Job | None, Job | None]:
-        """(this tool's newest job, another running job)."""
-        mine = [job for job in self.merges.jobs.jobs() if job.kind == self.spec.kind]
-        current = self.merges.jobs.current()
+        """(this kind's newest job, another running job)."""
+        mine = [job for job in self.manager.jobs() if job.kind == self.kind]
+        current = self.manager.current()
         other = current if current is not None and current.running and current not in mine else None
         return (max(mine, key=lambda job: job.started) if mine else None), other
 
@@ -99,7 +105,7 @@ class MergeView:
             fraction = 1.0 if job.state == "finished" else p.fraction
             parts = [
                 ENDED_LABELS.get(job.state, p.phase.capitalize()),
-                f"{p.step}/{p.total} {getattr(p, 'unit', 'steps')}",
+                f"{p.step}/{p.total} {getattr(p, 'unit', self.unit)}",
             ]
             if job.running and p.message:
                 parts.append(p.message)
@@ -108,6 +114,36 @@ class MergeView:
             if not job.running and job.finished:
                 parts.append(f"took {format_duration(job.finished - job.started)}")
         return progress_html(state, self.poll_id, fraction, parts)
+
+    def result_html(self, job: Job | None) -> str:
+        raise NotImplementedError
+
+    def poll(self, seen: dict[str, Any] | None) -> tuple[list[Any], dict[str, Any], bool]:
+        """Updates for (progress, result, start, interrupt), the new `seen`, and whether a job of this
+        kind has just ended (the model lists may have a new file)."""
+        seen = dict(seen or {})
+        now = self.snapshot()
+        updates: list[Any] = [
+            gr.update(value=now.progress_html) if seen.get("progress") != now.progress_html else gr.update(),
+            gr.update(value=now.result_html) if seen.get("result") != now.result_html else gr.update(),
+        ]
+        buttons = [not now.busy, now.running]
+        if seen.get("buttons") != buttons:
+            updates += [gr.update(interactive=buttons[0]), gr.update(interactive=buttons[1])]
+        else:
+            updates += [gr.update(), gr.update()]
+        ended = bool(seen.get("running")) and not now.running
+        seen.update(progress=now.progress_html, result=now.result_html, buttons=buttons, running=now.running)
+        return updates, seen, ended
+
+
+class MergeView(JobView):
+    """A merge tool's run panel: its result is the file written, with its sha256, and earlier results."""
+
+    def __init__(self, merges: MergeService, spec: MergeTool, poll_id: str, idle_text: str) -> None:
+        super().__init__(merges.jobs, spec.kind, poll_id, idle_text)
+        self.merges = merges
+        self.spec = spec
 
     def result_html(self, job: Job | None) -> str:
         parts = []
@@ -127,21 +163,3 @@ class MergeView:
             summary = f"<summary>Earlier results ({len(earlier)})</summary>"
             parts.append(f'<details class="sdwt-outputs">{summary}<ul>{items}</ul></details>')
         return "".join(parts)
-
-    def poll(self, seen: dict[str, Any] | None) -> tuple[list[Any], dict[str, Any], bool]:
-        """Updates for (progress, result, start, interrupt), the new `seen`, and whether a job of this
-        tool has just ended (the model lists may have a new file)."""
-        seen = dict(seen or {})
-        now = self.snapshot()
-        updates: list[Any] = [
-            gr.update(value=now.progress_html) if seen.get("progress") != now.progress_html else gr.update(),
-            gr.update(value=now.result_html) if seen.get("result") != now.result_html else gr.update(),
-        ]
-        buttons = [not now.busy, now.running]
-        if seen.get("buttons") != buttons:
-            updates += [gr.update(interactive=buttons[0]), gr.update(interactive=buttons[1])]
-        else:
-            updates += [gr.update(), gr.update()]
-        ended = bool(seen.get("running")) and not now.running
-        seen.update(progress=now.progress_html, result=now.result_html, buttons=buttons, running=now.running)
-        return updates, seen, ended

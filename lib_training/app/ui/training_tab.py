@@ -1,4 +1,5 @@
-"""The Training tab: one sub-tab per registered training method, a settings form beside its run panel.
+"""The Training tab: one sub-tab per registered training method, a settings form beside its run panel,
+then one that makes aesthetic embeddings (`aesthetic_tab`).
 
 Every handler here is quick and runs off Gradio's queue (`queue=False`): starting validates and
 hands the work to the `JobManager`'s thread; interrupting sets a flag; the panel learns about
@@ -15,6 +16,7 @@ import gradio as gr
 
 from lib_training.app.jobs import JobBusyError
 from lib_training.app.service import TrainingService
+from lib_training.app.ui import aesthetic_tab
 from lib_training.app.ui.compat import QUICK
 from lib_training.app.ui.form import SettingsForm
 from lib_training.app.ui.run_view import RunView
@@ -36,6 +38,8 @@ def build_training_tab(service: TrainingService, presets: Mapping[str, Body] | N
         for kind, spec in specs.items():
             with gr.Tab(spec.title, id=kind, elem_id=f"sdwt-train-{kind}"):
                 MethodPanel(service, spec, (presets or {}).get(kind))
+        with gr.Tab(aesthetic_tab.TITLE, id="aesthetic", elem_id=f"{aesthetic_tab.PREFIX}-tab"):
+            aesthetic_tab.AestheticCreatePanel(service.aesthetic)
     return blocks
 
 
