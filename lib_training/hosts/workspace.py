@@ -128,10 +128,11 @@ class WebUIWorkspace(Workspace):
         return [Path(paths.models_path) / "aesthetic_embeddings", extension / "aesthetic_embeddings"]
 
     def after_merge(self, kind: str, result: Path) -> None:
+        """`kind` is the model folder's role: a checkpoint list to rescan, or a result role to publish."""
         if kind == "checkpoints":
             self.host.refresh_checkpoints()
-        elif kind == "loras":
-            self.host.publish("loras", result)
+        else:
+            self.host.publish(kind, result)
 
 
 def _glob_escape(text: str) -> str:

@@ -9,6 +9,7 @@ what changed since the page's last poll (`seen`, kept per browser session).
 from __future__ import annotations
 
 import html
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +61,7 @@ def result_box(job: Job) -> str:
     return text
 
 
-class JobView:
+class JobView(ABC):
     """The progress bar and result of the newest job of one kind (a merge tool, the aesthetic
     embedding maker); subclasses say how its result looks (`result_html`)."""
 
@@ -115,8 +116,9 @@ class JobView:
                 parts.append(f"took {format_duration(job.finished - job.started)}")
         return progress_html(state, self.poll_id, fraction, parts)
 
+    @abstractmethod
     def result_html(self, job: Job | None) -> str:
-        raise NotImplementedError
+        """The result line of `job` (a view of each tool says what its result is)."""
 
     def poll(self, seen: dict[str, Any] | None) -> tuple[list[Any], dict[str, Any], bool]:
         """Updates for (progress, result, start, interrupt), the new `seen`, and whether a job of this
