@@ -109,17 +109,25 @@ def read_lora(path: str | os.PathLike[str]) -> tuple[dict[str, LoraModule], dict
         raise CheckpointError(f"{path.name} holds no LoRA modules")
     modules: dict[str, LoraModule] = {}
     for name, found in parts.items():
-        if "lora_down.weight" not in found or "lora_up.weight" not in found:
-            raise CheckpointError(f"{path.name}: module {name} lacks its lora_up or lora_down weight")
-        down, up = found["lora_down.weight"], found["lora_up.weight"]
-        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
-            raise CheckpointError(
-                f"{path.name}: module {name} has lora_up {list(up.shape)} and lora_down {list(down.shape)}, "
-                "which do not multiply"
-            )
-        alpha = float(found["alpha"].item()) if "alpha" in found else float(down.shape[0])
+        down, up, alpha = module_weights(path, name, found)
         modules[name] = LoraModule(name, down, up, alpha)
     return modules, metadata, ignored
+
+
+def module_weights(path: Path, name: str, found: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, float]:
+    """(down, up, alpha) of one kohya module from its parts ("lora_down.weight", "lora_up.weight",
+    "alpha"); a CheckpointError naming the file and module if a weight is missing or the two do not
+    multiply. Without an alpha, alpha is the rank (scale 1), as the loaders read it."""
+    if "lora_down.weight" not in found or "lora_up.weight" not in found:
+        raise CheckpointError(f"{path.name}: module {name} lacks its lora_up or lora_down weight")
+    down, up = found["lora_down.weight"], found["lora_up.weight"]
+    if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
+        raise CheckpointError(
+            f"{path.name}: module {name} has lora_up {list(up.shape)} and lora_down {list(down.shape)}, "
+            "which do not multiply"
+        )
+    alpha = float(found["alpha"].item()) if "alpha" in found else float(down.shape[0])
+    return down, up, alpha
 
 
 def lora_tensors(modules: Mapping[str, LoraModule], dtype: torch.dtype) -> dict[str, Tensor]:

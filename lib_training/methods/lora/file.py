@@ -24,7 +24,7 @@ from torch import Tensor
 from lib_training.errors import CheckpointError
 from lib_training.formats.family import Arch, ModelFamily
 from lib_training.formats.tensor_files import open_tensors
-from lib_training.merge.lora_file import write_lora
+from lib_training.merge.lora_file import module_weights, write_lora
 from lib_training.merge.metadata import modelspec
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -115,15 +115,7 @@ def read_lora_file(path: str | os.PathLike[str]) -> LoraFile:
         metadata = dict(source.metadata)
     modules: dict[str, ModuleWeights] = {}
     for name, found in parts.items():
-        if "lora_down.weight" not in found or "lora_up.weight" not in found:
-            raise CheckpointError(f"{path.name}: module {name} lacks its lora_up or lora_down weight")
-        down, up = found["lora_down.weight"], found["lora_up.weight"]
-        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
-            raise CheckpointError(
-                f"{path.name}: module {name} has lora_up {list(up.shape)} and lora_down {list(down.shape)}, "
-                "which do not multiply"
-            )
-        alpha = float(found["alpha"].item()) if "alpha" in found else float(down.shape[0])
+        down, up, alpha = module_weights(path, name, found)
         modules[name] = ModuleWeights(down, up, alpha, found.get("dora_scale"))
     if not modules:
         kinds = sorted({key.split(".")[-2] if "." in key else key for key in other})[:4]
