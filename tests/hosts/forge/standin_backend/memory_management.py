@@ -26,11 +26,15 @@ class LoadedModel:
         self.device = model.load_device
 
     def model_load(self):
+        self.model.model_patches_to(self.device)
+        self.model.model_patches_to(self.model.model_dtype())
         self.model.forge_patch_model(self.device)
         self.model.refresh_loras()
 
     def model_unload(self, avoid_model_moving=False):
         self.model.forge_unpatch_model(None if avoid_model_moving else self.model.offload_device)
+        if not avoid_model_moving:
+            self.model.model_patches_to(self.model.offload_device)
 
     def __eq__(self, other):
         return self.model is other.model

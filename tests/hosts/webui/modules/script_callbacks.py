@@ -96,3 +96,8 @@ def on_before_ui(callback, *, name=None):
 
 def on_before_reload(callback, *, name=None):
     add_callback(callback_map["callbacks_on_reload"], callback, name=name, category="on_reload")
+
+
+def before_ui_callback():
+    for c in _each("before_ui"):
+        c.callback()

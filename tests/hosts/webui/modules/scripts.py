@@ -22,3 +22,31 @@ class Script:
 
     def postprocess(self, p, processed, *args):
         pass
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        pass
+
+
+class ScriptRunner:
+    """The always-on scripts of a generation; a script that fails is reported and the generation goes on."""
+
+    def __init__(self, scripts=()):
+        self.alwayson_scripts = list(scripts)
+
+    def _each(self, method, p, *args, **kwargs):
+        from modules import errors
+
+        for script in self.alwayson_scripts:
+            try:
+                getattr(script, method)(p, *args, **kwargs)
+            except Exception:
+                errors.report(f"Error running {method}: {type(script).__name__}", exc_info=True)
+
+    def process(self, p):
+        self._each("process", p)
+
+    def process_before_every_sampling(self, p, **kwargs):
+        self._each("process_before_every_sampling", p, **kwargs)
+
+    def postprocess(self, p, processed):
+        self._each("postprocess", p, processed)

@@ -41,6 +41,8 @@ _builtin = {
     "lora_functional": False,
     "sdxl_crop_top": 0,
     "sdxl_crop_left": 0,
+    "sd_hypernetwork": "None",
+    "extra_networks_default_multiplier": 1.0,
 }
 opts = options.Options({key: OptionInfo(value) for key, value in _builtin.items()})
 state = shared_state.State()

@@ -29,6 +29,28 @@ class ModelPatcher:
     def is_clone(self, other):
         return hasattr(other, "model") and self.model is other.model
 
+    def set_model_patch(self, patch, name):
+        to = self.model_options["transformer_options"]
+        if "patches" not in to:
+            to["patches"] = {}
+        to["patches"][name] = [*to["patches"].get(name, []), patch]
+
+    def set_model_attn1_patch(self, patch):
+        self.set_model_patch(patch, "attn1_patch")
+
+    def set_model_attn2_patch(self, patch):
+        self.set_model_patch(patch, "attn2_patch")
+
+    def model_patches_to(self, device):
+        patches = self.model_options["transformer_options"].get("patches", {})
+        for patch_list in patches.values():
+            for i, patch in enumerate(patch_list):
+                if hasattr(patch, "to"):
+                    patch_list[i] = patch.to(device)
+
+    def model_dtype(self):
+        return getattr(self.model, "storage_dtype", None)
+
     def add_patches(self, *, filename, patches, strength_patch=1.0, strength_model=1.0, online_mode=False):
         self.lora_patches[(filename, strength_patch, strength_model, online_mode)] = {
             key: [delta] for key, delta in patches.items()

@@ -22,3 +22,11 @@ def attention_CrossAttention_forward(self, x, context=None, mask=None, **kwargs)
     for hypernetwork in shared.loaded_hypernetworks:
         context = hypernetwork(context)
     return ldm.modules.attention.cross_attention_forward(self, x, context)
+
+
+def load_hypernetworks(names, multipliers=None):
+    """The named hypernetworks that are in `shared.hypernetworks`, at their multipliers, as the loaded ones."""
+    shared.loaded_hypernetworks.clear()
+    for i, name in enumerate(names):
+        if name in shared.hypernetworks:
+            shared.loaded_hypernetworks.append(Hypernetwork(name, multipliers[i] if multipliers else 1.0))
