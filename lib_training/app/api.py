@@ -14,6 +14,7 @@ WebUI's FastAPI app alike, under `/training/v1`.
     POST /training/v1/lora/extract            start extracting a LoRA from a tuned model and its base
     POST /training/v1/lora/resize             start changing a LoRA's rank
     POST /training/v1/aesthetic/create        start making an aesthetic embedding from a folder of images
+    POST /training/v1/{kind}/create           a method's Create step (hypernetwork): 201 + the file, 422 + field errors
 
 Merges are jobs like trainings (watched and cancelled with the job routes), and one job runs at a time.
 """
@@ -59,8 +60,10 @@ def build_router(service: TrainingService, merges: MergeService | None = None) -
     def methods() -> dict[str, Any]:
         return {kind: {"title": spec.title, "schema": request_schema(kind)} for kind, spec in registered().items()}
 
-    for kind in registered():
+    for kind, spec in registered().items():
         _add_train_route(router, service, kind)
+        if spec.create is not None:
+            _add_create_route(router, service, kind)
     for spec in TOOLS.values():
         _add_merge_route(router, merges, spec)
     _add_aesthetic_route(router, service)
@@ -141,6 +144,46 @@ def _add_train_route(router: APIRouter, service: TrainingService, kind: str) -> 
         responses={409: {"description": "another job is running"}, 422: {"description": "invalid settings"}},
         openapi_extra={
             "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema(kind)}}}
+        },
+    )
+
+
+def create_schema(kind: str) -> dict[str, Any]:
+    """The JSON Schema of a method's Create step: the fields it takes."""
+    step = spec_for(kind).create
+    assert step is not None
+    schema = json_schema(step.settings)
+    schema["properties"] = {name: schema["properties"][name] for name in step.fields}
+    schema["required"] = [name for name in schema.get("required", []) if name in step.fields]
+    return schema
+
+
+def _add_create_route(router: APIRouter, service: TrainingService, kind: str) -> None:
+    spec = spec_for(kind)
+
+    async def create(request: Request) -> Any:
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(422, "the request body is not JSON", errors={"": "not JSON"})
+        try:
+            path = service.create(kind, body)
+        except SettingsError as error:
+            return _error(422, "invalid settings", errors=error.errors)
+        except UserError as error:
+            return _error(422, str(error), errors={"": str(error)})
+        return JSONResponse({"kind": kind, "name": path.stem, "result": str(path)}, status_code=201)
+
+    router.add_api_route(
+        f"/{kind}/create",
+        create,
+        methods=["POST"],
+        summary=f"Create: {spec.title}",
+        description=(spec.create.summary if spec.create else "") + " Written to the folder of the kind's results.",
+        status_code=201,
+        responses={422: {"description": "invalid settings"}},
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": create_schema(kind)}}}
         },
     )
 

@@ -24,7 +24,7 @@ from PIL import Image
 from lib_training.app.aesthetic_service import AestheticRequest, AestheticService
 from lib_training.app.jobs import Job, JobContext, JobManager
 from lib_training.dataset import TrainingDataset
-from lib_training.errors import ConfigError
+from lib_training.errors import ConfigError, UserError
 from lib_training.formats.file_hashes import cached_sha256
 from lib_training.methods import registered, spec_for
 from lib_training.methods.applied import ResultFile, results_applied
@@ -177,6 +177,19 @@ class TrainingService:
 
         settings = {**request.to_dict(), "resume": request.resume}
         return self.jobs.start(f"train/{spec.kind}", f"{spec.title}: {request.name}", work, settings)
+
+    def create(self, kind: str, values: Mapping[str, Any]) -> Path:
+        """A method's Create step (`MethodSpec.create`): a new, untrained result written where the host
+        looks for results of its kind (the app: OUT/KIND/) and published; SettingsError naming every
+        bad field, UserError for a method without one."""
+        spec = self.spec(kind)
+        if spec.create is None:
+            raise UserError(f"{spec.title} has no create step: its results come from training")
+        if not isinstance(values, Mapping):
+            raise SettingsError({"": f"expected an object of settings, got {type(values).__name__}"})
+        path = spec.create.create(values, self.workspace.result_folders()[kind])
+        self.workspace.after_training(spec, path)
+        return path
 
     def preview_dataset(self, kind: str, body: Mapping[str, Any], samples: int = 8) -> dict[str, Any]:
         """Summary text, and a few (thumbnail, prompt) pairs, of the dataset a request would train on."""

@@ -53,9 +53,16 @@ from lib_training.methods.hypernetwork_net import (
 )
 from lib_training.model.diffusion import DiffusionModel
 from lib_training.model.hooks import ModuleHooks
-from lib_training.options import SettingsError, option
+from lib_training.options import SettingsError, field_errors, from_dict, option
 from lib_training.seeding import derive_seed
-from lib_training.training.method import MethodSettings, MethodSpec, ParamGroup, StepOutputs, TrainingMethod
+from lib_training.training.method import (
+    CreateStep,
+    MethodSettings,
+    MethodSpec,
+    ParamGroup,
+    StepOutputs,
+    TrainingMethod,
+)
 
 A1111_DEFAULT_WIDTHS = (768, 320, 640, 1280)  # A1111's Create tab ticks these
 _DROPOUT_CALLS = "hypernetwork.dropout_calls"
@@ -68,8 +75,10 @@ class HypernetworkConfig(MethodSettings):
     name: str = option(help="Name of the hypernetwork: its file name NAME.pt.", flag="--name")
     widths: str = option(
         "auto",
-        "Widths that get modules: 'auto' (every width this model's attention k/v projections read: the text "
-        "context and the feature widths, A1111's choice for SD1) or a list such as '768, 320, 640, 1280'.",
+        "Widths that get modules: a list such as '768, 320, 640, 1280' (SD1; SD2 1024, SDXL 2048 for the text "
+        "context, then 320, 640, 1280 / 640, 1280) or 'auto': when training, every width this model's attention "
+        "k/v projections read (the text context and the feature widths); when creating, with no model to ask, "
+        "A1111's 768, 320, 640, 1280.",
     )
     layer_structure: str = option(
         "1, 2, 1", "Width multipliers of the layers, starting and ending with 1 (e.g. '1, 2, 1' or '1, 1.5, 1.5, 1')."
@@ -98,9 +107,12 @@ class HypernetworkConfig(MethodSettings):
     overwrite: bool = option(False, "Replace an existing hypernetwork of the same name in the output folder.")
 
     def check(self) -> None:
-        """Every bad structure field at once, by name (a SettingsError)."""
-        super().check()
+        """Every bad field at once, by name (a SettingsError): the name, then the structure."""
         errors: dict[str, str] = {}
+        try:
+            super().check()
+        except SettingsError as error:
+            errors.update(error.errors)
         checks = (
             ("layer_structure", self._layers),
             ("dropout", lambda: self._dropout(self._layers())),
@@ -373,23 +385,73 @@ class HypernetworkMethod(TrainingMethod):
                 attachment.clear()
 
 
+CREATE_FIELDS = (
+    "name",
+    "widths",
+    "layer_structure",
+    "activation",
+    "weight_init",
+    "layer_norm",
+    "dropout",
+    "last_layer_dropout",
+    "activate_output",
+    "init_seed",
+    "overwrite",
+)
+
+
+def create_problems(settings: HypernetworkConfig, out: str | Path) -> dict[str, str]:
+    """Every reason A1111's Create step cannot write `settings` to OUT/NAME.pt, by field (empty: none)."""
+    errors: dict[str, str] = {}
+    try:
+        settings.check()
+    except SettingsError as error:
+        errors.update(error.errors)
+    if settings.continue_from:
+        errors["continue_from"] = "create makes a new hypernetwork; continue_from belongs to training"
+    if "layer_structure" not in errors and "widths" not in errors:
+        layers = tuple(settings._layers())
+        for width in settings.width_list() or A1111_DEFAULT_WIDTHS:
+            try:
+                Structure(layers, dropout_structure=(0.0,) * len(layers)).widths(width)
+            except ConfigError as error:
+                errors["layer_structure"] = str(error)
+                break
+    path = Path(out) / f"{settings.name}.pt"
+    if "name" not in errors and path.exists() and not settings.overwrite:
+        errors["name"] = f"{path} already exists; choose another name, or allow overwriting"
+    return errors
+
+
 def create_hypernetwork(settings: HypernetworkConfig, out: str | Path) -> Path:
     """A1111's Create step: write OUT/NAME.pt with new weights for the settings' widths (A1111's
-    default 768, 320, 640, 1280 for 'auto', as there is no model to ask), step 0, no optimizer state."""
-    settings.check()
-    if settings.continue_from:
-        raise ConfigError("create makes a new hypernetwork; continue_from belongs to training")
+    default 768, 320, 640, 1280 for 'auto', as there is no model to ask), step 0, no optimizer state.
+    A SettingsError names every bad field first (`create_problems`)."""
+    errors = create_problems(settings, out)
+    if errors:
+        raise SettingsError(errors)
     path = Path(out) / f"{settings.name}.pt"
-    if path.exists() and not settings.overwrite:
-        raise ConfigError(f"{path} already exists. Choose another name, or allow overwriting.")
     method = HypernetworkMethod(settings)
     widths = settings.width_list() or list(A1111_DEFAULT_WIDTHS)
-    for width in widths:
-        method.structure.widths(width)
     method.modules = new_modules(method.structure, widths, derive_seed(settings.init_seed, "hypernetwork-init") % 2**63)
     path.parent.mkdir(parents=True, exist_ok=True)
     method.save(path, 0, {})
     return path
+
+
+def create_from_values(values: Mapping[str, Any], out: Path) -> Path:
+    """`create_hypernetwork` from JSON-like values (the form's, the API's): each field's kind and range
+    and then `create_problems`, every bad field named in one SettingsError."""
+    errors = field_errors(HypernetworkConfig, values)
+    for name in set(values) - set(CREATE_FIELDS) - set(errors):
+        errors[name] = "not a setting of creating a hypernetwork"
+    valid = {name: value for name, value in values.items() if name not in errors}
+    settings = from_dict(HypernetworkConfig, {"name": "", **valid})
+    for name, problem in create_problems(settings, out).items():
+        errors.setdefault(name, problem)
+    if errors:
+        raise SettingsError(errors)
+    return create_hypernetwork(settings, out)
 
 
 def _context(sites: list[KVSite]) -> set[int]:
@@ -404,4 +466,11 @@ SPEC = MethodSpec(
     prompt_tag="hypernet",
     loop_defaults={"lr": "0.000005"},
     data_defaults={"template": "filewords"},  # a hypernetwork has no prompt word: captions only
+    create=CreateStep(
+        HypernetworkConfig,
+        CREATE_FIELDS,
+        create_from_values,
+        "A new, untrained hypernetwork NAME.pt in A1111's format (A1111's Create step), to train with "
+        "'continue from' or to use as it is.",
+    ),
 )

@@ -9,7 +9,9 @@ A method is one module under `lib_training/methods/` with three things:
   and how a result is applied at generation time;
 - a `MethodSpec`, listed once in `lib_training.methods.REGISTRY`. Everything else (the Training
   sub-tab, the HTTP route, the CLI subcommand, output folders, what publishing a result means in
-  a host) is derived from that entry.
+  a host) is derived from that entry. A method whose results can be made untrained, before any
+  training (A1111's "Create hypernetwork"), adds a `CreateStep`: it gets a Create section in its
+  sub-tab and the route POST /training/v1/<kind>/create.
 
 The trainer calls `attach` on entry and `detach` in `finally`, so whatever happens the host's model
 is as before. Methods that hook modules do it through `lib_training.model.hooks.ModuleHooks`,
@@ -21,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -197,6 +199,17 @@ class TrainingMethod(ABC):
 
 
 @dataclass(frozen=True)
+class CreateStep:
+    """Making a new, untrained result file on its own, before any training (no model needed)."""
+
+    settings: type  # the settings class whose fields the form and the API take (JSON-like values)
+    fields: tuple[str, ...]  # the fields of `settings` that creating takes, in the form's order
+    create: Callable[[Mapping[str, Any], Path], Path]  # (values, folder) -> the file written;
+    # a SettingsError naming every bad field at once, before anything is written
+    summary: str = ""  # one line for the form and the API's description
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """A method's registry entry (see `lib_training.methods`)."""
 
@@ -208,6 +221,7 @@ class MethodSpec:
     loop_defaults: Mapping[str, Any] = field(default_factory=dict)  # the method's own loop defaults (lr, ...)
     data_defaults: Mapping[str, Any] = field(default_factory=dict)
     run_folder_suffix: str | None = None  # WebUI log folders are NAME + this; default ".KIND"
+    create: CreateStep | None = None  # a result made untrained, on its own (hypernetworks)
 
     def __post_init__(self) -> None:
         if self.result_role not in RESULT_ROLES:

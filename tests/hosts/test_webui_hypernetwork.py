@@ -34,3 +34,11 @@ def test_a_hypernetwork_trains_publishes_and_leaves_the_model_as_it_was(kind, re
     assert webui.shared.hypernetwork_reloads == reloads + 1
     assert "hx" in webui.shared.hypernetworks
     assert webui.snapshot() == before
+
+
+def test_create_writes_into_the_hosts_hypernetworks_folder_and_refreshes_its_list(webui) -> None:
+    reloads = webui.shared.hypernetwork_reloads
+    path = extension.service().create("hypernetwork", {"name": "fresh", "widths": "768, 320"})
+    assert path == settings.folder(settings.HYPERNETWORKS_DIR) / "fresh.pt"
+    assert list(read_hypernetwork(path).layers) == [768, 320]
+    assert webui.shared.hypernetwork_reloads == reloads + 1 and "fresh" in webui.shared.hypernetworks

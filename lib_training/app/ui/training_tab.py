@@ -18,6 +18,7 @@ from lib_training.app.jobs import JobBusyError
 from lib_training.app.service import TrainingService
 from lib_training.app.ui import aesthetic_tab
 from lib_training.app.ui.compat import QUICK
+from lib_training.app.ui.create_section import CreateSection
 from lib_training.app.ui.form import SettingsForm
 from lib_training.app.ui.run_view import RunView
 from lib_training.app.ui.runs import load_run_settings, run_configs
@@ -44,8 +45,8 @@ def build_training_tab(service: TrainingService, presets: Mapping[str, Body] | N
 
 
 class MethodPanel:
-    """One method's sub-tab: load earlier settings, the form, and Preview / Start / Interrupt with
-    the run's progress, previews, loss plot and result."""
+    """One method's sub-tab: its Create section (methods with a create step), load earlier settings,
+    the form, and Preview / Start / Interrupt with the run's progress, previews, loss plot and result."""
 
     def __init__(self, service: TrainingService, spec: MethodSpec, preset: Body | None = None) -> None:
         self.service = service
@@ -54,6 +55,7 @@ class MethodPanel:
         self.view = RunView(service, spec, poll_id=f"sdwt-{kind}-poll")
         with gr.Row():
             with gr.Column(scale=1, min_width=380):
+                self.create = CreateSection(service, spec) if spec.create is not None else None
                 self._build_loader()
                 self.form = SettingsForm(spec, preset)
             with gr.Column(scale=1, min_width=340, elem_id=f"sdwt-{kind}-run"):
