@@ -150,11 +150,19 @@ class ForgeHypernetworks:
             return
         objects = p.sd_model.forge_objects
         sites = self._kv_sites(p.sd_model)
-        patches = [HypernetworkPatch(name, self._modules(name, sites), strength) for name, strength in requested]
+        patches, problems = [], []
+        for name, strength in requested:
+            try:
+                patches.append(HypernetworkPatch(name, self._modules(name, sites), strength))
+            except (UserError, OSError) as error:
+                problems.append(str(error))
         self._drop_unused({name for name, _ in requested})
-        before = objects.unet
-        objects.unet = patched_unet(before, patches, sites)
-        self._last = (objects, before, objects.unet)
+        if patches:
+            before = objects.unet
+            objects.unet = patched_unet(before, patches, sites)
+            self._last = (objects, before, objects.unet)
+        if problems:
+            raise UserError("; ".join(problems))  # reported by Forge; the others are applied
 
     def after_generation(self, p: Any = None) -> None:
         """The script's `postprocess`: the patcher of the last sampling back where our clone was."""

@@ -184,13 +184,15 @@ def test_an_unknown_name_is_reported_and_the_generation_goes_on_without_it(forge
     assert "there is no hypernetwork named 'nothere'" in message
 
 
-def test_a_file_for_another_family_is_reported_with_the_models_widths(forge, standalone) -> None:
+def test_a_file_for_another_family_is_reported_with_the_models_widths_and_the_others_apply(forge, standalone) -> None:
     engine = forge.load(standalone["sd1"])
     script = load_script(forge).ForgeHypernetworksScript()
-    make_file(forge, forge.module("lib_training.hosts.forge").build_model(engine), name="xl", widths="2048")
-    (plain,) = generate(forge, "a red ball", [script])
-    (out,) = generate(forge, "a red ball <hypernet:xl:1>", [script])
-    assert torch.equal(out, plain)
+    model = forge.module("lib_training.hosts.forge").build_model(engine)
+    make_file(forge, model)
+    make_file(forge, model, name="xl", widths="2048")
+    (alone,) = generate(forge, "a red ball <hypernet:hx:1>", [script])
+    (out,) = generate(forge, "a red ball <hypernet:xl:1> <hypernet:hx:1>", [script])
+    assert torch.equal(out, alone)
     (message,) = forge.module("modules.errors").reported
     assert "2048" in message and "made for another model family" in message
 
