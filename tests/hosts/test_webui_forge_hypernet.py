@@ -68,13 +68,15 @@ def inputs(dm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     return x, c, None if adm is None else torch.randn(1, adm, generator=generator)
 
 
-def generate(webui, prompt: str, scripts: list[Any], n_iter: int = 1) -> list[torch.Tensor]:
+def generate(webui, prompt: str, scripts: list[Any], n_iter: int = 1, **options: Any) -> list[torch.Tensor]:
     """The UNet outputs of a Forge txt2img generation of `prompt` (fixed latents and conditioning)."""
     processing = webui.module("modules.processing")
     sd_model = webui.shared.sd_model
     x, c, y = inputs(sd_model.forge_objects_original.unet.model.diffusion_model)
     runner = webui.module("modules.scripts").ScriptRunner(scripts)
-    p = processing.StableDiffusionProcessing(sd_model, prompt, x, TIMESTEPS, c, y=y, n_iter=n_iter, scripts=runner)
+    p = processing.StableDiffusionProcessing(
+        sd_model, prompt, x, TIMESTEPS, c, y=y, n_iter=n_iter, scripts=runner, **options
+    )
     with torch.inference_mode():  # Forge samples under inference mode
         return processing.process_images(p).outputs
 
@@ -145,6 +147,18 @@ def test_the_patches_are_on_a_clone_of_the_sampling_patcher_for_self_and_cross_a
     assert unet.model is engine.forge_objects_after_applying_lora.unet.model
     for kind in ("attn1_patch", "attn2_patch"):
         assert [(patch.name, patch.strength) for patch in patches[kind]] == [("hx", 0.5), ("hy", 1.0)]
+
+
+def test_hires_fixs_second_pass_applies_the_hypernetworks_of_its_own_prompt(forge, standalone) -> None:
+    engine = forge.load(standalone["sd1"])
+    script = load_script(forge).ForgeHypernetworksScript()
+    make_file(forge, forge.module("lib_training.hosts.forge").build_model(engine))
+    (plain,) = generate(forge, "a red ball", [script])
+    (tagged,) = generate(forge, "a red ball <hypernet:hx:1>", [script])
+    first, second = generate(forge, "a red ball <hypernet:hx:1>", [script], enable_hr=True, hr_prompt="a red ball")
+    assert torch.equal(first, tagged) and torch.equal(second, plain)
+    first, second = generate(forge, "a red ball", [script], enable_hr=True, hr_prompt="a red ball <hypernet:hx:1>")
+    assert torch.equal(first, plain) and torch.equal(second, tagged)
 
 
 def test_strength_zero_and_no_tag_leave_the_output_as_forge_makes_it(forge, standalone) -> None:
