@@ -351,3 +351,51 @@ def test_openapi_schema_describes_the_merge_requests(client) -> None:
     assert loras["type"] == "array" and "loras" in bake["required"]
     assert loras["items"]["required"] == ["path"] and loras["items"]["properties"]["strength"]["default"] == 1.0
     assert f"{PREFIX}/lora/extract" in schema["paths"] and f"{PREFIX}/lora/resize" in schema["paths"]
+
+
+# --- a method's Create step: hypernetworks --------------------------------------------------------------
+BAD_HYPERNETWORK = {"name": "a/b", "layer_structure": "2, 1", "activation": "nope", "widths": "12x"}
+
+
+def test_the_api_creates_a_hypernetwork_where_the_outputs_are_listed(client, tmp_path) -> None:
+    from lib_training.formats.hypernetwork_file import read_hypernetwork
+
+    body = {"name": "made", "widths": "128, 32", "layer_structure": "1, 2, 2, 1", "dropout": "default",
+            "last_layer_dropout": True, "weight_init": "XavierUniform"}  # fmt: skip
+    response = client.post(f"{PREFIX}/hypernetwork/create", json=body)
+    assert response.status_code == 201, response.json()
+    path = tmp_path / "outputs" / "hypernetwork" / "made.pt"
+    assert response.json() == {"kind": "hypernetwork", "name": "made", "result": str(path)}
+    made = read_hypernetwork(path)
+    assert list(made.layers) == [128, 32] and made.dropout_structure == [0.0, 0.3, 0.3, 0.0]
+    assert str(path) in [output["path"] for output in client.get(f"{PREFIX}/outputs").json()]
+
+
+def test_the_api_names_every_bad_hypernetwork_create_field_at_once_before_writing(client, tmp_path) -> None:
+    body = {**BAD_HYPERNETWORK, "continue_from": "old.pt", "colour": "blue"}
+    response = client.post(f"{PREFIX}/hypernetwork/create", json=body)
+    assert response.status_code == 422
+    assert set(response.json()["errors"]) == {*BAD_HYPERNETWORK, "continue_from", "colour"}
+    assert not (tmp_path / "outputs" / "hypernetwork").exists()
+
+
+def test_a_hypernetwork_layer_structure_too_narrow_for_a_width_is_named_with_it(client) -> None:
+    body = {"name": "thin", "widths": "32", "layer_structure": "1, 0.01, 1"}
+    response = client.post(f"{PREFIX}/hypernetwork/create", json=body)
+    assert response.status_code == 422 and "width 0 for width 32" in response.json()["errors"]["layer_structure"]
+
+
+def test_the_api_refuses_to_replace_a_hypernetwork_unless_told_to(client) -> None:
+    assert client.post(f"{PREFIX}/hypernetwork/create", json={"name": "made"}).status_code == 201
+    again = client.post(f"{PREFIX}/hypernetwork/create", json={"name": "made"})
+    assert again.status_code == 422 and "already exists" in again.json()["errors"]["name"]
+    assert client.post(f"{PREFIX}/hypernetwork/create", json={"name": "made", "overwrite": True}).status_code == 201
+
+
+def test_the_hypernetwork_create_route_is_published_with_the_create_fields(client) -> None:
+    from lib_training.methods.hypernetwork import CREATE_FIELDS
+
+    paths = client.get("/openapi.json").json()["paths"]
+    body = paths[f"{PREFIX}/hypernetwork/create"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert list(body["properties"]) == list(CREATE_FIELDS) and body["required"] == ["name"]
+    assert f"{PREFIX}/embedding/create" not in paths  # a method without a create step has no route

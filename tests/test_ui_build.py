@@ -712,3 +712,55 @@ def test_a_valid_aesthetic_request_runs_as_a_job_and_shows_the_embedding_written
     assert path.is_file() and str(path) in _update(result)["value"] and "3 images" in _update(result)["value"]
     assert "3/3 images" in _update(progress)["value"]
     assert _update(start)["interactive"] is True and _update(interrupt)["interactive"] is False
+
+
+# --- the hypernetwork sub-tab's Create section ---------------------------------------------------------
+HYPERNETWORK = registered()["hypernetwork"]
+BAD_HYPERNETWORK = {"name": "a/b", "layer_structure": "2, 1", "activation": "nope", "widths": "12x"}
+
+
+def _hypernet_panel(service: TrainingService) -> MethodPanel:
+    with gr.Blocks():
+        return MethodPanel(service, HYPERNETWORK)
+
+
+def _hypernet_create_values(panel: MethodPanel, settings: dict[str, Any]) -> list[Any]:
+    """The Create controls' values as the page sends them (defaults where `settings` has none)."""
+    values = [settings.get(c.info.name, c.info.default) for c in panel.create.form.controls]
+    return ["" if value is None else value for value in values]
+
+
+def test_the_hypernetwork_sub_tab_has_a_create_section_of_the_create_fields(service) -> None:
+    from lib_training.methods.hypernetwork import CREATE_FIELDS
+
+    blocks = build_training_tab(service)
+    ids = {b.elem_id for b in blocks.blocks.values() if getattr(b, "elem_id", None)}
+    fields = {f"sdwt-hypernetwork-create-{name.replace('_', '-')}" for name in CREATE_FIELDS}
+    assert fields | {"sdwt-hypernetwork-create", "sdwt-hypernetwork-create-button"} <= ids
+    assert "sdwt-hypernetwork-create-continue-from" not in ids  # training's, not creating's
+    assert not any(i.startswith("sdwt-embedding-create") for i in ids)  # no create step: no section
+
+
+def test_create_in_the_hypernetwork_tab_writes_the_file_into_the_outputs(service, tmp_path) -> None:
+    from lib_training.formats.hypernetwork_file import read_hypernetwork
+
+    panel = _hypernet_panel(service)
+    settings = {"name": "made", "widths": "128, 32, 64", "layer_structure": "1, 1.5, 1", "activation": "relu",
+                "layer_norm": True, "dropout": "0, 0.3, 0"}  # fmt: skip
+    status, *hints = panel.create.create_clicked(*_hypernet_create_values(panel, settings))
+    path = tmp_path / "outputs" / "hypernetwork" / "made.pt"
+    assert str(path) in status and all(ERROR_MARK not in _update(h).get("info", "") for h in hints)
+    made = read_hypernetwork(path)
+    assert list(made.layers) == [128, 32, 64] and made.layer_structure == [1.0, 1.5, 1.0] and made.step == 0
+    assert made.activation_func == "relu" and made.is_layer_norm and made.dropout_structure == [0.0, 0.3, 0.0]
+    assert [f.name for f in service.result_files()] == ["made"]  # the Generate tab offers it
+
+
+def test_bad_hypernetwork_create_fields_are_all_named_at_once_and_nothing_is_written(service, tmp_path) -> None:
+    panel = _hypernet_panel(service)
+    status, *hints = panel.create.create_clicked(*_hypernet_create_values(panel, BAD_HYPERNETWORK))
+    controls = panel.create.form.controls
+    marked = {c.info.name for c, h in zip(controls, hints) if ERROR_MARK in _update(h).get("info", "")}
+    assert marked == set(BAD_HYPERNETWORK)
+    assert "start and end with 1" in status and "cannot be a file name" in status and "nope" in status
+    assert not (tmp_path / "outputs" / "hypernetwork").exists()
