@@ -105,7 +105,7 @@ class HypernetworkPatch:
 
 @dataclass
 class _Loaded:
-    stamp: tuple[int, int]  # (mtime_ns, size) of the file when read
+    stamp: tuple[int, int, int]  # (mtime_ns, size, inode) of the file when read: a rewrite changes one
     modules: Pairs
 
 
@@ -117,7 +117,7 @@ class ForgeHypernetworks:
         self._sites: tuple[weakref.ref, list[KVSite]] | None = None  # (the UNet, its k/v sites)
         self._last: tuple[Any, Any, Any] | None = None  # (forge_objects, the patcher cloned, our clone)
         self._replaced: Any = None  # Forge's own `hypernet` extra network, while ours is registered
-        self.tag = HypernetTag(self)
+        self.tag = HypernetTag()
 
     # --- the extra network -------------------------------------------------------------------------
     def register(self) -> None:
@@ -150,13 +150,16 @@ class ForgeHypernetworks:
             return
         objects = p.sd_model.forge_objects
         sites = self._kv_sites(p.sd_model)
-        patches, problems = [], []
+        patches, problems, used = [], [], set()
         for name, strength in requested:
             try:
-                patches.append(HypernetworkPatch(name, self._modules(name, sites), strength))
+                path = _path_of(name)
+                used.add(str(path))
+                patches.append(HypernetworkPatch(name, self._modules(name, path, sites), strength))
             except (UserError, OSError) as error:
                 problems.append(str(error))
-        self._drop_unused({name for name, _ in requested})
+        for path in set(self._files) - used:
+            del self._files[path]  # keep the files of this generation only
         if patches:
             before = objects.unet
             objects.unet = patched_unet(before, patches, sites)
@@ -180,10 +183,9 @@ class ForgeHypernetworks:
             self._sites = (weakref.ref(diffusion_model), find_kv_sites(_UNetMap(sd_model)))  # type: ignore[arg-type]
         return self._sites[1]
 
-    def _modules(self, name: str, sites: list[KVSite]) -> Pairs:
-        path = _path_of(name)
+    def _modules(self, name: str, path: Path, sites: list[KVSite]) -> Pairs:
         info = os.stat(path)
-        stamp = (info.st_mtime_ns, info.st_size)
+        stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
         loaded = self._files.get(str(path))
         if loaded is None or loaded.stamp != stamp:
             _, modules = modules_from_file(read_hypernetwork(path))
@@ -196,19 +198,11 @@ class ForgeHypernetworks:
             )
         return loaded.modules
 
-    def _drop_unused(self, names: set[str]) -> None:
-        keep = {str(_path_of(name)) for name in names}
-        for path in [p for p in self._files if p not in keep]:
-            del self._files[path]
-
 
 class HypernetTag:
     """Forge's `hypernet` extra network, for `modules.extra_networks` (name, activate, deactivate)."""
 
     name = TAG
-
-    def __init__(self, owner: ForgeHypernetworks) -> None:
-        self.owner = owner
 
     def activate(self, p: Any, params_list: list[Any]) -> None:
         """Note on `p` the (name, strength) pairs of this stage's tags, in prompt order; an unknown
@@ -260,7 +254,10 @@ def patched_unet(unet: Any, patches: Sequence[HypernetworkPatch], sites: list[KV
 def _path_of(name: str) -> Path:
     from modules import shared
 
-    return Path(shared.hypernetworks[name])
+    path = shared.hypernetworks.get(name)
+    if path is None:
+        raise UserError(f"there is no hypernetwork named {name!r} in {shared.cmd_opts.hypernetwork_dir}")
+    return Path(path)
 
 
 class _UNetMap:

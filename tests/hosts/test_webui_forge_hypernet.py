@@ -30,13 +30,14 @@ def load_script(webui) -> Any:
     return module
 
 
-def make_file(webui, model, name: str = "hx", widths: str | None = None) -> Path:
+def make_file(webui, model, name: str = "hx", widths: str | None = None, seed: int = 3) -> Path:
     """A hypernetwork with modules for every width the model's attention reads (or `widths`), listed by the host."""
     if widths is None:
         widths = ", ".join(str(w) for w in sorted({site.width for site in find_kv_sites(model)}))
     settings = HypernetworkConfig(
-        name=name, widths=widths, activation="relu", weight_init="KaimingNormal", layer_norm=True, init_seed=3
-    )
+        name=name, widths=widths, activation="relu", weight_init="KaimingNormal", layer_norm=True, init_seed=seed,
+        overwrite=True,
+    )  # fmt: skip
     path = create_hypernetwork(settings, webui.shared.cmd_opts.hypernetwork_dir)
     webui.shared.reload_hypernetworks()
     return path
@@ -159,6 +160,19 @@ def test_hires_fixs_second_pass_applies_the_hypernetworks_of_its_own_prompt(forg
     assert torch.equal(first, tagged) and torch.equal(second, plain)
     first, second = generate(forge, "a red ball", [script], enable_hr=True, hr_prompt="a red ball <hypernet:hx:1>")
     assert torch.equal(first, plain) and torch.equal(second, tagged)
+
+
+def test_a_file_written_again_is_read_again(forge, standalone) -> None:
+    engine = forge.load(standalone["sd1"])
+    script = load_script(forge).ForgeHypernetworksScript()
+    model = forge.module("lib_training.hosts.forge").build_model(engine)
+    make_file(forge, model)
+    (first,) = generate(forge, "a red ball <hypernet:hx:1>", [script])
+    make_file(forge, model, seed=4)  # e.g. a training run saving it again
+    (second,) = generate(forge, "a red ball <hypernet:hx:1>", [script])
+    make_file(forge, model, seed=3)
+    (third,) = generate(forge, "a red ball <hypernet:hx:1>", [script])
+    assert not torch.equal(second, first) and torch.equal(third, first)
 
 
 def test_strength_zero_and_no_tag_leave_the_output_as_forge_makes_it(forge, standalone) -> None:
