@@ -395,3 +395,16 @@ def test_two_hypernetworks_chain_in_prompt_order_as_in_a1111(tiny_sd1, tmp_path)
     expected = torch.nn.functional.linear(second(first(context)), site.to_k.weight)
     assert torch.allclose(chained, expected, atol=1e-5)
     assert not torch.allclose(chained, torch.nn.functional.linear(first(second(context)), site.to_k.weight), atol=1e-3)
+
+
+def test_cli_create_names_every_bad_setting_by_its_flag_at_once(tmp_path, capsys) -> None:
+    from lib_training.app.cli import main
+
+    (tmp_path / "taken.pt").write_bytes(b"")
+    code = main(["hypernetwork", "create", "--name", "taken", "--out", str(tmp_path), "--widths", "12x",
+                 "--layer-structure", "2, 1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--name:" in err and "already exists" in err
+    assert "--layer-structure:" in err and "--widths:" in err
+    assert (tmp_path / "taken.pt").read_bytes() == b""

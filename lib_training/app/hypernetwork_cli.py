@@ -29,10 +29,14 @@ def add_hypernetwork_parser(commands: argparse._SubParsersAction) -> None:
 
 def _cmd_create(args: argparse.Namespace) -> None:
     from lib_training.methods.hypernetwork import HypernetworkConfig, create_hypernetwork
-    from lib_training.options import from_namespace
+    from lib_training.options import SettingsError, describe, from_namespace
 
     settings = from_namespace(HypernetworkConfig, args)
-    path = create_hypernetwork(settings, args.out)
+    try:
+        path = create_hypernetwork(settings, args.out)
+    except SettingsError as error:  # every bad setting, named by its flag
+        flags = {info.name: info.flag for info in describe(HypernetworkConfig)}
+        raise SettingsError({flags.get(name) or name: problem for name, problem in error.errors.items()}) from None
     from lib_training.formats.hypernetwork_file import read_hypernetwork
 
     made = read_hypernetwork(path)
