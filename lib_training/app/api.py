@@ -26,6 +26,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from lib_training.app.aesthetic_service import CreateConfig
 from lib_training.app.jobs import Job, JobBusyError, JobNotFoundError
@@ -167,7 +168,7 @@ def _add_create_route(router: APIRouter, service: TrainingService, kind: str) ->
         except ValueError:
             return _error(422, "the request body is not JSON", errors={"": "not JSON"})
         try:
-            path = service.create(kind, body)
+            path = await run_in_threadpool(service.create, kind, body)  # seconds for SDXL widths: off the loop
         except SettingsError as error:
             return _error(422, "invalid settings", errors=error.errors)
         except UserError as error:
