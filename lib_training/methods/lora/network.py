@@ -11,7 +11,7 @@ Plain LoRA / LoCon at multiplier m: y = layer(x) + m · ΔW x, computed on the a
 input channel, the layout A1111 (`network.py`) and ComfyUI (`weight_adapter/base.py`) read:
 
     W_dora = d ⊙ (W + ΔW) / ‖W + ΔW‖        the norm per input channel (over output rows and kernel)
-    W'     = W + m · (W_dora − W)
+    W'     = W + m · (W_dora − W)             (`lib_training.merge.dora`, which the merge tools share)
 
 d starts as ‖W‖, so W' = W before training, as ΔW = 0 (up starts at zero, down kaiming-uniform).
 DoRA layers add (W' − W) x to the layer's output; the fused attention of open_clip text encoders runs on
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lib_training.merge.dora import dora_change, input_norm
 from lib_training.model.hooks import ModuleHooks
 
 
@@ -44,12 +45,6 @@ class Dropout:
     neuron: float = 0.0
     rank: float = 0.0
     module: float = 0.0
-
-
-def column_norm(weight: Tensor) -> Tensor:
-    """‖W‖ per input channel: [out, in(, kh, kw)] -> [1, in(, 1, 1)], fp32."""
-    w = weight.float().transpose(0, 1).flatten(1)  # [in, out·kh·kw]
-    return w.norm(dim=1).reshape(1, weight.shape[1], *[1] * (weight.ndim - 2))
 
 
 class LowRankModule(nn.Module):
@@ -74,7 +69,7 @@ class LowRankModule(nn.Module):
         nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
         self.down = nn.Parameter(down)
         self.up = nn.Parameter(torch.zeros(out_features, rank, *([1, 1] if kernel else [])))
-        self.dora_scale = None if dora_from is None else nn.Parameter(column_norm(dora_from))
+        self.dora_scale = None if dora_from is None else nn.Parameter(input_norm(dora_from))
 
     @property
     def rank(self) -> int:
@@ -92,9 +87,7 @@ class LowRankModule(nn.Module):
         """W' − W for the weight W this module adapts (in W's dtype): m · ΔW, or DoRA's m · (W_dora − W)."""
         if self.dora_scale is None:
             return (multiplier * self.delta()).to(weight.dtype)
-        merged = weight.float() + self.delta()
-        merged = merged * (self.dora_scale / column_norm(merged))
-        return (multiplier * (merged - weight.float())).to(weight.dtype)
+        return dora_change(weight, self.delta(), self.dora_scale, multiplier).to(weight.dtype)
 
     def adapted_weight(self, weight: Tensor, multiplier: float) -> Tensor:
         """W' for the weight W this module adapts (in W's dtype)."""
