@@ -20,11 +20,14 @@ its adapted weights (the changes of every attached LoRA summed, as A1111 and Com
 Dropout, as kohya's `networks/lora.py` has it, only while training: `dropout` drops elements of
 down(x), `rank_dropout` whole ranks per sample (the rest scaled up), `module_dropout` skips a module
 in a forward pass. It draws from the network's own generator, so a resumed run draws the same numbers. On
-layers that run on W' (DoRA, fused q/k/v) only `module_dropout` applies.
+layers that run on W' (DoRA, fused q/k/v) only `module_dropout` applies. While a network with dropout is
+attached, gradient checkpointing replays its generator (`lib_training.model.checkpointing`): the
+recomputed forward draws the masks of the first one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lib_training.merge.dora import dora_change, input_norm
+from lib_training.model.checkpointing import replaying
 from lib_training.model.hooks import ModuleHooks
 
 
@@ -153,6 +157,7 @@ class LoraNetwork(nn.Module):
         self.multiplier = 1.0
         self.dropout: Dropout | None = None
         self._hooks = ModuleHooks()
+        self._replay = contextlib.ExitStack()  # holds the generator's registration for checkpointing
 
     @property
     def attached(self) -> bool:
@@ -173,6 +178,9 @@ class LoraNetwork(nn.Module):
         for attention, names in by_attention.values():
             _ATTENTION_DELTAS.setdefault(id(attention), {})[id(self)] = self._attention_deltas(attention, names)
             self._hooks.wrap_forward(attention, self._attention_forward(attention))
+        dropout = self.dropout
+        if dropout is not None and (dropout.neuron > 0 or dropout.rank > 0 or dropout.module > 0):
+            self._replay.enter_context(replaying(self.rng))
 
     def detach(self) -> None:
         for deltas in _ATTENTION_DELTAS.values():
@@ -180,6 +188,7 @@ class LoraNetwork(nn.Module):
         for key in [key for key, deltas in _ATTENTION_DELTAS.items() if not deltas]:
             del _ATTENTION_DELTAS[key]
         self._hooks.clear()
+        self._replay.close()
 
     # --- forwards ---------------------------------------------------------------------------------
     def _skipped(self) -> bool:

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lib_training.errors import CheckpointError
 from lib_training.formats.family import Arch
+from lib_training.model.checkpointing import checkpoint
 from lib_training.model.networks.attention import (
     BasicTransformerBlock,
     CrossAttention,
