@@ -51,8 +51,15 @@ def sd1_with_dropout(tiny_checkpoints):
     method.detach()
 
 
-def test_gradients_with_dropout_and_checkpointing_equal_those_without(sd1_with_dropout) -> None:
-    model, method = sd1_with_dropout
+@pytest.mark.parametrize(
+    ("arch", "settings"),
+    [("sd1", DROPOUT), ("sd2", {**DROPOUT, "dora": True})],  # SD2: open_clip's fused attention; DoRA layers
+)
+def test_gradients_with_dropout_and_checkpointing_equal_those_without(arch, settings, tiny_checkpoints) -> None:
+    model = load_model(tiny_checkpoints[arch])
+    method = small_lora(**settings)
+    method.attach(model)
+    randomise(method)
     start = method.network.rng.get_state()
     expected, expected_state = one_step(model, method, checkpointed=False)
     method.network.rng.set_state(start)
@@ -61,6 +68,7 @@ def test_gradients_with_dropout_and_checkpointing_equal_those_without(sd1_with_d
     for name, grad in expected.items():
         assert torch.equal(found[name], grad), name
     assert torch.equal(state, expected_state)  # the generator ends where it would without checkpointing
+    method.detach()
 
 
 def test_without_replaying_the_generator_checkpointing_would_change_the_gradients(
