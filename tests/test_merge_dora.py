@@ -3,6 +3,7 @@ dora_scale, and a dora_scale that does not fit its weight is named."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ import torch
 from lora_support import randomise, small_lora
 from safetensors.torch import load_file, save_file
 
+from lib_training.app.api import PREFIX, build_router
+from lib_training.app.service import StandaloneWorkspace, TrainingService
 from lib_training.errors import CheckpointError
 from lib_training.merge import LoraBakeConfig, LoraResizeConfig, LoraSpec, bake_loras, resize_lora
 from lib_training.merge.cli import add_merge_parsers
@@ -109,6 +112,36 @@ def test_lora_bake_command_bakes_a_dora_file(sd2_dora, tiny_checkpoints, tmp_pat
     expected = bake(tiny_checkpoints["sd2"], tmp_path / "api.safetensors", LoraSpec(str(sd2_dora), 0.5))
     assert load_file(str(out)).keys() == load_file(str(expected)).keys()
     assert all(torch.equal(a, b) for a, b in zip(load_file(str(out)).values(), load_file(str(expected)).values()))
+
+
+def test_the_api_bakes_and_resizes_a_dora_file_as_jobs(sd2_dora, tiny_checkpoints, tmp_path) -> None:
+    """The HTTP routes (and the Merge tab, through the same service) run the same bake and resize."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    app = FastAPI()
+    app.include_router(
+        build_router(TrainingService(StandaloneWorkspace(tiny_checkpoints["sd2"], tmp_path / "outputs", device="cpu")))
+    )
+    with TestClient(app) as client:
+
+        def run(route: str, body: dict) -> dict:
+            job_id = client.post(f"{PREFIX}/{route}", json=body).json()["id"]
+            for _ in range(600):
+                job = client.get(f"{PREFIX}/jobs/{job_id}").json()
+                if job["state"] != "running":
+                    assert job["state"] == "finished", job["error"]
+                    return job["result"]
+                time.sleep(0.1)
+            raise AssertionError(f"{route} still running")
+
+        body = {"model": str(tiny_checkpoints["sd2"]), "loras": [{"path": str(sd2_dora), "strength": 0.5}]}
+        baked = run("lora/bake", {**body, "out": "baked", "dtype": "fp32"})
+        resized = run("lora/resize", {"lora": str(sd2_dora), "out": "small", "rank": 2, "dtype": "fp32"})
+    expected = bake(tiny_checkpoints["sd2"], tmp_path / "direct.safetensors", LoraSpec(str(sd2_dora), 0.5))
+    found = load_file(baked["result"])
+    assert all(torch.equal(found[key], value) for key, value in load_file(str(expected)).items())
+    assert any("DoRA modules now have a lower rank" in warning for warning in resized["warnings"])
 
 
 # --- resize ------------------------------------------------------------------------------------------------
