@@ -12,6 +12,7 @@ from lora_support import randomise, small_lora
 from safetensors.torch import load_file, save_file
 
 from lib_training.app.api import PREFIX, build_router
+from lib_training.app.merge_service import file_roles
 from lib_training.app.service import StandaloneWorkspace, TrainingService
 from lib_training.errors import CheckpointError
 from lib_training.merge import LoraBakeConfig, LoraResizeConfig, LoraSpec, bake_loras, resize_lora
@@ -142,6 +143,10 @@ def test_the_api_bakes_and_resizes_a_dora_file_as_jobs(sd2_dora, tiny_checkpoint
     found = load_file(baked["result"])
     assert all(torch.equal(found[key], value) for key, value in load_file(str(expected)).items())
     assert any("DoRA modules now have a lower rank" in warning for warning in resized["warnings"])
+
+
+def test_the_merge_tab_offers_a_dora_file_where_it_takes_loras(sd2_dora) -> None:
+    assert file_roles(sd2_dora) == frozenset({"lora"})
 
 
 # --- resize ------------------------------------------------------------------------------------------------
