@@ -379,13 +379,6 @@ def test_bad_settings_are_refused_with_the_fix(settings, message) -> None:
         small_lora(**settings)
 
 
-def test_dropout_with_gradient_checkpointing_is_refused_before_any_work(tiny_sd1, red_ball, tmp_path) -> None:
-    loop = dataclasses.replace(FAST, gradient_checkpointing=True)
-    with pytest.raises(ConfigError, match="cannot be combined with gradient checkpointing"):
-        train(tiny_sd1, small_lora(rank_dropout=0.1), data(red_ball), loop, tmp_path)
-    assert not (tmp_path / "zqx.safetensors").exists()
-
-
 def test_cli_trains_and_writes_name_safetensors(tiny_checkpoints, red_ball, tmp_path, capsys) -> None:
     from lib_training.app.cli import main
 

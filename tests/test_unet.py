@@ -283,3 +283,10 @@ def test_latent_sides_not_divisible_by_the_downsampling_work(arch: Arch) -> None
     y = torch.zeros(1, config.adm_in_channels) if config.adm_in_channels else None
     out = model(torch.randn(1, 4, 6, 10), torch.tensor([10]), torch.randn(1, 77, config.context_dim), y)
     assert out.shape == (1, 4, 6, 10)
+
+
+def test_a_first_level_wider_than_model_channels_builds_and_runs() -> None:
+    config = UNetConfig(model_channels=32, channel_mult=(2, 2), transformer_depth=(1, 0), context_dim=32, num_heads=2)
+    unet = UNetModel(config)
+    out = unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 5, 32))
+    assert out.shape == (1, 4, 8, 8)

@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lib_training.errors import ConfigError, UserError
 from lib_training.formats.family import Arch, ModelFamily
@@ -43,6 +42,7 @@ from lib_training.hosts.snapshots import AttributeSnapshot, frozen, verified_unc
 from lib_training.hosts.text import HFTextEncoder, OpenClipTextEncoder
 from lib_training.hosts.tokenizers import HostTokenizer
 from lib_training.hosts.vae import HostVAE
+from lib_training.model.checkpointing import checkpoint
 from lib_training.model.diffusion import TextEncoder
 from lib_training.model.hooks import ModuleHooks
 from lib_training.model.module_map import ModuleRoot

@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lib_training.errors import UserError
 from lib_training.formats.family import Arch, ModelFamily
@@ -40,6 +39,7 @@ from lib_training.hosts.snapshots import frozen, trainable_parameters, verified_
 from lib_training.hosts.text import HFTextEncoder
 from lib_training.hosts.tokenizers import HostTokenizer
 from lib_training.hosts.vae import HostVAE
+from lib_training.model.checkpointing import checkpoint
 from lib_training.model.diffusion import TextEncoder
 from lib_training.model.hooks import ModuleHooks
 from lib_training.model.module_map import ModuleRoot

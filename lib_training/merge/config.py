@@ -112,7 +112,7 @@ class MergeConfig:
 class LoraSpec:
     """One LoRA to bake: the file, its strength, and optionally its weight per block."""
 
-    path: str = option(help="LoRA file (kohya format).", role="lora")
+    path: str = option(help="LoRA file (kohya LoRA, LoCon or DoRA).", role="lora")
     strength: float = option(1.0, "Strength, as in <lora:name:strength>.", min=-2.0, max=2.0)
     blocks: str = option(
         "",
@@ -123,7 +123,8 @@ class LoraSpec:
 
 @dataclass
 class LoraBakeConfig:
-    """Bake LoRAs into a checkpoint: W += strength · block weight · (alpha / rank) · up @ down."""
+    """Bake LoRAs into a checkpoint: W += strength · block weight · (alpha / rank) · up @ down (DoRA: that
+    strength times the change of W to its dora_scale-normalised direction)."""
 
     model: str = option(help="Checkpoint to bake into.", role="model")
     out: str = option(help="Output .safetensors file.", role="output", label="Output file")
@@ -183,9 +184,10 @@ class LoraExtractConfig:
 
 @dataclass
 class LoraResizeConfig:
-    """Change a LoRA's rank: SVD of each module's up @ down, keeping the largest singular values."""
+    """Change a LoRA's rank: SVD of each module's up @ down, keeping the largest singular values (a DoRA
+    file keeps its dora_scale)."""
 
-    lora: str = option(help="LoRA file (kohya format).", role="lora")
+    lora: str = option(help="LoRA file (kohya LoRA, LoCon or DoRA).", role="lora")
     out: str = option(help="Output LoRA .safetensors file.", role="output", label="Output file")
     rank: int = option(8, "New rank (the most kept, with a dynamic method).", min=1, max=1024)
     conv_rank: int = option(0, "New rank of 3x3 convolutions; 0: same as rank.", min=0, max=1024)

@@ -1,5 +1,9 @@
 """Baking kohya LoRAs into a checkpoint, streaming: W' = W + Σ strength · block weight · (alpha / rank) · up @ down.
 
+A DoRA module adds m · (W_dora − W) instead, m = strength · block weight (`lib_training.merge.dora`): the
+change the hook that applies the file at that strength makes. Each LoRA's change is taken against the
+checkpoint's own W and the changes are summed, as A1111 and ComfyUI stack LoRAs.
+
 Weights no LoRA touches are copied (converted to the output dtype) piece by piece; a changed weight
 is read whole, updated in fp32 and written. The text encoders' q/k/v in open_clip layout (SD2,
 SDXL bigG) are rows of one fused in_proj_weight: each LoRA module updates its own rows.
@@ -107,6 +111,12 @@ def _plan_updates(
                     f"{path.name}: module {name} changes a weight of shape {list(module.weight_shape)} but the "
                     f"checkpoint's is {list(target.shape)}; the LoRA was made for another model"
                 )
+            if module.dora_scale is not None and module.weight_shape[1] != target.shape[1]:
+                raise CheckpointError(
+                    f"{path.name}: DoRA module {name} has {module.weight_shape[1]} input channels but the "
+                    f"checkpoint's weight {list(target.shape)} has {target.shape[1]}; the LoRA was made for another "
+                    "model"
+                )
             factor = spec.strength * blocks.get(block_of(target.key, family.arch) or "", 1.0)
             if factor:
                 updates.setdefault(target.key, []).append(_Update(module, target, factor))
@@ -212,13 +222,14 @@ def _updated(
 ) -> Callable[[], Iterator[Tensor]]:
     def produce() -> Iterator[Tensor]:
         weight = source.get(key).to(device=device, dtype=torch.float32)
+        # DoRA's change depends on W: every LoRA's is taken against the checkpoint's own weight
+        original = weight.clone() if any(u.module.dora_scale is not None for u in updates) else weight
         for update in updates:
-            delta = update.module.delta(device) * update.factor
             if update.target.rows is None:
-                weight += delta.reshape(weight.shape)
+                weight += update.module.change(original, update.factor)
             else:
                 begin, end = update.target.rows
-                weight[begin:end] += delta.reshape(weight[begin:end].shape)
+                weight[begin:end] += update.module.change(original[begin:end], update.factor)
         yield to_output(weight, entry.dtype)
 
     return produce

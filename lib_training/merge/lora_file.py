@@ -1,8 +1,10 @@
-"""Reading and writing kohya-format LoRA files (`NAME.lora_down.weight`, `NAME.lora_up.weight`, `NAME.alpha`).
+"""Reading and writing kohya-format LoRA files (`NAME.lora_down.weight`, `NAME.lora_up.weight`, `NAME.alpha`,
+and for DoRA `NAME.dora_scale`).
 
 A module's update to its weight W [out, in(, kh, kw)] is scale · up @ down with scale = alpha / rank,
-up [out, rank(, 1, 1)], down [rank, in(, kh, kw)]. Other adapter types (LoHa, LoKr, DoRA, ...) are
-refused with a message rather than misread.
+up [out, rank(, 1, 1)], down [rank, in(, kh, kw)]; a DoRA module also rescales each input column of
+W + update to its `dora_scale` [1, in(, 1, 1)] (`lib_training.merge.dora`). Other adapter types (LoHa,
+LoKr, ...) are refused with a message rather than misread.
 """
 
 from __future__ import annotations
@@ -27,12 +29,12 @@ from lib_training.formats.safetensors_writer import (
     tensor_bytes,
 )
 from lib_training.formats.tensor_files import open_tensors
+from lib_training.merge.dora import checked_dora_scale, dora_change
 
-_PART = re.compile(r"^(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$")
+_PART = re.compile(r"^(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|dora_scale)$")
 _OTHER_ADAPTERS = {  # a part of a key -> what the file is
     ".hada_": "a LoHa adapter",
     ".lokr_": "a LoKr adapter",
-    ".dora_scale": "a DoRA adapter",
     ".oft_": "an OFT adapter",
     ".lora_mid.": "a LoCon with a CP decomposition (lora_mid)",
     ".w_norm": "a norm adapter",
@@ -52,6 +54,7 @@ class LoraModule:
     down: Tensor  # [rank, in] or [rank, in, kh, kw]
     up: Tensor  # [out, rank] or [out, rank, 1, 1]
     alpha: float
+    dora_scale: Tensor | None = None  # DoRA: [1, in] or [1, in, 1, 1]
 
     @property
     def rank(self) -> int:
@@ -72,6 +75,15 @@ class LoraModule:
         down = self.down.to(device=device, dtype=torch.float32).flatten(1)  # [rank, in·kh·kw]
         return (up @ down).reshape(self.weight_shape) * self.scale
 
+    def change(self, weight: Tensor, multiplier: float) -> Tensor:
+        """W' − W at strength `multiplier` for the weight W [out, in(, kh, kw)] this module adapts, fp32 on
+        W's device: multiplier · delta, or DoRA's change (`lib_training.merge.dora`)."""
+        delta = self.delta(weight.device).reshape(weight.shape)
+        if self.dora_scale is None:
+            return multiplier * delta
+        dora_scale = self.dora_scale.to(weight.device).reshape(1, weight.shape[1], *[1] * (weight.ndim - 2))
+        return dora_change(weight, delta, dora_scale, multiplier)
+
 
 def read_lora(path: str | os.PathLike[str]) -> tuple[dict[str, LoraModule], dict[str, str], list[str]]:
     """The modules of a kohya LoRA file, its metadata, and the keys it holds that are not modules."""
@@ -88,8 +100,8 @@ def read_lora(path: str | os.PathLike[str]) -> tuple[dict[str, LoraModule], dict
             found_kinds.append("a full-weight difference (LyCORIS 'full') adapter")
         if found_kinds:
             raise CheckpointError(
-                f"{path.name} is {found_kinds[0]}; only plain kohya LoRA / LoCon files (lora_up, lora_down, "
-                "alpha) can be baked, resized or merged here"
+                f"{path.name} is {found_kinds[0]}; only kohya LoRA / LoCon / DoRA files (lora_up, lora_down, "
+                "alpha, dora_scale) can be baked, resized or merged here"
             )
         parts: dict[str, dict[str, Tensor]] = {}
         ignored: list[str] = []
@@ -109,15 +121,16 @@ def read_lora(path: str | os.PathLike[str]) -> tuple[dict[str, LoraModule], dict
         raise CheckpointError(f"{path.name} holds no LoRA modules")
     modules: dict[str, LoraModule] = {}
     for name, found in parts.items():
-        down, up, alpha = module_weights(path, name, found)
-        modules[name] = LoraModule(name, down, up, alpha)
+        down, up, alpha, dora_scale = module_weights(path, name, found)
+        modules[name] = LoraModule(name, down, up, alpha, dora_scale)
     return modules, metadata, ignored
 
 
-def module_weights(path: Path, name: str, found: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, float]:
-    """(down, up, alpha) of one kohya module from its parts ("lora_down.weight", "lora_up.weight",
-    "alpha"); a CheckpointError naming the file and module if a weight is missing or the two do not
-    multiply. Without an alpha, alpha is the rank (scale 1), as the loaders read it."""
+def module_weights(path: Path, name: str, found: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, float, Tensor | None]:
+    """(down, up, alpha, dora_scale or None) of one kohya module from its parts ("lora_down.weight",
+    "lora_up.weight", "alpha", "dora_scale"); a CheckpointError naming the file and module if a weight is
+    missing, the two do not multiply or the DoRA magnitude does not fit them. Without an alpha, alpha is
+    the rank (scale 1), as the loaders read it. dora_scale comes shaped [1, in(, 1, 1)]."""
     if "lora_down.weight" not in found or "lora_up.weight" not in found:
         raise CheckpointError(f"{path.name}: module {name} lacks its lora_up or lora_down weight")
     down, up = found["lora_down.weight"], found["lora_up.weight"]
@@ -127,16 +140,22 @@ def module_weights(path: Path, name: str, found: Mapping[str, Tensor]) -> tuple[
             "which do not multiply"
         )
     alpha = float(found["alpha"].item()) if "alpha" in found else float(down.shape[0])
-    return down, up, alpha
+    dora_scale = found.get("dora_scale")
+    if dora_scale is not None:
+        dora_scale = checked_dora_scale(path, name, dora_scale, (int(up.shape[0]), *down.shape[1:]))
+    return down, up, alpha, dora_scale
 
 
 def lora_tensors(modules: Mapping[str, LoraModule], dtype: torch.dtype) -> dict[str, Tensor]:
-    """The file's tensors for `modules`, every one (alpha included) in `dtype`, as kohya saves them."""
+    """The file's tensors for `modules`, every one (alpha and dora_scale included) in `dtype`, as kohya saves
+    them."""
     tensors: dict[str, Tensor] = {}
     for name, module in modules.items():
         tensors[f"{name}.lora_down.weight"] = module.down.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = module.up.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=dtype)
+        if module.dora_scale is not None:
+            tensors[f"{name}.dora_scale"] = module.dora_scale.detach().to("cpu", dtype).contiguous()
     return tensors
 
 

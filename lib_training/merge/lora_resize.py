@@ -4,6 +4,13 @@ As in kohya's `resize_lora`, the module's scale alpha / rank is kept (new alpha 
 and the factors are U·S and V^T, so the update scale · up @ down changes only by what the dropped
 singular values carried. A dynamic method chooses each module's rank from its singular values,
 never above the rank asked for.
+
+A DoRA file keeps its `dora_scale` unchanged, as kohya's `resize_lora.py` does (it rewrites only
+lora_up / lora_down / alpha and copies every other key; LyCORIS has no resize tool). At the same rank the
+result is the same file up to rounding. At a lower rank the result is approximate, and only in
+direction: each input column of the baked weight d ⊙ (W + ΔW') / ‖W + ΔW'‖ still has exactly the norm d,
+while ΔW' is the best approximation of ΔW at that rank, as for a plain LoRA. The result says so in a
+warning.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ def chosen_rank(singular_values: Tensor, rank: int, method: str, param: float) -
 
 
 def resize_module(module: LoraModule, rank: int, method: str, param: float, device: torch.device) -> LoraModule:
-    """The module at a new rank (chosen by `method`), with the same scale alpha / rank."""
+    """The module at a new rank (chosen by `method`), with the same scale alpha / rank (and DoRA's
+    dora_scale unchanged)."""
     weight = module.up.to(device, torch.float32).flatten(1) @ module.down.to(device, torch.float32).flatten(1)
     singular_values = torch.linalg.svdvals(weight)
     new_rank = chosen_rank(singular_values, min(rank, module.rank), method, param)
@@ -53,7 +61,7 @@ def resize_module(module: LoraModule, rank: int, method: str, param: float, devi
     if module.down.ndim == 4:
         up = up.reshape(up.shape[0], new_rank, 1, 1)
         down = down.reshape(new_rank, *module.down.shape[1:])
-    return LoraModule(module.name, down.contiguous(), up.contiguous(), module.scale * new_rank)
+    return LoraModule(module.name, down.contiguous(), up.contiguous(), module.scale * new_rank, module.dora_scale)
 
 
 def resize_lora(
@@ -96,5 +104,12 @@ def resize_lora(
             tensors.update({key: source.get(key) for key in ignored})
     written = write_lora(config.out, tensors, out)
     warnings = [f"{len(ignored)} bundled embedding tensors were copied unchanged"] if ignored else []
+    dora = [name for name, m in modules.items() if m.dora_scale is not None]
+    lowered = [name for name in dora if resized[name].rank < modules[name].rank]
+    if lowered:
+        warnings.append(
+            f"{len(lowered)} of {len(dora)} DoRA modules now have a lower rank: their dora_scale is kept, so each "
+            "weight column keeps its magnitude, but the direction is approximate, as a resized LoRA's update is"
+        )
     seconds = time.perf_counter() - start
     return LoraResult(written.path, written.data_sha256, written.metadata, seconds, len(resized), warnings)

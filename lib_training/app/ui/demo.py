@@ -1,8 +1,9 @@
-"""The `serve --demo` assets: a tiny SD1 checkpoint and a small dataset of drawn shapes, made once.
+"""The `serve --demo` assets, made once: the tiny world's pretrained SD1 checkpoint, and pictures of
+a concept it never saw (`lib_training.world`), so the previews of a demo run turn into it.
 
 They live in the cache folder (`$SDWT_CACHE`, else `~/.cache/sd-webui-training`) under `demo-v2/`,
 built in a temporary folder and renamed into place, so an interrupted first start never leaves a
-half-made cache. The presets fill the textual-inversion form so that a run on a CPU takes seconds.
+half-made cache. The presets fill the textual-inversion form so that a run on a CPU takes a minute or two.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from PIL import Image, ImageDraw
 from lib_training.errors import UserError
 from lib_training.user_cache import cache_root
 
-DEMO_VERSION = "demo-v2"  # v2: "an orange circle"
+DEMO_VERSION = "demo-v3"  # v3: the tiny world model and its green-triangle dataset
 IMAGE_SIDE = 96
 TRAINING_SIDE = 64
 NAME = "demo-shape"
@@ -36,14 +37,14 @@ _SHAPES = [
 
 @dataclass(frozen=True)
 class DemoAssets:
-    checkpoint: Path  # tiny random SD1 checkpoint
-    dataset: Path  # folder of PNG images with .txt captions
+    checkpoint: Path  # the tiny world's pretrained SD1 checkpoint (lib_training.world)
+    dataset: Path  # pictures of a held-out colour-shape pair (a green triangle), captioned with their background
 
 
 def demo_assets(root: Path | None = None) -> DemoAssets:
     """The demo checkpoint and dataset under `root` (default `cache_root()`), made on first use."""
     folder = (root or cache_root()) / DEMO_VERSION
-    assets = DemoAssets(folder / "tiny-sd1.safetensors", folder / "shapes")
+    assets = DemoAssets(folder / "tiny-world-sd1.safetensors", folder / "shapes")
     if assets.checkpoint.is_file() and assets.dataset.is_dir():
         return assets
     try:
@@ -55,10 +56,13 @@ def demo_assets(root: Path | None = None) -> DemoAssets:
             "Set SDWT_CACHE to a writable folder."
         ) from error
     try:
-        from lib_training.model.tiny import make_tiny
+        import torch
 
-        make_tiny("sd1", seed=0).save(staging / assets.checkpoint.name)
-        write_shapes(staging / assets.dataset.name)
+        from lib_training.world.concepts import TARGET, write_concept
+        from lib_training.world.model import shipped_model
+
+        shipped_model().save(staging / assets.checkpoint.name, dtype=torch.float16)
+        write_concept(staging / assets.dataset.name, *TARGET)
         if folder.exists():  # left incomplete by hand: replace it
             shutil.rmtree(folder)
         try:
@@ -95,9 +99,9 @@ def write_shapes(folder: Path, side: int = IMAGE_SIDE) -> None:
         (folder / f"{stem}.txt").write_text(f"{article} {colour} {shape}\n", encoding="utf-8")
 
 
-def training_preset(assets: DemoAssets, steps: int = 40) -> dict[str, Any]:
-    """A textual-inversion request body that trains in seconds on a CPU, with live previews. Overwrite
-    stays off, as everywhere: a second run of the same name asks first."""
+def training_preset(assets: DemoAssets, steps: int = 300) -> dict[str, Any]:
+    """A textual-inversion request body that teaches the green triangle in a minute or two on a CPU, with
+    previews. Overwrite stays off, as everywhere: a second run of the same name asks first."""
     return {
         "method": {"name": NAME, "init_text": "shape", "vectors": 2},
         "data": {"path": str(assets.dataset), "size": TRAINING_SIDE, "template": "subject_filewords"},

@@ -115,8 +115,7 @@ def read_lora_file(path: str | os.PathLike[str]) -> LoraFile:
         metadata = dict(source.metadata)
     modules: dict[str, ModuleWeights] = {}
     for name, found in parts.items():
-        down, up, alpha = module_weights(path, name, found)
-        modules[name] = ModuleWeights(down, up, alpha, found.get("dora_scale"))
+        modules[name] = ModuleWeights(*module_weights(path, name, found))
     if not modules:
         kinds = sorted({key.split(".")[-2] if "." in key else key for key in other})[:4]
         raise CheckpointError(

@@ -191,12 +191,6 @@ class LoraMethod(TrainingMethod):
 
     # --- training -------------------------------------------------------------------------------
     def begin_run(self, dataset: TrainingDataset, loop: LoopConfig) -> None:
-        settings = self.settings
-        if loop.gradient_checkpointing and (settings.dropout or settings.rank_dropout or settings.module_dropout):
-            raise ConfigError(
-                "LoRA dropout (dropout, rank_dropout, module_dropout) cannot be combined with gradient "
-                "checkpointing yet: the recomputed layers would draw other dropout masks. Turn one of them off."
-            )
         self._seed = loop.seed
         self._loop_lr = loop.lr
         captions: dict[str, list[str]] = {}

@@ -11,7 +11,7 @@ Plain LoRA / LoCon at multiplier m: y = layer(x) + m · ΔW x, computed on the a
 input channel, the layout A1111 (`network.py`) and ComfyUI (`weight_adapter/base.py`) read:
 
     W_dora = d ⊙ (W + ΔW) / ‖W + ΔW‖        the norm per input channel (over output rows and kernel)
-    W'     = W + m · (W_dora − W)
+    W'     = W + m · (W_dora − W)             (`lib_training.merge.dora`, which the merge tools share)
 
 d starts as ‖W‖, so W' = W before training, as ΔW = 0 (up starts at zero, down kaiming-uniform).
 DoRA layers add (W' − W) x to the layer's output; the fused attention of open_clip text encoders runs on
@@ -20,11 +20,14 @@ its adapted weights (the changes of every attached LoRA summed, as A1111 and Com
 Dropout, as kohya's `networks/lora.py` has it, only while training: `dropout` drops elements of
 down(x), `rank_dropout` whole ranks per sample (the rest scaled up), `module_dropout` skips a module
 in a forward pass. It draws from the network's own generator, so a resumed run draws the same numbers. On
-layers that run on W' (DoRA, fused q/k/v) only `module_dropout` applies.
+layers that run on W' (DoRA, fused q/k/v) only `module_dropout` applies. While a network with dropout is
+attached, gradient checkpointing replays its generator (`lib_training.model.checkpointing`): the
+recomputed forward draws the masks of the first one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lib_training.merge.dora import dora_change, input_norm
+from lib_training.model.checkpointing import replaying
 from lib_training.model.hooks import ModuleHooks
 
 
@@ -44,12 +49,6 @@ class Dropout:
     neuron: float = 0.0
     rank: float = 0.0
     module: float = 0.0
-
-
-def column_norm(weight: Tensor) -> Tensor:
-    """‖W‖ per input channel: [out, in(, kh, kw)] -> [1, in(, 1, 1)], fp32."""
-    w = weight.float().transpose(0, 1).flatten(1)  # [in, out·kh·kw]
-    return w.norm(dim=1).reshape(1, weight.shape[1], *[1] * (weight.ndim - 2))
 
 
 class LowRankModule(nn.Module):
@@ -74,7 +73,7 @@ class LowRankModule(nn.Module):
         nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
         self.down = nn.Parameter(down)
         self.up = nn.Parameter(torch.zeros(out_features, rank, *([1, 1] if kernel else [])))
-        self.dora_scale = None if dora_from is None else nn.Parameter(column_norm(dora_from))
+        self.dora_scale = None if dora_from is None else nn.Parameter(input_norm(dora_from))
 
     @property
     def rank(self) -> int:
@@ -92,9 +91,7 @@ class LowRankModule(nn.Module):
         """W' − W for the weight W this module adapts (in W's dtype): m · ΔW, or DoRA's m · (W_dora − W)."""
         if self.dora_scale is None:
             return (multiplier * self.delta()).to(weight.dtype)
-        merged = weight.float() + self.delta()
-        merged = merged * (self.dora_scale / column_norm(merged))
-        return (multiplier * (merged - weight.float())).to(weight.dtype)
+        return dora_change(weight, self.delta(), self.dora_scale, multiplier).to(weight.dtype)
 
     def adapted_weight(self, weight: Tensor, multiplier: float) -> Tensor:
         """W' for the weight W this module adapts (in W's dtype)."""
@@ -160,6 +157,7 @@ class LoraNetwork(nn.Module):
         self.multiplier = 1.0
         self.dropout: Dropout | None = None
         self._hooks = ModuleHooks()
+        self._replay = contextlib.ExitStack()  # holds the generator's registration for checkpointing
 
     @property
     def attached(self) -> bool:
@@ -180,6 +178,9 @@ class LoraNetwork(nn.Module):
         for attention, names in by_attention.values():
             _ATTENTION_DELTAS.setdefault(id(attention), {})[id(self)] = self._attention_deltas(attention, names)
             self._hooks.wrap_forward(attention, self._attention_forward(attention))
+        dropout = self.dropout
+        if dropout is not None and (dropout.neuron > 0 or dropout.rank > 0 or dropout.module > 0):
+            self._replay.enter_context(replaying(self.rng))
 
     def detach(self) -> None:
         for deltas in _ATTENTION_DELTAS.values():
@@ -187,6 +188,7 @@ class LoraNetwork(nn.Module):
         for key in [key for key, deltas in _ATTENTION_DELTAS.items() if not deltas]:
             del _ATTENTION_DELTAS[key]
         self._hooks.clear()
+        self._replay.close()
 
     # --- forwards ---------------------------------------------------------------------------------
     def _skipped(self) -> bool:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from lib_training.model.checkpointing import checkpoint
 from lib_training.model.networks.fused import fusable, joint_linear
 
 TRANSFORMER_NORM_EPS = 1e-6  # the GroupNorm in front of every SpatialTransformer

@@ -18,10 +18,10 @@ from typing import Literal
 import torch
 from open_clip.transformer import LayerNorm, QuickGELU, Transformer
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lib_training.errors import CheckpointError, ConfigError
 from lib_training.formats.family import Arch
+from lib_training.model.checkpointing import checkpoint
 from lib_training.model.diffusion import TextEncoderOutput
 from lib_training.model.networks.tokenizer import EOS_ID, OPEN_CLIP_PAD_ID, ClipTokenizer
 

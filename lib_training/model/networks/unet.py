@@ -26,10 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from lib_training.errors import CheckpointError
 from lib_training.formats.family import Arch
+from lib_training.model.checkpointing import checkpoint
 from lib_training.model.networks.attention import (
     BasicTransformerBlock,
     CrossAttention,
@@ -404,7 +404,7 @@ class UNetModel(nn.Module):
                 _set_level(layers, level)
                 self.output_blocks.append(TimestepSequential(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(mc, config.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(ch, config.out_channels, 3, padding=1))
         # Plain lists (not registered again as submodules), for SharedProjections.
         self.__dict__["resblocks"] = [m for m in self.modules() if isinstance(m, ResBlock)]
         self.__dict__["transformers"] = [m for m in self.modules() if isinstance(m, SpatialTransformer)]
