@@ -354,6 +354,19 @@ def test_no_placeholder_is_cut_off(laptop_page) -> None:
     assert cut == []
 
 
+def test_a_fields_help_shows_while_it_is_hovered(laptop_page) -> None:
+    expect = sync_api.expect
+    page = laptop_page
+    for name, help in (("loop-steps", "Optimizer steps to train for"), ("data-template", "Prompt template")):
+        text = _block(page, f"sdwt-embedding-{name}").locator("[data-testid='block-info'] + div").first
+        expect(text).to_be_hidden()
+        _field(page, f"sdwt-embedding-{name}").hover()
+        expect(text).to_be_visible()
+        expect(text).to_contain_text(help)
+        page.mouse.move(0, 0)
+        expect(text).to_be_hidden()
+
+
 def test_the_run_panel_stays_in_view_beside_the_long_form(laptop_page) -> None:
     page = laptop_page
     advanced = [_block(page, f"sdwt-embedding-{group}-advanced") for group in ("method", "data", "loop")]

@@ -288,9 +288,21 @@ def test_three_bad_fields_are_all_marked_at_once(service, demo) -> None:
     assert "Training › Steps: must be at least 1" in status
     assert "Training › Learning rate: &#x27;abc&#x27; in the learning rate is not a number" in status
     assert "Dataset › Path: The dataset folder /nonexistent/folder does not exist" in status
-    marked = {c.key for c, hint in zip(panel.form.controls, hints) if INVALID_CLASS in hint["elem_classes"]}
+    marked = {c.key for c, hint in zip(panel.form.controls, hints) if hint["info"].startswith(ERROR_MARK)}
     assert marked == {"loop.steps", "loop.lr", "data.path"}
+    if GRADIO_MAJOR >= 4:  # 3.41's updates cannot set classes: the page's script marks the fields there
+        assert marked == {c.key for c, hint in zip(panel.form.controls, hints) if INVALID_CLASS in hint["elem_classes"]}
     assert service.jobs.current() is None
+
+
+def test_the_fields_updates_are_ones_this_gradio_accepts(service, demo) -> None:
+    from gradio.blocks import postprocess_update_dict
+
+    panel = _panel(service, training_preset(demo))
+    bad = {"loop": {"steps": 0}, "data": {"path": "/nonexistent/folder"}}
+    for hints in (panel.form.hint_updates({"loop.steps": "must be at least 1"}), panel.form.fill_updates(bad)):
+        for control, hint in zip(panel.form.controls, hints):
+            postprocess_update_dict(control.component, dict(hint), postprocess=True)  # as the server does
 
 
 def test_overwrite_is_off_in_the_demo_preset_and_the_form(service, demo) -> None:

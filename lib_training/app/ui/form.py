@@ -23,7 +23,7 @@ from typing import Any
 
 import gradio as gr
 
-from lib_training.app.ui.compat import QUICK
+from lib_training.app.ui.compat import QUICK, classes_update
 from lib_training.options import FieldInfo, describe, range_text
 from lib_training.training.method import MethodSpec
 from lib_training.training.request import GROUPS, group_settings, request_errors
@@ -31,7 +31,7 @@ from lib_training.training.request import GROUPS, group_settings, request_errors
 GROUP_TITLES = {"data": "Dataset", "loop": "Training"}  # "method": the method's own title
 SLIDER_INT_SPAN = 200  # whole-number ranges up to this wide are sliders
 SLIDER_FLOAT_SPAN = 100.0
-ERROR_MARK = "⚠"
+ERROR_MARK = "⚠"  # leads a field's problem; javascript/sdwt-training.js marks the field by it
 INVALID_CLASS = "sdwt-invalid"  # a control whose value has a problem (red border, red text: style.css)
 FORM_CLASS = "sdwt-form"  # a settings form: compact rows, help on hover (style.css)
 MIN_WIDTH = {"path": 260, "str": 200}  # px a field needs before its row wraps; other kinds:
@@ -63,8 +63,8 @@ def field_update(info: FieldInfo, problem: str | None, **changes: Any) -> dict[s
     `INVALID_CLASS`, styled in style.css) or, without one, its help. The problem alone: it says what
     the field needs, and in a narrow field the help beside it would bury it."""
     if problem:
-        return gr.update(info=f"{ERROR_MARK} {problem.rstrip('.')}.", elem_classes=[INVALID_CLASS], **changes)
-    return gr.update(info=help_text(info), elem_classes=[], **changes)
+        return gr.update(info=f"{ERROR_MARK} {problem.rstrip('.')}.", **classes_update([INVALID_CLASS]), **changes)
+    return gr.update(info=help_text(info), **classes_update([]), **changes)
 
 
 def _slider_step(info: FieldInfo) -> float:
