@@ -259,6 +259,7 @@ def test_a_merge_of_the_demo_model_runs_from_the_merge_tab(page, server) -> None
     page.wait_for_selector("#sdwt-merge-start")
     page.click("#sdwt-merge-start")  # nothing chosen yet: the problems are listed, nothing runs
     expect(_block(page, "sdwt-merge-status")).to_contain_text("A: required")
+    _expect_problem_under_input(page, "sdwt-merge-a", "required")  # at the field too, as in every form
 
     for field in ("a", "b"):  # both from the list of the model folder's checkpoints
         page.locator(f"#sdwt-merge-{field} input").first.click()
@@ -381,15 +382,19 @@ def test_the_run_panel_stays_in_view_beside_the_long_form(laptop_page) -> None:
     assert start is not None and 0 <= start["y"] < page.viewport_size["height"], start
 
 
-def test_a_fields_problem_shows_under_its_input(laptop_page) -> None:
+def _expect_problem_under_input(page, elem_id: str, problem: str) -> None:
+    """The field is marked invalid and its problem shows in view, below its input."""
     expect = sync_api.expect
-    page = laptop_page
-    _field(page, "sdwt-embedding-loop-steps").fill("0")
-    block = _block(page, "sdwt-embedding-loop-steps")
+    block = _block(page, elem_id)
     expect(block).to_have_class(re.compile(r"\bsdwt-invalid\b"))
-    problem = block.locator("[data-testid='block-info'] + div").first
-    expect(problem).to_be_visible()
-    expect(problem).to_contain_text("must be at least 1")
-    top = problem.bounding_box()["y"]
-    field = _field(page, "sdwt-embedding-loop-steps").bounding_box()
+    text = block.locator("[data-testid='block-info'] + div").first
+    expect(text).to_be_visible()
+    expect(text).to_contain_text(problem)
+    top = text.bounding_box()["y"]
+    field = _field(page, elem_id).bounding_box()
     assert top >= field["y"] + field["height"], (top, field)
+
+
+def test_a_fields_problem_shows_under_its_input(laptop_page) -> None:
+    _field(laptop_page, "sdwt-embedding-loop-steps").fill("0")
+    _expect_problem_under_input(laptop_page, "sdwt-embedding-loop-steps", "must be at least 1")
