@@ -36,6 +36,7 @@ INVALID_CLASS = "sdwt-invalid"  # a control whose value has a problem (red borde
 FORM_CLASS = "sdwt-form"  # a settings form: compact rows, help on hover (style.css)
 MIN_WIDTH = {"path": 260, "str": 200}  # px a field needs before its row wraps; other kinds:
 MIN_WIDTH_OTHER = 140
+MIN_WIDTH_SLIDER = 220  # its label and number box side by side, above the slider
 
 
 def group_title(spec: MethodSpec, group: str) -> str:
@@ -83,6 +84,8 @@ def _display(info: FieldInfo, value: Any) -> Any:
 
 def min_width(info: FieldInfo) -> int:
     """The width (px) a field's control needs before its row wraps."""
+    if is_slider(info):
+        return MIN_WIDTH_SLIDER
     return MIN_WIDTH_OTHER if info.choices is not None else MIN_WIDTH.get(info.kind, MIN_WIDTH_OTHER)
 
 
