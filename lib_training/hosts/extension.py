@@ -12,6 +12,7 @@ from typing import Any
 
 from lib_training.app.jobs import JobManager
 from lib_training.app.service import TrainingService
+from lib_training.app.terminal_log import log_to_terminal
 from lib_training.hosts import settings
 from lib_training.hosts.detect import host_kind
 from lib_training.hosts.exclusive import run_exclusive
@@ -34,10 +35,12 @@ def make_host() -> HostAdapter:
 
 
 def service() -> TrainingService:
-    """The extension's service: jobs hold the WebUI's queue lock and train its loaded model."""
+    """The extension's service: jobs hold the WebUI's queue lock and train its loaded model. Their
+    start, end and failure (with the traceback of a bug) are logged in the WebUI's terminal."""
     global _service
     with _lock:
         if _service is None:
+            log_to_terminal()
             _service = TrainingService(WebUIWorkspace(make_host()), JobManager(run_exclusive=run_exclusive))
         return _service
 

@@ -102,6 +102,22 @@ def test_reloading_the_ui_keeps_one_service_and_adds_the_routes_to_the_new_app(w
         assert client.get(f"{PREFIX}/methods").status_code == 200
 
 
+def test_the_webuis_terminal_shows_each_jobs_start_end_and_the_traceback_of_a_failure(webui, capsys) -> None:
+    load_script(webui)
+    jobs = extension.service().jobs
+    assert jobs.wait(jobs.start("test", "Fine job", lambda context: {}).id, 10).state == "finished"
+
+    def broken(context):
+        raise ZeroDivisionError("a bug")
+
+    assert jobs.wait(jobs.start("test", "Broken job", broken).id, 10).state == "failed"
+    terminal = capsys.readouterr().err
+    assert re.search(r"sd-webui-training: job \w+ started: Fine job", terminal), terminal
+    assert re.search(r"job \w+ finished after [\d.]+ s: Fine job", terminal), terminal
+    assert re.search(r"job \w+ \(Broken job\) failed with an unexpected error\nTraceback", terminal), terminal
+    assert "ZeroDivisionError: a bug" in terminal
+
+
 def test_the_adapter_matches_the_webui(webui) -> None:
     assert type(extension.make_host()).__name__ == {"a1111": "A1111Host", "forge": "ForgeHost"}[webui.kind]
 

@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import importlib.abc
 import importlib.util
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lib_training.app import terminal_log
 from lib_training.formats.fingerprint import hooks_snapshot, requires_grad_snapshot, weights_fingerprint
 
 HERE = Path(__file__).parent
@@ -123,6 +125,17 @@ def installed(kind: str, data: Path) -> Iterator[WebUI]:
         for name in [n for n in sys.modules if n.split(".")[0] in STANDIN_PACKAGES]:
             del sys.modules[name]
         extension._service = None
+        _stop_terminal_log()
+
+
+def _stop_terminal_log() -> None:
+    """Undo `log_to_terminal` (which the extension's service calls once per WebUI process), so that
+    the next tests see the jobs' log records on the root logger again."""
+    logger = logging.getLogger(terminal_log.LOGGER)
+    for handler in [h for h in logger.handlers if isinstance(h, terminal_log.TerminalHandler)]:
+        logger.removeHandler(handler)
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
 
 
 class _RenamedPackages(importlib.abc.MetaPathFinder):

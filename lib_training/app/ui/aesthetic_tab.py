@@ -75,9 +75,9 @@ class AestheticCreatePanel:
                 self.form.rest()
             with gr.Column(scale=2, min_width=340, elem_id=f"{PREFIX}-run"):
                 with gr.Row():
-                    self.start = gr.Button("Create", variant="primary", elem_id=f"{PREFIX}-start")
+                    self.start = gr.Button("Create", variant="primary", size="sm", elem_id=f"{PREFIX}-start")
                     self.interrupt = gr.Button(
-                        "Interrupt", variant="stop", interactive=False, elem_id=f"{PREFIX}-interrupt"
+                        "Interrupt", variant="stop", size="sm", interactive=False, elem_id=f"{PREFIX}-interrupt"
                     )
                 self.status = gr.HTML("", elem_id=f"{PREFIX}-status")
                 self.progress = gr.HTML(self.view.progress_html(None, None, "idle"), elem_id=f"{PREFIX}-progress")

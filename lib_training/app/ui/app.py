@@ -23,6 +23,7 @@ from lib_training.app.ui import assets
 from lib_training.app.ui.compat import run_script_on_load
 from lib_training.app.ui.generate_tab import build_generate_tab
 from lib_training.app.ui.merge_tab import build_merge_tab
+from lib_training.app.ui.page_client import QuietPage
 from lib_training.app.ui.training_tab import build_training_tab
 
 TITLE = "sd-webui-training"
@@ -44,7 +45,7 @@ def build_blocks(
         ("Merge", "sdwt-tab-merge", build_merge_tab(service)),
     ]
     theme = gr.themes.Default(font=SANS, font_mono=MONO)
-    with gr.Blocks(title=TITLE, css=assets.style(), theme=theme, analytics_enabled=False) as blocks:
+    with QuietPage(title=TITLE, css=assets.style(), theme=theme, analytics_enabled=False) as blocks:
         gr.Markdown(
             f"## {TITLE}\nModel: `{service.workspace.describe_model()}` · API: [/docs](/docs)",
             elem_id="sdwt-header",

@@ -2,7 +2,8 @@
 
 Everything else in `lib_training.app.ui` uses only what both versions accept: `gr.update(...)` with
 arguments both components take, `queue=False`, `show_progress="hidden"`, `elem_id` and
-`elem_classes`, and no component newer than 3.41.
+`elem_classes` (when building: 3.41's updates refuse `elem_classes`, see `classes_update`), and no
+component newer than 3.41.
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 PRIVATE = {"api_name": False}
 # ... and of the quick ones: off the queue, without a progress overlay.
 QUICK = {**PRIVATE, "queue": False, "show_progress": "hidden"}
+
+
+def classes_update(classes: list[str]) -> dict[str, Any]:
+    """Update arguments setting a component's CSS classes: `elem_classes` in 4.x; nothing in 3.41,
+    whose updates refuse it (there `javascript/sdwt-training.js` sets the invalid-field class from
+    the problem's mark in the field's text)."""
+    return {"elem_classes": classes} if GRADIO_MAJOR >= 4 else {}
 
 
 def js_argument(code: str) -> dict[str, Any]:

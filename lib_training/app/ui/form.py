@@ -7,6 +7,11 @@ and shows the problems `request_errors` finds under the fields concerned, before
 
 Numbers are free-entry fields without Gradio's own bounds (which would refuse a value with a pop-up
 instead of a message at the field); small closed ranges become sliders.
+
+Layout: each group's fields fill one wrapping row, as many side by side as the width allows (a path or
+a prompt needs more room than a number), its switches last. Help texts show when a field is hovered
+or focused (the labels carry a mark); a field's problem shows in red under its input (style.css, on the
+form's class `FORM_CLASS`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any
 
 import gradio as gr
 
-from lib_training.app.ui.compat import QUICK
+from lib_training.app.ui.compat import QUICK, classes_update
 from lib_training.options import FieldInfo, describe, range_text
 from lib_training.training.method import MethodSpec
 from lib_training.training.request import GROUPS, group_settings, request_errors
@@ -26,8 +31,12 @@ from lib_training.training.request import GROUPS, group_settings, request_errors
 GROUP_TITLES = {"data": "Dataset", "loop": "Training"}  # "method": the method's own title
 SLIDER_INT_SPAN = 200  # whole-number ranges up to this wide are sliders
 SLIDER_FLOAT_SPAN = 100.0
-ERROR_MARK = "⚠"
+ERROR_MARK = "⚠"  # leads a field's problem; javascript/sdwt-training.js marks the field by it
 INVALID_CLASS = "sdwt-invalid"  # a control whose value has a problem (red border, red text: style.css)
+FORM_CLASS = "sdwt-form"  # a settings form: compact rows, help on hover (style.css)
+MIN_WIDTH = {"path": 260, "str": 200}  # px a field needs before its row wraps; other kinds:
+MIN_WIDTH_OTHER = 140
+MIN_WIDTH_SLIDER = 220  # its label and number box side by side, above the slider
 
 
 def group_title(spec: MethodSpec, group: str) -> str:
@@ -51,10 +60,12 @@ def help_text(info: FieldInfo, problem: str | None = None) -> str:
 
 
 def field_update(info: FieldInfo, problem: str | None, **changes: Any) -> dict[str, Any]:
-    """An update showing a control's problem (the text at the field, and a red border: the class
-    `INVALID_CLASS`, styled in style.css) or, without one, its help."""
-    classes = [INVALID_CLASS] if problem else []
-    return gr.update(info=help_text(info, problem), elem_classes=classes, **changes)
+    """An update showing a control's problem (the text under its input, and a red border: the class
+    `INVALID_CLASS`, styled in style.css) or, without one, its help. The problem alone: it says what
+    the field needs, and in a narrow field the help beside it would bury it."""
+    if problem:
+        return gr.update(info=f"{ERROR_MARK} {problem.rstrip('.')}.", **classes_update([INVALID_CLASS]), **changes)
+    return gr.update(info=help_text(info), **classes_update([]), **changes)
 
 
 def _slider_step(info: FieldInfo) -> float:
@@ -71,9 +82,16 @@ def _display(info: FieldInfo, value: Any) -> Any:
     return value
 
 
+def min_width(info: FieldInfo) -> int:
+    """The width (px) a field's control needs before its row wraps."""
+    if is_slider(info):
+        return MIN_WIDTH_SLIDER
+    return MIN_WIDTH_OTHER if info.choices is not None else MIN_WIDTH.get(info.kind, MIN_WIDTH_OTHER)
+
+
 def make_control(info: FieldInfo, value: Any, elem_id: str) -> Any:
     """The Gradio component for one field, showing `value`."""
-    common = {"label": info.label, "info": help_text(info), "elem_id": elem_id}
+    common = {"label": info.label, "info": help_text(info), "elem_id": elem_id, "min_width": min_width(info)}
     value = _display(info, value)
     if info.kind == "bool":
         return gr.Checkbox(value=bool(value), **common)
@@ -126,16 +144,17 @@ class SettingsForm:
         self.spec = spec
         self.controls: list[FieldControl] = []
         values = values or {}
-        for group in GROUPS:
-            cls, defaults = group_settings(spec, group)
-            infos = describe(cls, defaults)
-            given = values.get(group, {})
-            with gr.Accordion(group_title(spec, group), open=True, elem_id=self._id(group)):
-                self._add_fields(group, [i for i in infos if not i.advanced], given)
-                advanced = [i for i in infos if i.advanced]
-                if advanced:
-                    with gr.Accordion("Advanced", open=False, elem_id=self._id(group, "advanced")):
-                        self._add_fields(group, advanced, given)
+        with gr.Column(elem_id=self._id("form"), elem_classes=[FORM_CLASS]):
+            for group in GROUPS:
+                cls, defaults = group_settings(spec, group)
+                infos = describe(cls, defaults)
+                given = values.get(group, {})
+                with gr.Accordion(group_title(spec, group), open=True, elem_id=self._id(group)):
+                    self._add_fields(group, [i for i in infos if not i.advanced], given)
+                    advanced = [i for i in infos if i.advanced]
+                    if advanced:
+                        with gr.Accordion("Advanced", open=False, elem_id=self._id(group, "advanced")):
+                            self._add_fields(group, advanced, given)
 
     def _id(self, *parts: str) -> str:
         return "-".join(("sdwt", self.spec.kind, *parts)).replace("_", "-")
@@ -146,15 +165,9 @@ class SettingsForm:
             component = make_control(info, value, self._id(group, info.name))
             self.controls.append(FieldControl(group, info, component))
 
-        wide = [i for i in infos if i.kind != "bool"]
-        flags = [i for i in infos if i.kind == "bool"]
-        for start in range(0, len(wide), 2):
-            with gr.Row():
-                for info in wide[start : start + 2]:
-                    add(info)
-        for start in range(0, len(flags), 3):
-            with gr.Row():
-                for info in flags[start : start + 3]:
+        if infos:
+            with gr.Row():  # wraps: as many side by side as fit, the switches last
+                for info in sorted(infos, key=lambda info: info.kind == "bool"):
                     add(info)
 
     # --- reading and checking -------------------------------------------------------------------

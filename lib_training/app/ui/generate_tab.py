@@ -83,7 +83,7 @@ def build_generate_tab(service: TrainingService, defaults: Mapping[str, Any] | N
                     refresh = gr.Button("Refresh list", size="sm", min_width=120)
                 aesthetic = build_aesthetic_panel(service.aesthetic)
             with gr.Column(scale=2, min_width=300):
-                run = gr.Button("Generate", variant="primary", elem_id="sdwt-gen-run")
+                run = gr.Button("Generate", variant="primary", size="sm", elem_id="sdwt-gen-run")
                 image = gr.Image(label="Image", interactive=False, height=384, elem_id="sdwt-gen-image")
                 status = gr.HTML("", elem_id="sdwt-gen-status")
 

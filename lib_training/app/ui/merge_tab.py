@@ -124,9 +124,11 @@ class ToolPanel:
                 self.form.rest()
             with gr.Column(scale=2, min_width=340, elem_id=f"{self.prefix}-run"):
                 with gr.Row():
-                    self.start = gr.Button(VERBS[spec.kind], variant="primary", elem_id=f"{self.prefix}-start")
+                    self.start = gr.Button(
+                        VERBS[spec.kind], variant="primary", size="sm", elem_id=f"{self.prefix}-start"
+                    )
                     self.interrupt = gr.Button(
-                        "Interrupt", variant="stop", interactive=False, elem_id=f"{self.prefix}-interrupt"
+                        "Interrupt", variant="stop", size="sm", interactive=False, elem_id=f"{self.prefix}-interrupt"
                     )
                     self.refresh = gr.Button("Refresh model lists", size="sm", elem_id=f"{self.prefix}-refresh")
                 self.status = gr.HTML("", elem_id=f"{self.prefix}-status")

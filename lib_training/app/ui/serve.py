@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import socket
 from pathlib import Path
 
+from lib_training.app.terminal_log import log_to_terminal
 from lib_training.errors import UserError
 
 DEFAULT_PORT = 7870
@@ -64,18 +64,6 @@ def check_web_stack() -> None:
             f"gradio {gradio.__version__} cannot serve its page with starlette {starlette.__version__}; "
             "install a compatible one: pip install 'starlette<1'"
         )
-
-
-def log_to_terminal() -> None:
-    """Show the app's log (jobs started, ended and failed, with tracebacks) in the server's terminal."""
-    logger = logging.getLogger("lib_training")
-    if not any(getattr(handler, "sdwt", False) for handler in logger.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s sd-webui-training: %(message)s", "%H:%M:%S"))
-        handler.sdwt = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
 
 
 def run_serve(args: argparse.Namespace) -> None:

@@ -54,16 +54,17 @@ class MethodPanel:
         kind = spec.kind
         self.view = RunView(service, spec, poll_id=f"sdwt-{kind}-poll")
         with gr.Row():
-            with gr.Column(scale=1, min_width=380):
+            with gr.Column(scale=3, min_width=420):
                 self.create = CreateSection(service, spec) if spec.create is not None else None
                 self._build_loader()
                 self.form = SettingsForm(spec, preset)
-            with gr.Column(scale=1, min_width=340, elem_id=f"sdwt-{kind}-run"):
+            with gr.Column(scale=2, min_width=340, elem_id=f"sdwt-{kind}-run"):
                 with gr.Row():
-                    self.check = gr.Button("Preview dataset", elem_id=f"sdwt-{kind}-check")
-                    self.start = gr.Button("Start training", variant="primary", elem_id=f"sdwt-{kind}-start")
+                    button = {"size": "sm", "min_width": 100}
+                    self.check = gr.Button("Preview dataset", elem_id=f"sdwt-{kind}-check", **button)
+                    self.start = gr.Button("Start training", variant="primary", elem_id=f"sdwt-{kind}-start", **button)
                     self.interrupt = gr.Button(
-                        "Interrupt", variant="stop", interactive=False, elem_id=f"sdwt-{kind}-interrupt"
+                        "Interrupt", variant="stop", interactive=False, elem_id=f"sdwt-{kind}-interrupt", **button
                     )
                 self.resume = gr.Checkbox(
                     False,
@@ -107,7 +108,7 @@ class MethodPanel:
             with gr.Row():
                 self.config_path = gr.Textbox(
                     label="Settings file",
-                    placeholder="a run's config.json, or its folder",
+                    placeholder="a run's config.json or folder",
                     elem_id=f"sdwt-{kind}-config-path",
                 )
                 self.load = gr.Button("Load settings", size="sm", elem_id=f"sdwt-{kind}-load")
