@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Every GPU target of issue #14 in one run (under 8 minutes on one H200), figures printed as they come:
+# Every GPU target of issue #14 in one run (under 11 minutes on one H200), figures printed as they come:
 #   1. UNet fwd+bwd, full-size SD1.5, batch 1 fp16 (512 px): ours eager, ours compiled, diffusers eager
 #   2. the same at batch 8 bf16: time, memory, TFLOP/s (target: >= 45% of the bf16 matmul rate)
 #   3. channels-last on vs off (eager, batch 8 bf16): is "auto = on for CUDA" faster?
 #   4. operators per step, ours vs diffusers (CPU profiler; structural, no GPU needed)
 #   5. textual inversion SD1.5 512 px and SDXL 1024 px, bf16, ours compiled vs the diffusers recipe
+#   6. CUDA graphs (compile cuda-graphs): UNet fwd+bwd at batch 1 fp16, ours eager vs ours with CUDA
+#      graphs vs diffusers; every run prints its first step's loss, which must agree (same weights and
+#      inputs), then the CUDA-graph correctness test of tests/test_fast_path.py (loss and gradients = eager)
 # Each command has its own time limit, so one slow compile cannot take the rest with it.
 #
 #   bash bench/gpu_check.sh              # on a machine with a CUDA GPU
@@ -22,7 +25,7 @@ if [ "${1:-}" = "--cpu-smoke" ]; then
   COMPILE=(--compile --backend aot_eager)  # CPU code generation takes minutes on a small machine
   TI=(--tiny --steps 1 --warmup 1 --images 1 --threads 1)
   TI_COMPILE=()  # inductor on the CPU is too slow for a smoke test; the GPU run uses --compile
-  L=(600 600 600 600 600 600)
+  L=(600 600 600 600 600 600 600 600)
 else
   DEV=(--device cuda)
   UNET=(--full --latent 64 --batch 1 --iters 6 --warmup 3)
@@ -31,7 +34,7 @@ else
   COMPILE=(--compile)
   TI=(--full --steps 6 --warmup 3)
   TI_COMPILE=(--compile)
-  L=(100 100 45 30 90 105)  # seconds per command: 470 in all, under 8 minutes with the checks above
+  L=(100 100 45 30 90 105 110 60)  # seconds per command: 640 in all, under 11 minutes with the checks above
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
   # The bf16 matmul rate of this GPU, for the TFLOP/s ratio (8192^3, 20 runs).
   "$PY" - <<'PYEOF'
@@ -57,4 +60,10 @@ run "${L[2]}" "$PY" bench/engine.py "${DEV[@]}" --dtype "$BF" "${UNET8[@]}" --ch
 run "${L[3]}" "$PY" bench/engine.py --count-ops --width 32 --latent 8 --batch 1
 run "${L[4]}" "$PY" bench/train_embedding.py "${DEV[@]}" --arch sd1 "${TI[@]}" "${TI_COMPILE[@]}"
 run "${L[5]}" "$PY" bench/train_embedding.py "${DEV[@]}" --arch sdxl "${TI[@]}" "${TI_COMPILE[@]}"
+run "${L[6]}" "$PY" bench/engine.py "${DEV[@]}" --dtype "$HALF" "${UNET[@]}" --cuda-graphs
+if [ "${1:-}" = "--cpu-smoke" ]; then  # on the CPU: the option's fallback (eager, with the message)
+  run "${L[7]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "cuda_graph"
+else
+  run "${L[7]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "cuda_graph and on_cuda"
+fi
 echo; echo "### gpu_check done"
