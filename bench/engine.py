@@ -66,9 +66,10 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
 
     model.to(device=device, dtype=dtype).train()
     side = args.latent
-    x = torch.randn(args.batch, 4, side, side, device=device, dtype=dtype)
-    c = torch.randn(args.batch, 77, config.context_dim, device=device, dtype=dtype)
-    t = torch.randint(0, 1000, (args.batch,), device=device)
+    inputs = torch.Generator().manual_seed(1)  # the same inputs for every implementation
+    x = torch.randn(args.batch, 4, side, side, generator=inputs).to(device=device, dtype=dtype)
+    c = torch.randn(args.batch, 77, config.context_dim, generator=inputs).to(device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (args.batch,), generator=inputs).to(device)
     compile_message = ""
     if args.impl != "diffusers":
         from lib_training.model.memory_format import channels_last, to_channels_last, use_channels_last
