@@ -169,6 +169,22 @@ def test_a_plain_1x1_projection_runs_as_a_linear_on_tokens_with_the_convolutions
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("layer", [nn.Linear(8, 6), nn.Conv2d(8, 6, 1)], ids=["linear", "1x1 conv"])
+def test_a_single_layer_under_autocast_computes_in_bf16_like_the_module_and_keeps_fp32_gradients(layer) -> None:
+    tokens = torch.randn(2, 5, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear(layer, tokens)
+        if isinstance(layer, nn.Linear):
+            reference = layer(tokens)
+        else:
+            reference = layer(tokens.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
+    assert out.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(out, reference)
+    out.float().square().sum().backward()
+    assert tokens.grad.dtype == layer.weight.grad.dtype == torch.float32
+    assert layer.weight.grad.shape == layer.weight.shape
+
+
 def test_a_hooked_or_strided_1x1_convolution_does_not_run_on_tokens() -> None:
     conv = nn.Conv2d(8, 8, 1)
     hooks = ModuleHooks()
