@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU target of issue #14 in one run (under 11 minutes on one H200), figures printed as they come:
+# Every GPU target of issue #14 in one run (under 12 minutes on one H200), figures printed as they come:
 #   1. UNet fwd+bwd, full-size SD1.5, batch 1 fp16 (512 px): ours eager, ours compiled, diffusers eager
 #   2. the same at batch 8 bf16: time, memory, TFLOP/s (target: >= 45% of the bf16 matmul rate)
 #   3. channels-last on vs off (eager, batch 8 bf16): is "auto = on for CUDA" faster?
@@ -34,7 +34,7 @@ else
   COMPILE=(--compile)
   TI=(--full --steps 6 --warmup 3)
   TI_COMPILE=(--compile)
-  L=(100 100 45 30 90 105 110 60)  # seconds per command: 640 in all, under 11 minutes with the checks above
+  L=(100 100 45 30 90 105 110 90)  # seconds per command: 670 in all, under 12 minutes with the checks above
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
   # The bf16 matmul rate of this GPU, for the TFLOP/s ratio (8192^3, 20 runs).
   "$PY" - <<'PYEOF'
