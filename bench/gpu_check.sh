@@ -12,6 +12,7 @@
 #
 #   bash bench/gpu_check.sh              # on a machine with a CUDA GPU
 #   bash bench/gpu_check.sh --cpu-smoke  # tiny shapes on the CPU: checks that every command runs
+#   STEPS="1 6" bash bench/gpu_check.sh  # only the numbered steps (when device time is short)
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -48,22 +49,24 @@ print(f"bf16 matmul rate: {2 * 8192**3 / dt / 1e12:.1f} TFLOP/s (ours at batch 8
 PYEOF
 fi
 
-run() {  # run LIMIT COMMAND...: print the command, run it with a time limit, say so if it failed
-  local limit=$1; shift
+STEPS=${STEPS:-1 2 3 4 5 6}
+run() {  # run STEP LIMIT COMMAND...: print the command, run it with a time limit, say so if it failed
+  local step=$1 limit=$2; shift 2
+  case " $STEPS " in *" $step "*) ;; *) return 0 ;; esac
   echo; echo "### $*"
   timeout "$limit" "$@" || echo "### FAILED or timed out (exit $?): $*"
 }
 
-run "${L[0]}" "$PY" bench/engine.py "${DEV[@]}" --dtype "$HALF" "${UNET[@]}" "${COMPILE[@]}"
-run "${L[1]}" "$PY" bench/engine.py "${DEV[@]}" --dtype "$BF" "${UNET8[@]}" "${COMPILE[@]}"
-run "${L[2]}" "$PY" bench/engine.py "${DEV[@]}" --dtype "$BF" "${UNET8[@]}" --channels-last off
-run "${L[3]}" "$PY" bench/engine.py --count-ops --width 32 --latent 8 --batch 1
-run "${L[4]}" "$PY" bench/train_embedding.py "${DEV[@]}" --arch sd1 "${TI[@]}" "${TI_COMPILE[@]}"
-run "${L[5]}" "$PY" bench/train_embedding.py "${DEV[@]}" --arch sdxl "${TI[@]}" "${TI_COMPILE[@]}"
-run "${L[6]}" "$PY" bench/engine.py "${DEV[@]}" --dtype "$HALF" "${UNET[@]}" --cuda-graphs
+run 1 "${L[0]}" "$PY" bench/engine.py "${DEV[@]}" --dtype "$HALF" "${UNET[@]}" "${COMPILE[@]}"
+run 2 "${L[1]}" "$PY" bench/engine.py "${DEV[@]}" --dtype "$BF" "${UNET8[@]}" "${COMPILE[@]}"
+run 3 "${L[2]}" "$PY" bench/engine.py "${DEV[@]}" --dtype "$BF" "${UNET8[@]}" --channels-last off
+run 4 "${L[3]}" "$PY" bench/engine.py --count-ops --width 32 --latent 8 --batch 1
+run 5 "${L[4]}" "$PY" bench/train_embedding.py "${DEV[@]}" --arch sd1 "${TI[@]}" "${TI_COMPILE[@]}"
+run 5 "${L[5]}" "$PY" bench/train_embedding.py "${DEV[@]}" --arch sdxl "${TI[@]}" "${TI_COMPILE[@]}"
+run 6 "${L[6]}" "$PY" bench/engine.py "${DEV[@]}" --dtype "$HALF" "${UNET[@]}" --cuda-graphs
 if [ "${1:-}" = "--cpu-smoke" ]; then  # on the CPU: the option's fallback (eager, with the message)
-  run "${L[7]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "cuda_graph"
+  run 6 "${L[7]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "cuda_graph"
 else
-  run "${L[7]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "cuda_graph and on_cuda"
+  run 6 "${L[7]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "cuda_graph and on_cuda"
 fi
 echo; echo "### gpu_check done"
