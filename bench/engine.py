@@ -6,6 +6,10 @@ GPU torch's peak allocated memory. Prints time per step, peak memory and the rat
 
     python bench/engine.py                    # SD1.5 structure at width 128, 64x64 latent, CPU
     python bench/engine.py --device cuda --full --dtype fp16   # full-size SD1.5 on a GPU
+    python bench/engine.py --device cuda --full --dtype fp16 --compile --cuda-graphs   # + compiled runs
+
+Each run also prints its first step's loss: all runs use the same weights and inputs, so the losses
+agree within the precision's tolerance when the compiled forms compute what eager does.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
 
     ours = UNetModel(config)
     randomize_weights(ours, torch.Generator().manual_seed(0))
-    if args.impl in ("ours", "compiled"):
+    if args.impl in ("ours", "compiled", "graphs"):
         model = ours
         forward = lambda x, t, c: model(x, t, c)  # noqa: E731
     else:
@@ -62,9 +66,10 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
 
     model.to(device=device, dtype=dtype).train()
     side = args.latent
-    x = torch.randn(args.batch, 4, side, side, device=device, dtype=dtype)
-    c = torch.randn(args.batch, 77, config.context_dim, device=device, dtype=dtype)
-    t = torch.randint(0, 1000, (args.batch,), device=device)
+    inputs = torch.Generator().manual_seed(1)  # the same inputs for every implementation
+    x = torch.randn(args.batch, 4, side, side, generator=inputs).to(device=device, dtype=dtype)
+    c = torch.randn(args.batch, 77, config.context_dim, generator=inputs).to(device=device, dtype=dtype)
+    t = torch.randint(0, 1000, (args.batch,), generator=inputs).to(device)
     compile_message = ""
     if args.impl != "diffusers":
         from lib_training.model.memory_format import channels_last, to_channels_last, use_channels_last
@@ -72,25 +77,40 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
         if use_channels_last(args.channels_last, device):
             channels_last([model]).__enter__()  # for the whole process
             x = to_channels_last(x)
+        eager_forward = forward
+        compiled = None
         if args.impl == "compiled":
             from lib_training.training.compiled import CompiledUNet
 
             say = lambda message: print(message, file=sys.stderr)  # noqa: E731
             compiled = CompiledUNet(model, on_fallback=say, backend=args.backend)
+        if args.impl == "graphs":
+            from lib_training.training.compiled import CompiledUNet, compile_plan
+
+            plan = compile_plan("cuda-graphs", device)
+            compile_message = plan.note
+            if plan.mode is not None:
+                compiled = CompiledUNet(model, on_fallback=lambda m: None, backend=args.backend, mode=plan.mode)
+        if compiled is not None:
             forward = lambda x, t, c: compiled(x, t, c)  # noqa: E731
 
-    def step() -> None:
+    def step() -> float:
         model.zero_grad(set_to_none=True)
-        forward(x, t, c).float().pow(2).mean().backward()
+        loss = forward(x, t, c).float().pow(2).mean()
+        loss.backward()
+        return loss
 
     if args.count_ops:
         step()
         return count_ops(step)
 
     def saved_for_backward() -> float:
-        return saved_for_backward_bytes(lambda: forward(x, t, c)) / 2**20
+        # CUDA graphs keep their activations in their own pool: count the eager forward's instead.
+        run = eager_forward if args.impl == "graphs" else forward
+        return saved_for_backward_bytes(lambda: run(x, t, c)) / 2**20
 
-    for _ in range(args.warmup):
+    first_loss = float(step())
+    for _ in range(args.warmup - 1):
         step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
@@ -108,13 +128,21 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
         sync()
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
-    if args.impl == "compiled" and compiled.fallback:
+    if args.impl in ("compiled", "graphs") and compiled is not None and compiled.fallback:
         compile_message = compiled.fallback
+    flop_step = step
+    if args.impl == "graphs":  # the same FLOPs, counted without replaying graphs under a dispatch mode
+
+        def flop_step() -> None:
+            model.zero_grad(set_to_none=True)
+            eager_forward(x, t, c).float().pow(2).mean().backward()
+
     return {
         "step_s": statistics.median(times),
         "peak_mb": (peak - base) / 2**20,
         "saved_mb": saved_for_backward(),
-        "flops": step_flops(step),
+        "flops": step_flops(flop_step),
+        "loss": first_loss,
         "note": compile_message,
     }
 
@@ -168,17 +196,23 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="also time ours through torch.compile")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="also time ours compiled with CUDA graphs (compile cuda-graphs)"
+    )
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of --compile (inductor)")
     parser.add_argument("--channels-last", default="auto", choices=["auto", "off", "on"], help="ours (auto: CUDA)")
     parser.add_argument("--count-ops", action="store_true", help="count aten operators per step instead of timing")
-    parser.add_argument("--impl", choices=["ours", "compiled", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--impl", choices=["ours", "compiled", "graphs", "diffusers"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.impl:
         print(json.dumps(worker(args)))
         return
 
     results = {}
-    impls = ("ours", "diffusers") if args.count_ops or not args.compile else ("ours", "compiled", "diffusers")
+    impls = ["ours"]
+    if not args.count_ops:
+        impls += ["compiled"] * args.compile + ["graphs"] * args.cuda_graphs
+    impls.append("diffusers")
     for impl in impls:
         cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl]
         # Large allocations through mmap, so that freed memory leaves the resident set at once.
@@ -203,7 +237,8 @@ def main() -> None:
     for impl, r in results.items():
         print(
             f"  {impl:9s} {r['step_s'] * 1000:9.1f} ms/step   peak +{r['peak_mb']:8.1f} MiB   "
-            f"saved for backward {r['saved_mb']:8.1f} MiB   {r['flops'] / r['step_s'] / 1e12:7.3f} TFLOP/s"
+            f"saved for backward {r['saved_mb']:8.1f} MiB   {r['flops'] / r['step_s'] / 1e12:7.3f} TFLOP/s   "
+            f"loss {r['loss']:.6g}"
         )
         if r.get("note"):
             print(f"            ({r['note']})")

@@ -23,7 +23,8 @@ memory ratios at most 1.
 Achieved TFLOP/s: the FLOPs of one more step after the timed ones (untimed; counted by
 torch.utils.flop_counter's FlopCounterMode on the same shapes) over the median step time.
 `--compile` turns on ours' compiled UNet call (LoopConfig.compile; off otherwise, so that the default
-run measures the eager path); `--channels-last` is passed to ours as it is (auto: on for CUDA).
+run measures the eager path), `--cuda-graphs` the compiled call with CUDA graphs (compile cuda-graphs);
+`--channels-last` is passed to ours as it is (auto: on for CUDA).
 
 CPU times are only comparable on an otherwise idle machine: the CPU pressure (Linux PSI) during
 each run is printed beside it. When other work competes for the cores, multi-threaded steps slow
@@ -33,6 +34,7 @@ down erratically (threads wait for each other); `--threads 1` keeps the comparis
     python bench/train_embedding.py --arch sd1 --steps 3
     python bench/train_embedding.py --device cuda --full     # full-size SD1.5 and SDXL, bf16
     python bench/train_embedding.py --device cuda --full --compile   # ours with the compiled step
+    python bench/train_embedding.py --device cuda --full --cuda-graphs   # ... and CUDA graphs
     python bench/train_embedding.py --tiny --steps 2 --warmup 1   # tiny models: a quick check
 
 Default shapes (CPU): SD1 = SD1.5's UNet structure at width 64 with the full-size CLIP-L; SDXL =
@@ -252,7 +254,7 @@ def run_ours(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
         save_every=0,
         preview_every=0,
         latent_sampling="mean",
-        compile="on" if args.compile else "off",
+        compile="cuda-graphs" if args.cuda_graphs else "on" if args.compile else "off",
         channels_last=args.channels_last,
     )
     recorder = StepRecorder(args.warmup, total, device)
@@ -507,7 +509,9 @@ def child_argv(args: argparse.Namespace, arch: str, impl: str, data: Path) -> li
         value = getattr(args, name)
         if value is not None:
             argv += ["--" + name.replace("_", "-"), str(value)]
-    argv += [flag for flag in ("--full", "--tiny", "--compile") if getattr(args, flag[2:])]
+    argv += [
+        flag for flag in ("--full", "--tiny", "--compile", "--cuda-graphs") if getattr(args, flag[2:].replace("-", "_"))
+    ]
     argv += ["--channels-last", args.channels_last]
     return argv
 
@@ -614,6 +618,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, help="torch CPU threads of the workers (default: torch's choice)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each implementation; the fastest is kept (1)")
     parser.add_argument("--compile", action="store_true", help="ours with the compiled UNet call (default: eager)")
+    parser.add_argument("--cuda-graphs", action="store_true", help="ours with the compiled UNet call and CUDA graphs")
     parser.add_argument(
         "--channels-last", default="auto", choices=["auto", "off", "on"], help="ours' channels_last (auto: CUDA)"
     )

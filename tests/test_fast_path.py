@@ -20,7 +20,8 @@ from lib_training.model.networks.attention import SpatialTransformer
 from lib_training.model.networks.unet import ResBlock, UNetConfig, UNetModel
 from lib_training.model.networks.vae import AutoencoderKL, VAEConfig
 from lib_training.model.tiny import randomize_weights
-from lib_training.training.compiled import CompiledUNet, use_compile
+from lib_training.options import SettingsError, from_dict
+from lib_training.training.compiled import CUDA_GRAPHS_MODE, CompiledUNet, compile_plan, use_compile
 from lib_training.training.config import LoopConfig
 from lib_training.training.run import train
 
@@ -147,6 +148,62 @@ def test_compiled_calls_without_gradients_run_eagerly(monkeypatch) -> None:
     assert calls == []
 
 
+# --- CUDA graphs ------------------------------------------------------------------------------------
+def test_cuda_graphs_is_a_compile_setting_of_the_loop() -> None:
+    assert from_dict(LoopConfig, {"compile": "cuda-graphs"}).compile == "cuda-graphs"
+    with pytest.raises(SettingsError, match="compile"):
+        from_dict(LoopConfig, {"compile": "cuda-graph"})
+
+
+def test_cuda_graphs_on_the_cpu_fall_back_to_eager_with_a_message() -> None:
+    plan = compile_plan("cuda-graphs", torch.device("cpu"))
+    assert plan.mode is None and plan.label == "off"
+    assert "need a CUDA device" in plan.note and "without compiling" in plan.note
+
+
+def test_cuda_graphs_where_torch_lacks_them_fall_back_to_auto_with_a_message(monkeypatch) -> None:
+    monkeypatch.delattr(torch.compiler, "cudagraph_mark_step_begin")
+    plan = compile_plan("cuda-graphs", torch.device("cuda"))
+    assert plan.mode != CUDA_GRAPHS_MODE and plan.mode == compile_plan("auto", torch.device("cuda")).mode
+    assert "torch 2.1 or newer" in plan.note
+
+
+def test_cuda_graphs_are_not_used_with_gradient_accumulation(monkeypatch) -> None:
+    monkeypatch.setattr("lib_training.training.compiled.cuda_graphs_unavailable", lambda device: "")
+    assert compile_plan("cuda-graphs", torch.device("cuda")).mode == CUDA_GRAPHS_MODE
+    plan = compile_plan("cuda-graphs", torch.device("cuda"), one_forward_per_backward=False)
+    assert plan.mode != CUDA_GRAPHS_MODE and "one UNet call per backward pass" in plan.note
+
+
+def test_the_other_compile_settings_carry_no_message() -> None:
+    for setting in ("auto", "off", "on"):
+        assert compile_plan(setting, torch.device("cpu")).note == ""
+    with pytest.raises(ValueError, match="compile must be one of"):
+        compile_plan("fast", torch.device("cpu"))
+
+
+def test_a_cuda_graph_run_on_the_cpu_trains_eagerly_with_the_eager_losses_and_says_so(tiny_sd1, images, tmp_path):
+    before = model_state(tiny_sd1)
+    eager, _, _ = run(tiny_sd1, images, tmp_path / "eager", compile="off")
+    graphs, config, messages = run(tiny_sd1, images, tmp_path / "graphs", compile="cuda-graphs")
+    assert graphs == eager
+    assert config["end"]["compile"] == "off" and "need a CUDA device" in config["end"]["compile_note"]
+    assert any("need a CUDA device" in m for m in messages)
+    assert model_state(tiny_sd1) == before
+
+
+def test_a_cuda_graph_compile_that_fails_names_cuda_graphs_and_runs_eagerly() -> None:
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("backend broke")
+
+    messages: list[str] = []
+    unet = lambda x, t, c, y=None: x * 2  # noqa: E731
+    compiled = CompiledUNet(unet, on_fallback=messages.append, backend=failing_backend, mode=CUDA_GRAPHS_MODE)
+    x = torch.ones(1, 4, 2, 2, requires_grad=True)
+    torch.testing.assert_close(compiled(x, torch.tensor([1]), torch.zeros(1, 3, 5)), x * 2)
+    assert len(messages) == 1 and "with CUDA graphs failed" in messages[0]
+
+
 @pytest.mark.slow
 def test_compiled_unet_gives_the_eager_loss_and_gradients() -> None:
     """Dynamo and AOT autograd on the CPU (aot_eager: the graphs torch.compile builds, without
@@ -268,3 +325,26 @@ def test_compiled_unet_on_cuda_matches_eager() -> None:
     out = compiled(x, t, context)
     assert compiled.fallback == ""
     torch.testing.assert_close(out, eager, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@CUDA
+def test_cuda_graph_unet_on_cuda_gives_the_eager_loss_and_gradients_over_repeated_steps() -> None:
+    """Three steps of one shape (the graphs are recorded, then replayed) and one of another shape, on the
+    smallest UNet (each shape compiles its forward and backward)."""
+    if compile_plan("cuda-graphs", torch.device("cuda")).mode != CUDA_GRAPHS_MODE:
+        pytest.skip(compile_plan("cuda-graphs", torch.device("cuda")).note)
+    model = minimal_unet().cuda()
+    compiled = CompiledUNet(model, mode=CUDA_GRAPHS_MODE)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for side in (16, 16, 16, 8):
+        x = torch.randn(2, 4, side, side, device="cuda", generator=gen)
+        context = torch.randn(2, 7, model.config.context_dim, device="cuda", generator=gen, requires_grad=True)
+        t = torch.tensor([5, 500], device="cuda")
+        eager_loss = model(x, t, context).square().mean()
+        (eager_grad,) = torch.autograd.grad(eager_loss, context)
+        loss = compiled(x, t, context).square().mean()
+        (grad,) = torch.autograd.grad(loss, context)
+        assert compiled.fallback == ""
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(grad, eager_grad, rtol=1e-3, atol=1e-5)

@@ -75,7 +75,9 @@ class LoopConfig:
     compile: str = option(
         "auto",
         "Compile the UNet call of each step with torch.compile (once per bucket shape): auto is on for a GPU "
-        "where torch.compile works and off on the CPU; a failed compile falls back with a message.",
+        "where torch.compile works and off on the CPU; cuda-graphs also replays each shape's kernels as CUDA "
+        "graphs (fewer launches; a GPU with Triton, one UNet call per step), else runs as auto. A failed "
+        "compile falls back with a message.",
         choices=COMPILE_SETTINGS,
         advanced=True,
     )

@@ -33,7 +33,7 @@ from lib_training.model.diffusion import Conditioning, DiffusionModel, SizeCondi
 from lib_training.model.memory_format import channels_last, use_channels_last
 from lib_training.model.sampler import SampleSettings, generate
 from lib_training.seeding import derive_seed
-from lib_training.training.compiled import CompiledUNet, use_compile
+from lib_training.training.compiled import CompiledUNet, compile_plan
 from lib_training.training.config import LoopConfig
 from lib_training.training.loss import diffusion_loss, multires_noise, noise_offset
 from lib_training.training.lr_schedule import StepSchedule, parse_schedule, set_learning_rate
@@ -145,10 +145,14 @@ class Trainer:
         model, loop = self.model, self.loop
         reset_peak_memory(model.device)
         unet = model.unet
-        self.speed = {"channels_last": use_channels_last(loop.channels_last, model.device), "compile": "off"}
-        if use_compile(loop.compile, model.device):
-            self.speed["compile"] = "on"
-            model.unet = CompiledUNet(unet, on_fallback=self._compile_fell_back)
+        one_forward = loop.grad_accumulation == 1 and self.dataset.class_data is None
+        plan = compile_plan(loop.compile, model.device, one_forward_per_backward=one_forward)
+        self.speed = {"channels_last": use_channels_last(loop.channels_last, model.device), "compile": plan.label}
+        if plan.note:
+            self.speed["compile_note"] = plan.note
+            self._report("preparing", 0, message=plan.note)
+        if plan.mode is not None:
+            model.unet = CompiledUNet(unet, on_fallback=self._compile_fell_back, mode=plan.mode)
         modules = [model.modules[key] for key in ("unet", "vae") if key in model.modules]
         try:
             with channels_last(modules, enabled=self.speed["channels_last"]):

@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from lib_training.model.checkpointing import checkpoint
-from lib_training.model.networks.fused import fusable, joint_linear
+from lib_training.model.networks.fused import fusable, joint_linear, linear, runs_on_tokens
 
 TRANSFORMER_NORM_EPS = 1e-6  # the GroupNorm in front of every SpatialTransformer
 
@@ -43,7 +43,7 @@ class CrossAttention(nn.Module):
         """x [B, N, query_dim] -> [B, N, query_dim]; `kv` [B, M, 2 * heads * dim_head]: to_k(context)
         and to_v(context) side by side, computed by the UNet for all cross-attentions at once."""
         if kv is not None:
-            q = self.to_q(x).view(*x.shape[:-1], self.heads, -1).transpose(1, 2)
+            q = linear(self.to_q, x).view(*x.shape[:-1], self.heads, -1).transpose(1, 2)
             k, v = kv.view(*kv.shape[:-1], 2, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = self._project(x, context)  # [B, heads, N or M, dim_head] each
@@ -59,25 +59,26 @@ class CrossAttention(nn.Module):
             qkv = joint_linear(x, (self.to_q, self.to_k, self.to_v))  # [B, N, 3 * heads * dim_head]
             q, k, v = qkv.view(*qkv.shape[:-1], 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
             return q, k, v
-        q = self.to_q(x).view(*x.shape[:-1], heads, -1).transpose(1, 2)
+        q = linear(self.to_q, x).view(*x.shape[:-1], heads, -1).transpose(1, 2)
         source = x if context is None else context
         if fusable((self.to_k, self.to_v)):
             kv = joint_linear(source, (self.to_k, self.to_v))  # [B, M, 2 * heads * dim_head]
             k, v = kv.view(*kv.shape[:-1], 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
             return q, k, v
-        k = self.to_k(source).view(*source.shape[:-1], heads, -1).transpose(1, 2)
-        v = self.to_v(source).view(*source.shape[:-1], heads, -1).transpose(1, 2)
+        k = linear(self.to_k, source).view(*source.shape[:-1], heads, -1).transpose(1, 2)
+        v = linear(self.to_v, source).view(*source.shape[:-1], heads, -1).transpose(1, 2)
         return q, k, v
 
 
 def run_sequential(layers: nn.Sequential, x: Tensor) -> Tensor:
-    """`layers(x)`, skipping dropouts that cannot change anything (p = 0 or eval mode) and nothing hooks."""
+    """`layers(x)`, skipping dropouts that cannot change anything (p = 0 or eval mode) and nothing hooks,
+    and running Linear layers as one autograd node each (`fused.linear`)."""
     if hooked(layers):
         return layers(x)
     for layer in layers:
         if type(layer) is nn.Dropout and (layer.p == 0 or not layer.training) and not hooked(layer):
             continue
-        x = layer(x)
+        x = linear(layer, x) if type(layer) is nn.Linear else layer(x)
     return x
 
 
@@ -101,7 +102,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
+        value, gate = linear(self.proj, x).chunk(2, dim=-1)
         return value * F.gelu(gate)
 
 
@@ -181,19 +182,23 @@ class SpatialTransformer(nn.Module):
     def _forward(self, x: Tensor, context: Tensor | None, kv: dict[nn.Module, Tensor] | None = None) -> Tensor:
         height, width = x.shape[-2:]
         h = self.norm(x)
-        if not self.use_linear:
+        # SD1's 1x1 convolutions run as the Linear layers they are, on tokens (one matmul each, where a
+        # convolution in NCHW costs layout conversions on a GPU and an im2col on the CPU), unless a
+        # LoRA or hook overrides them: then they run as convolutions, on the feature map.
+        tokens_in, tokens_out = runs_on_tokens(self.proj_in), runs_on_tokens(self.proj_out)
+        if not tokens_in:
             h = self.proj_in(h)
         # One copy into token-major order here, instead of one in every LayerNorm (forward and backward)
         # of a residual stream that would keep the feature map's strides; free in channels-last.
         h = rearrange(h, "b c h w -> b (h w) c").contiguous()
-        if self.use_linear:
-            h = self.proj_in(h)
+        if tokens_in:
+            h = linear(self.proj_in, h)
         for block in self.transformer_blocks:
             h = block(h, context) if kv is None or block not in kv else block(h, context, kv=kv[block])
-        if self.use_linear:
-            h = self.proj_out(h)
+        if tokens_out:
+            h = linear(self.proj_out, h)
         h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width)
         h = h.contiguous(memory_format=memory_format_of(x))  # back to the layout the convolutions use
-        if not self.use_linear:
+        if not tokens_out:
             h = self.proj_out(h)
         return h + x

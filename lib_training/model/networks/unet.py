@@ -441,7 +441,9 @@ class UNetModel(nn.Module):
             timesteps = timesteps.to(x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(cast(timestep_embedding(timesteps, self.config.model_channels), dtype))  # [B, E]
+        emb = run_sequential(
+            self.time_embed, cast(timestep_embedding(timesteps, self.config.model_channels), dtype)
+        )  # [B, E]
         if self.label_emb is not None and y is not None:
             emb = emb + self.label_emb(cast(y, dtype))
         context = cast(context, dtype)
