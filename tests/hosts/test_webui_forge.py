@@ -25,7 +25,7 @@ def test_the_stand_in_has_forges_training_pitfalls(forge, standalone) -> None:
     dm = engine.forge_objects_original.unet.model.diffusion_model
     with pytest.raises(RuntimeError, match="Inference tensors"):
         _unet_backward(dm)
-    with trainable_parameters([dm]), pytest.raises(RuntimeError, match="inplace operation"):
+    with trainable_parameters([dm]), pytest.raises(RuntimeError, match="inplace"):
         _unet_backward(dm)
     with pytest.raises(NotImplementedError):
         forge.module("backend.nn.unet").checkpoint(lambda: None, (), None, True)
