@@ -214,7 +214,7 @@ class HypernetworkModule(nn.Module):
                 h = _dropout(h, layer.p, dropout_seed, position) if self.training else h
             else:
                 h = layer(h)
-        return x + h * (1.0 if self.training else strength)
+        return torch.add(x, h, alpha=1.0 if self.training else strength)  # x + h * strength in one pass
 
 
 def _dropout(h: Tensor, p: float, seed: int | None, position: int) -> Tensor:
