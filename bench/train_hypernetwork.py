@@ -29,6 +29,7 @@ by under 5%.
 
     python bench/train_hypernetwork.py                       # SD1 shapes on the CPU (UNet width 64)
     python bench/train_hypernetwork.py --tiny --steps 2 --warmup 1   # a quick check of the script
+    python bench/train_hypernetwork.py --activation linear   # A1111's default activation
     python bench/train_hypernetwork.py --device cuda --full  # full-size SD1.5, bf16
 """
 
@@ -75,14 +76,16 @@ LR = 5e-6  # our default, and where A1111's users settle
 WEIGHT_DECAY = 0.01  # torch AdamW's default, which A1111's trainer uses
 TEMPLATE = "filewords"
 LAYER_STRUCTURE = "1, 2, 1"
-ACTIVATION = "relu"
+ACTIVATION = "relu"  # the default of --activation
 IMPLS = ("ours", "reference", "generate")
 
 
 def settings(args: argparse.Namespace):
     from lib_training.methods.hypernetwork import HypernetworkConfig
 
-    return HypernetworkConfig(name=NAME, widths=args.widths, layer_structure=LAYER_STRUCTURE, activation=ACTIVATION)
+    return HypernetworkConfig(
+        name=NAME, widths=args.widths, layer_structure=LAYER_STRUCTURE, activation=args.activation
+    )
 
 
 # --- ours ---------------------------------------------------------------------------------------
@@ -265,7 +268,10 @@ def run_generate(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
 
 
 # --- the parent ------------------------------------------------------------------------------------
-PASSED_ON = ("device", "dtype", "steps", "warmup", "batch", "width", "size", "gen_steps", "gen_repeats", "widths")
+PASSED_ON = (
+    *("device", "dtype", "steps", "warmup", "batch", "width", "size"),
+    *("gen_steps", "gen_repeats", "widths", "activation"),
+)
 
 
 def by_cpu_time(args: argparse.Namespace) -> bool:
@@ -284,7 +290,7 @@ def print_case(
 ) -> list[str]:
     ours, ref = (min(runs[impl], key=lambda r: r["step_s"]) for impl in ("ours", "reference"))
     scale = "full size" if args.full else ("tiny" if args.tiny else f"UNet width {shapes.unet.model_channels}")
-    print(f"{arch.upper()} ({scale}), {shapes.size} px, hypernetwork {LAYER_STRUCTURE} {ACTIVATION} on widths "
+    print(f"{arch.upper()} ({scale}), {shapes.size} px, hypernetwork {LAYER_STRUCTURE} {args.activation} on widths "
           f"{args.widths}, "
           f"{ours['trained_parameters']:,} trained parameters (reference {ref['trained_parameters']:,})")  # fmt: skip
     rounds = len(runs["ours"])
@@ -331,6 +337,11 @@ def parse_args() -> argparse.Namespace:
     add_shape_arguments(parser, sdxl=False)
     parser.add_argument(
         "--widths", default="auto", help="widths with modules: auto (context and features) or a list, e.g. 768"
+    )
+    parser.add_argument(
+        "--activation",
+        default=ACTIVATION,
+        help=f"the modules' activation ({ACTIVATION}; 'linear', A1111's default, is one matrix at generation)",
     )
     parser.add_argument("--gen-steps", type=int, default=10, help="sampling steps per generated image (10)")
     parser.add_argument("--gen-repeats", type=int, default=5, help="images timed each way (5)")

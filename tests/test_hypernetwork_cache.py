@@ -1,6 +1,7 @@
-"""The text context's hypernetwork inputs, computed once and reused: the same numbers as computing
-them afresh, and never kept past what they were computed for (another prompt, changed weights,
-training, the end of the application)."""
+"""Hypernetworks at generation, computed as cheaply as the formula allows: the text context's inputs
+once and reused (the same numbers as computing them afresh, never kept past what they were computed
+for: another prompt, changed weights, training, the end of the application), and an affine module
+as one matrix (the formula's numbers to float rounding)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,26 @@ import weakref
 import pytest
 import torch
 
+from lib_training.methods import hypernetwork_attach
 from lib_training.methods.hypernetwork import HypernetworkConfig, HypernetworkMethod
 from lib_training.methods.hypernetwork_attach import _Computed
+from lib_training.methods.hypernetwork_net import HypernetworkModule, Structure, affine_form
 
 
-@pytest.fixture()
-def method(tiny_sd1) -> HypernetworkMethod:
+def _made(model, activation: str) -> HypernetworkMethod:
     """A hypernetwork on the tiny SD1's context (128) and feature widths, with weights large enough to matter."""
-    made = HypernetworkMethod(HypernetworkConfig(name="hn", activation="relu"))
-    with made.attached(tiny_sd1):
+    made = HypernetworkMethod(HypernetworkConfig(name="hn", activation=activation))
+    with made.attached(model):
         generator = torch.Generator().manual_seed(3)
         with torch.no_grad():
             for p in made.parameters():
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
     return made
+
+
+@pytest.fixture()
+def method(tiny_sd1) -> HypernetworkMethod:
+    return _made(tiny_sd1, "relu")
 
 
 def _inputs(seed: int):
@@ -150,3 +157,43 @@ def test_strength_zero_runs_no_module(tiny_sd1, method) -> None:
         with method.apply_for_generation(tiny_sd1, 0.0):
             zero = tiny_sd1.predict(x, t, cond)
     assert torch.equal(zero, plain) and calls == []
+
+
+def test_an_affine_module_applies_as_one_matrix_with_the_formula_s_numbers(tiny_sd1, monkeypatch) -> None:
+    linear = _made(tiny_sd1, "linear")  # A1111's default: Linear, Linear
+    x, t = _inputs(4)
+    cond = tiny_sd1.encode_prompts(["a red ball"] * 2)
+    calls: list[int] = []
+    linear.modules[32][0].register_forward_hook(lambda *_: calls.append(1))  # a feature width
+
+    def run() -> list[torch.Tensor]:
+        with torch.no_grad(), linear.apply_for_generation(tiny_sd1, 0.7):
+            first = tiny_sd1.predict(x, t, cond)
+            weights = list(linear.modules[32][1].parameters())
+            saved = [p.clone() for p in weights]
+            for p in weights:
+                p.mul_(1.5)
+            changed = tiny_sd1.predict(x, t, cond)
+            for p, before in zip(weights, saved):
+                p.copy_(before)
+        return [first, changed]
+
+    one_matrix = run()
+    assert calls == []
+    monkeypatch.setattr(hypernetwork_attach, "affine_form", lambda *_: None)
+    formula = run()
+    assert calls  # the stack ran
+    for a, b in zip(one_matrix, formula):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+    assert not torch.allclose(formula[0], formula[1], rtol=1e-3)  # the changed weights count
+
+
+def test_only_an_affine_module_in_eval_mode_has_an_affine_form() -> None:
+    def module(**structure) -> HypernetworkModule:
+        return HypernetworkModule(8, Structure(**structure)).eval()
+
+    assert affine_form(module(), 1.0) is not None
+    assert affine_form(module(dropout_structure=(0, 0.3, 0)), 1.0) is not None  # dropout is off in eval mode
+    assert affine_form(module(activation="relu"), 1.0) is None
+    assert affine_form(module(layer_norm=True), 1.0) is None
+    assert affine_form(module().train(), 1.0) is None
