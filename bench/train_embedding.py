@@ -47,20 +47,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import itertools
-import json
 import random
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from _measure import MIB, child_env, reset_peak_rss, rss_kib
+from timing import (
+    DTYPES,
+    StepRecorder,
+    add_run_arguments,
+    child_argv,
+    describe_run,
+    fastest,
+    finish_run_arguments,
+    relative_difference,
+    run_rounds,
+    run_worker,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -74,7 +80,6 @@ SEED = 0
 TEMPLATE = "subject"  # "a photo of a [name]", ...
 ARCHS = ("sd1", "sdxl")
 IMPLS = ("ours", "reference")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SDXL_G_PREFIX = "conditioner.embedders.1.model."  # where an SDXL checkpoint keeps OpenCLIP bigG
 SIZE_EMBED_DIM = 256  # SDXL embeds each of its six size values with a 256-wide sinusoid
 VAE_CH_MULT = [1, 2, 4, 4]  # the VAE ch_mult diffusers reads for its UNet config (8x downsampling)
@@ -166,63 +171,7 @@ def make_images(folder: Path, count: int, size: int) -> None:
         image.save(folder / f"{index:03d}.png")
 
 
-# --- measuring ----------------------------------------------------------------------------------
-class PeakMemory:
-    """Peak memory over a stretch of work: its growth over the start, and in total (MiB)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.base = 0
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            gc.collect()
-            reset_peak_rss()
-            self.base = rss_kib("VmRSS") * 1024
-
-    def stop(self) -> dict[str, float]:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = rss_kib("VmHWM") * 1024
-        return {"peak_growth_mib": (peak - self.base) / MIB, "peak_total_mib": peak / MIB, "base_mib": self.base / MIB}
-
-
-class StepRecorder:
-    """End-of-step timestamps and losses; memory is measured over the steps after `warmup`."""
-
-    def __init__(self, warmup: int, total: int, device: torch.device) -> None:
-        self.warmup, self.total = warmup, total
-        self.memory = PeakMemory(device)
-        self.times: list[float] = []
-        self.losses: list[float | None] = []
-        self.memory_result: dict[str, float] = {}
-
-    def step_done(self, step: int, loss: float | None) -> None:
-        """Called after optimizer step `step` (1-based) with that step's loss."""
-        if step == self.warmup:
-            self.memory.start()  # before the timestamp: its gc and sync are not timed
-        self.times.append(time.perf_counter())
-        self.losses.append(loss)
-        if step == self.total:
-            self.memory_result = self.memory.stop()
-
-    def result(self) -> dict[str, Any]:
-        timed = self.times[self.warmup - 1 :]  # the end of the last warm-up step, then each timed step
-        intervals = [b - a for a, b in itertools.pairwise(timed)]
-        return {
-            "step_s": statistics.median(intervals),
-            "fastest_step_s": min(intervals),
-            "intervals_s": intervals,
-            "losses": self.losses,
-        }
-
-
+# --- measuring ---------------------------------------------------------------------------------
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
     if dtype == torch.float32:
         return contextlib.nullcontext()
@@ -502,52 +451,10 @@ def run_reference(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
 PASSED_ON = ("device", "dtype", "steps", "warmup", "batch", "vectors", "width", "sdxl_depth", "bigg_layers", "size")
 
 
-def child_argv(args: argparse.Namespace, arch: str, impl: str, data: Path) -> list[str]:
+def worker_argv(args: argparse.Namespace, arch: str, impl: str, data: Path) -> list[str]:
     """The command line of one worker: this script with the same settings, one arch and one impl."""
-    argv = [sys.executable, str(Path(__file__).resolve()), "--impl", impl, "--arch", arch, "--data", str(data)]
-    for name in (*PASSED_ON, "threads"):
-        value = getattr(args, name)
-        if value is not None:
-            argv += ["--" + name.replace("_", "-"), str(value)]
-    argv += [
-        flag for flag in ("--full", "--tiny", "--compile", "--cuda-graphs") if getattr(args, flag[2:].replace("-", "_"))
-    ]
-    argv += ["--channels-last", args.channels_last]
-    return argv
-
-
-def cpu_stall_us() -> int | None:
-    """Microseconds that some runnable task of this machine waited for a CPU, since boot (Linux PSI)."""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        some = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        return int(some.rsplit("total=", 1)[1])
-    return None
-
-
-def run_child(argv: list[str]) -> dict[str, Any]:
-    """Run one worker: its JSON result, with its wall time and the CPU pressure meanwhile added."""
-    stall, started = cpu_stall_us(), time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, env=child_env())
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        sys.stderr.write(done.stderr[-6000:])
-        raise SystemExit(f"benchmark worker failed (exit code {done.returncode}): {' '.join(argv[1:])}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    after = cpu_stall_us()
-    result["wall_s"] = wall
-    result["cpu_pressure"] = None if stall is None or after is None else (after - stall) / 1e6 / wall
-    return result
-
-
-def describe_run(arch: str, impl: str, result: dict[str, Any], threads: int) -> str:
-    line = f"  ({arch} {impl}: {result['wall_s']:.0f} s in all, median step {result['step_s'] * 1000:.1f} ms"
-    pressure = result["cpu_pressure"]
-    if pressure is not None:
-        line += f"; CPU pressure {pressure:.0%}"
-        if pressure > 0.1:
-            line += ": other work competed for the CPUs, times are noisy"
-            line += "; --threads 1 is steadier then" if threads > 1 else ""
-    return line + ")"
+    flags = ("--full", "--tiny", "--compile", "--cuda-graphs")
+    return [*child_argv(__file__, args, arch, impl, data, PASSED_ON, flags), "--channels-last", args.channels_last]
 
 
 def describe_case(arch: str, shapes: Shapes, components: dict[str, int], args: argparse.Namespace) -> str:
@@ -555,12 +462,6 @@ def describe_case(arch: str, shapes: Shapes, components: dict[str, int], args: a
     parts = ", ".join(f"{name} {count / 1e6:.1f}M" for name, count in components.items())
     latent = shapes.size // shapes.vae.downsampling
     return f"{arch.upper()} ({scale}; parameters: {parts}), {shapes.size} px (latent {latent}x{latent})"
-
-
-def relative_difference(a: float | None, b: float | None) -> float:
-    if a is None or b is None:
-        return float("nan")
-    return abs(a - b) / max(abs(b), 1e-12)
 
 
 def print_case(
@@ -596,49 +497,40 @@ def print_case(
     return ratios
 
 
+def add_shape_arguments(parser: argparse.ArgumentParser, *, sdxl: bool = True) -> None:
+    """The options of `model_shapes`: --size, --full / --tiny, --width (and --sdxl-depth, --bigg-layers)."""
+    big = "512/1024" if sdxl else "512"
+    parser.add_argument("--size", type=int, help=f"image side in px (default 256; 64 with --tiny; {big} with --full)")
+    scale = parser.add_mutually_exclusive_group()
+    scale.add_argument(
+        "--full", action="store_true", help="full-size SD1.5" + (" and SDXL" if sdxl else "") + " (for a GPU)"
+    )
+    scale.add_argument("--tiny", action="store_true", help="tiny models throughout: a quick check of the script")
+    parser.add_argument("--width", type=int, default=64, help="UNet model_channels of the default shapes (64)")
+    if sdxl:
+        parser.add_argument("--sdxl-depth", type=int, default=2, help="transformer blocks per SDXL attention level (2)")
+        parser.add_argument("--bigg-layers", type=int, help="layers of OpenCLIP bigG in the default shapes (32: all)")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="both", choices=[*ARCHS, "both"])
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them, at least 1 (default 2)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument(
-        "--dtype", choices=list(DTYPES), help="fp32, or fp16/bf16 autocast (default: fp32 on the CPU, bf16 on a GPU)"
-    )
-    parser.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
+    add_run_arguments(parser, IMPLS)
     parser.add_argument("--vectors", type=int, default=4, help="vectors of the embedding (default 4)")
     parser.add_argument("--images", type=int, default=4, help="images in the synthetic dataset (default 4)")
-    parser.add_argument("--size", type=int, help="image side in px (default 256; 64 with --tiny; 512/1024 with --full)")
-    scale = parser.add_mutually_exclusive_group()
-    scale.add_argument("--full", action="store_true", help="full-size SD1.5 and SDXL (for a GPU)")
-    scale.add_argument("--tiny", action="store_true", help="tiny models throughout: a quick check of the script")
-    parser.add_argument("--width", type=int, default=64, help="UNet model_channels of the default shapes (64)")
-    parser.add_argument("--sdxl-depth", type=int, default=2, help="transformer blocks per SDXL attention level (2)")
-    parser.add_argument("--bigg-layers", type=int, help="layers of OpenCLIP bigG in the default shapes (32: all)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads of the workers (default: torch's choice)")
-    parser.add_argument("--rounds", type=int, default=1, help="runs of each implementation; the fastest is kept (1)")
+    add_shape_arguments(parser)
     parser.add_argument("--compile", action="store_true", help="ours with the compiled UNet call (default: eager)")
     parser.add_argument("--cuda-graphs", action="store_true", help="ours with the compiled UNet call and CUDA graphs")
     parser.add_argument(
         "--channels-last", default="auto", choices=["auto", "off", "on"], help="ours' channels_last (auto: CUDA)"
     )
-    parser.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if min(args.warmup, args.steps, args.rounds) < 1:
-        parser.error("--warmup, --steps and --rounds must be at least 1")
-    if args.dtype is None:
-        args.dtype = "fp32" if args.device == "cpu" else "bf16"
-    return args
+    return finish_run_arguments(parser, parser.parse_args())
 
 
 def main() -> None:
     args = parse_args()
     if args.impl:  # a worker
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        worker = run_ours if args.impl == "ours" else run_reference
-        print(json.dumps(worker(args, model_shapes(args.arch, args))))
+        run_worker(args, {"ours": run_ours, "reference": run_reference}, model_shapes(args.arch, args))
         return
 
     archs = ARCHS if args.arch == "both" else (args.arch,)
@@ -655,13 +547,13 @@ def main() -> None:
             shapes = model_shapes(arch, args)
             data = Path(root) / arch
             make_images(data, args.images, shapes.size)
-            runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl in IMPLS}
-            for _ in range(args.rounds):
-                for impl in IMPLS:
-                    runs[impl].append(run_child(child_argv(args, arch, impl, data)))
-                    print(describe_run(arch, impl, runs[impl][-1], threads), flush=True)
-            results = {impl: min(found, key=lambda r: r["step_s"]) for impl, found in runs.items()}
-            summary[arch] = print_case(arch, shapes, results, args)
+            runs = run_rounds(
+                args.rounds,
+                IMPLS,
+                lambda impl, arch=arch, data=data: worker_argv(args, arch, impl, data),
+                lambda impl, result, arch=arch: print(describe_run(arch, impl, result, threads), flush=True),
+            )
+            summary[arch] = print_case(arch, shapes, fastest(runs), args)
             print()
     for arch, ratios in summary.items():
         missed = [name for name, ratio in ratios.items() if ratio > 1.0 and name != "fastest step"]

@@ -15,41 +15,58 @@ and timesteps; the losses of the first step show that they compute the same thin
 Generation: one image with the preview sampler, without and with a hypernetwork applied at strength
 1 (`apply_for_generation`); the median of a few repeats, and the added time per image in percent.
 
-Each case runs in its own subprocess (peak memory as in bench/train_embedding.py). Targets: ours at
-least 1.3x the reference's steps/s at no more peak memory; generation slower by under 5%.
+Each case runs in its own subprocess (peak memory as in bench/train_embedding.py). Time per step is
+the median over the timed steps, as wall time and as the process's CPU time (bench/timing.py). With
+--threads 1 on the CPU the comparison and the verdict use the CPU time: a one-thread step's CPU time
+is its wall time on an idle machine, while its wall time on a shared machine also counts the time
+it waited for a CPU (several times the step itself on a busy 2-core machine). With --rounds N, ours
+and the reference run N times each, taking turns to go first (ours, reference, reference, ours, ...);
+each side's quietest round is compared, and the spread over the rounds is printed with ours' slowest
+round against the reference's quietest. Generation alternates plain and applied images in one
+process and compares each way's quietest image (wall and CPU time each; the CPU time's medians
+too). Targets: ours at least 1.3x the reference's steps/s at no more peak memory; generation slower
+by under 5%.
 
     python bench/train_hypernetwork.py                       # SD1 shapes on the CPU (UNet width 64)
     python bench/train_hypernetwork.py --tiny --steps 2 --warmup 1   # a quick check of the script
+    python bench/train_hypernetwork.py --activation linear   # A1111's default activation
     python bench/train_hypernetwork.py --device cuda --full  # full-size SD1.5, bf16
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from einops import rearrange
+from timing import (
+    DTYPES,
+    StepRecorder,
+    Stopwatch,
+    add_run_arguments,
+    child_argv,
+    describe_run,
+    finish_run_arguments,
+    relative_difference,
+    run_child,
+    run_rounds,
+    run_worker,
+)
 from torch import nn
 from train_embedding import (
-    DTYPES,
     SEED,
     Shapes,
-    StepRecorder,
+    add_shape_arguments,
     autocast,
     build_model,
-    describe_run,
     make_images,
     model_shapes,
     parameter_count,
-    relative_difference,
-    run_child,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -59,14 +76,16 @@ LR = 5e-6  # our default, and where A1111's users settle
 WEIGHT_DECAY = 0.01  # torch AdamW's default, which A1111's trainer uses
 TEMPLATE = "filewords"
 LAYER_STRUCTURE = "1, 2, 1"
-ACTIVATION = "relu"
+ACTIVATION = "relu"  # the default of --activation
 IMPLS = ("ours", "reference", "generate")
 
 
 def settings(args: argparse.Namespace):
     from lib_training.methods.hypernetwork import HypernetworkConfig
 
-    return HypernetworkConfig(name=NAME, widths=args.widths, layer_structure=LAYER_STRUCTURE, activation=ACTIVATION)
+    return HypernetworkConfig(
+        name=NAME, widths=args.widths, layer_structure=LAYER_STRUCTURE, activation=args.activation
+    )
 
 
 # --- ours ---------------------------------------------------------------------------------------
@@ -224,62 +243,87 @@ def run_generate(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
     sample = SampleSettings(prompt="a photo of a red ball", seed=1, steps=args.gen_steps, width=shapes.size,
                             height=shapes.size)  # fmt: skip
 
-    def once(applied: bool) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with torch.no_grad(), autocast(device, dtype):
+    def once(applied: bool) -> Stopwatch:
+        with Stopwatch(device) as watch, torch.no_grad(), autocast(device, dtype):
             if applied:
                 with loaded.apply_for_generation(model, 1.0):
                     generate(model, sample)
             else:
                 generate(model, sample)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
+        return watch
 
     once(False), once(True)  # warm-up
     plain, applied = [], []
     for _ in range(args.gen_repeats):  # interleaved, so that drifting machine load hits both alike
         plain.append(once(False))
         applied.append(once(True))
-    return {"plain_s": statistics.median(plain), "applied_s": statistics.median(applied)}
+    # Other work only ever adds time: each way's quietest image (min) is the steadiest estimate.
+    return {
+        "plain_s": min(w.wall for w in plain),
+        "applied_s": min(w.wall for w in applied),
+        "plain_cpu_s": min(w.cpu for w in plain),
+        "applied_cpu_s": min(w.cpu for w in applied),
+        "median_added_cpu": statistics.median(w.cpu for w in applied) / statistics.median(w.cpu for w in plain) - 1,
+    }
 
 
 # --- the parent ------------------------------------------------------------------------------------
-PASSED_ON = ("device", "dtype", "steps", "warmup", "batch", "width", "size", "gen_steps", "gen_repeats", "widths")
+PASSED_ON = (
+    *("device", "dtype", "steps", "warmup", "batch", "width", "size"),
+    *("gen_steps", "gen_repeats", "widths", "activation"),
+)
 
 
-def child_argv(args: argparse.Namespace, arch: str, impl: str, data: Path) -> list[str]:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--impl", impl, "--arch", arch, "--data", str(data)]
-    for name in (*PASSED_ON, "threads"):
-        value = getattr(args, name)
-        if value is not None:
-            argv += ["--" + name.replace("_", "-"), str(value)]
-    argv += [flag for flag in ("--full", "--tiny") if getattr(args, flag[2:])]
-    return argv
+def by_cpu_time(args: argparse.Namespace) -> bool:
+    """Whether CPU time is the measure: one thread on the CPU, where it is the idle machine's wall time."""
+    return args.device == "cpu" and args.threads == 1
 
 
-def print_case(arch: str, shapes: Shapes, results: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[str]:
-    ours, ref, gen = results["ours"], results["reference"], results["generate"]
+def side(runs: list[dict[str, Any]], key: str) -> tuple[float, float, float]:
+    """(quietest, slowest, median) of the runs' median step times under `key`."""
+    values = [r[key] for r in runs]
+    return min(values), max(values), statistics.median(values)
+
+
+def print_case(
+    arch: str, shapes: Shapes, runs: dict[str, list[dict[str, Any]]], gen: dict[str, Any], args: argparse.Namespace
+) -> list[str]:
+    ours, ref = (min(runs[impl], key=lambda r: r["step_s"]) for impl in ("ours", "reference"))
     scale = "full size" if args.full else ("tiny" if args.tiny else f"UNet width {shapes.unet.model_channels}")
-    print(f"{arch.upper()} ({scale}), {shapes.size} px, hypernetwork {LAYER_STRUCTURE} {ACTIVATION} on widths "
+    print(f"{arch.upper()} ({scale}), {shapes.size} px, hypernetwork {LAYER_STRUCTURE} {args.activation} on widths "
           f"{args.widths}, "
           f"{ours['trained_parameters']:,} trained parameters (reference {ref['trained_parameters']:,})")  # fmt: skip
-    print(f"  {'':10s}{'ms/step':>9s}{'steps/s':>9s}{'peak growth MiB':>17s}{'peak total MiB':>16s}")
-    for impl, r in (("ours", ours), ("reference", ref)):
-        print(f"  {impl:10s}{r['step_s'] * 1000:9.1f}{1 / r['step_s']:9.2f}{r['peak_growth_mib']:17.1f}"
-              f"{r['peak_total_mib']:16.1f}")  # fmt: skip
-    speed = ref["step_s"] / ours["step_s"]
+    rounds = len(runs["ours"])
+    cpu = {impl: side(runs[impl], "cpu_step_s") for impl in runs}
+    wall = {impl: side(runs[impl], "step_s") for impl in runs}
+    print(f"  {'':10s}{'ms/step':>9s}{'CPU ms/step':>13s}{'steps/s':>9s}{'peak growth MiB':>17s}{'peak total MiB':>16s}"
+          f"   CPU ms/step over {rounds} round(s)")  # fmt: skip
+    for impl, r in (("ours", ours), ("reference", ref)):  # each time the quietest round's
+        low, high, _ = cpu[impl]
+        print(f"  {impl:10s}{wall[impl][0] * 1000:9.1f}{low * 1000:13.1f}{1 / wall[impl][0]:9.2f}"
+              f"{r['peak_growth_mib']:17.1f}{r['peak_total_mib']:16.1f}"
+              f"   {low * 1000:.0f}-{high * 1000:.0f}")  # fmt: skip
+    cpu_speed = cpu["reference"][0] / cpu["ours"][0]
+    wall_speed = wall["reference"][0] / wall["ours"][0]
+    worst = cpu["reference"][0] / cpu["ours"][1]  # ours' slowest round against the reference's quietest
+    speed = cpu_speed if by_cpu_time(args) else wall_speed
+    basis = "CPU time (one thread)" if by_cpu_time(args) else "wall time"
+    print(f"  speed ours/reference by {basis}: {speed:.2f}x (target >= 1.3); CPU time {cpu_speed:.2f}x (ours' "
+          f"slowest round {worst:.2f}x), wall time {wall_speed:.2f}x (quietest rounds)")  # fmt: skip
     memory = ours["peak_growth_mib"] / max(ref["peak_growth_mib"], 1e-9)
-    print(f"  speed ours/reference: {speed:.2f}x (target >= 1.3); peak growth ours/reference: {memory:.2f} "
-          f"(target <= 1); peak total {ours['peak_total_mib'] / ref['peak_total_mib']:.2f}")  # fmt: skip
+    print(f"  peak growth ours/reference: {memory:.2f} (target <= 1); peak total "
+          f"{ours['peak_total_mib'] / ref['peak_total_mib']:.2f}")  # fmt: skip
     first = relative_difference(ours["losses"][0], ref["losses"][0])
     print(f"  step-1 loss: ours {ours['losses'][0]:.6f}, reference {ref['losses'][0]:.6f} (relative difference "
           f"{first:.1e})")  # fmt: skip
-    added = gen["applied_s"] / gen["plain_s"] - 1
-    print(f"  generation ({args.gen_steps} steps): {gen['plain_s'] * 1000:.0f} ms plain, "
-          f"{gen['applied_s'] * 1000:.0f} ms with the hypernetwork: {added:+.1%} per image (target < 5%)")  # fmt: skip
+    added_wall = gen["applied_s"] / gen["plain_s"] - 1
+    added_cpu = gen["applied_cpu_s"] / gen["plain_cpu_s"] - 1
+    added = added_cpu if by_cpu_time(args) else added_wall
+    print(f"  generation ({args.gen_steps} steps, quietest of {args.gen_repeats} images each way): "
+          f"{gen['plain_cpu_s'] * 1000:.0f} ms plain, {gen['applied_cpu_s'] * 1000:.0f} ms with the hypernetwork "
+          f"(CPU time): {added_cpu:+.1%} per image (medians {gen['median_added_cpu']:+.1%}); wall time "
+          f"{gen['plain_s'] * 1000:.0f} / {gen['applied_s'] * 1000:.0f} ms: {added_wall:+.1%}; "
+          f"by {basis}: {added:+.1%} (target < 5%)")  # fmt: skip
     missed = [name for name, bad in (("speed", speed < 1.3), ("memory", memory > 1), ("generation", added >= 0.05))
               if bad]  # fmt: skip
     return missed
@@ -288,34 +332,21 @@ def print_case(arch: str, shapes: Shapes, results: dict[str, dict[str, Any]], ar
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="sd1", choices=["sd1", "sd2", "sdxl"])
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them, at least 1 (default 2)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument(
-        "--dtype", choices=list(DTYPES), help="fp32, or fp16/bf16 autocast (default: fp32 on a CPU, bf16 on a GPU)"
-    )
-    parser.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
+    add_run_arguments(parser, IMPLS)
     parser.add_argument("--images", type=int, default=4, help="images in the synthetic dataset (default 4)")
-    parser.add_argument("--size", type=int, help="image side in px (default 256; 64 with --tiny; 512 with --full)")
-    scale = parser.add_mutually_exclusive_group()
-    scale.add_argument("--full", action="store_true", help="full-size model (for a GPU)")
-    scale.add_argument("--tiny", action="store_true", help="tiny model: a quick check of the script")
-    parser.add_argument("--width", type=int, default=64, help="UNet model_channels of the default shapes (64)")
+    add_shape_arguments(parser, sdxl=False)
     parser.add_argument(
         "--widths", default="auto", help="widths with modules: auto (context and features) or a list, e.g. 768"
     )
+    parser.add_argument(
+        "--activation",
+        default=ACTIVATION,
+        help=f"the modules' activation ({ACTIVATION}; 'linear', A1111's default, is one matrix at generation)",
+    )
     parser.add_argument("--gen-steps", type=int, default=10, help="sampling steps per generated image (10)")
     parser.add_argument("--gen-repeats", type=int, default=5, help="images timed each way (5)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads of the workers (default: torch's choice)")
-    parser.add_argument("--rounds", type=int, default=1, help="runs of each implementation; the fastest is kept (1)")
-    parser.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = finish_run_arguments(parser, parser.parse_args())
     args.sdxl_depth, args.bigg_layers = 2, None  # what train_embedding's shapes read
-    if min(args.warmup, args.steps, args.rounds) < 1:
-        parser.error("--warmup, --steps and --rounds must be at least 1")
-    if args.dtype is None:
-        args.dtype = "fp32" if args.device == "cpu" else "bf16"
     return args
 
 
@@ -323,28 +354,31 @@ def main() -> None:
     args = parse_args()
     shapes = model_shapes(args.arch, args)
     if args.impl:  # a worker
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        worker = {"ours": run_ours, "reference": run_reference, "generate": run_generate}[args.impl]
-        print(json.dumps(worker(args, shapes)))
+        run_worker(args, {"ours": run_ours, "reference": run_reference, "generate": run_generate}, shapes)
         return
     threads = args.threads or torch.get_num_threads()
     print(
         "Hypernetwork training steps: ours (lib_training trainer) vs A1111's trainer (plain attention, "
         f"precomputed conditioning), same weights and batches\n{args.device} ({threads} threads), {args.dtype}, "
-        f"batch {args.batch}, AdamW lr {LR}; median of {args.steps} steps after {args.warmup} warm-up steps\n"
+        f"batch {args.batch}, AdamW lr {LR}; median of {args.steps} steps after {args.warmup} warm-up steps; "
+        f"{args.rounds} round(s), ours and the reference taking turns to go first\n"
     )
     with tempfile.TemporaryDirectory(prefix="bench-hn-data-") as root:
         data = Path(root) / args.arch
         make_images(data, args.images, shapes.size)
-        runs: dict[str, list[dict[str, Any]]] = {"ours": [], "reference": []}
-        for _ in range(args.rounds):  # alternating, so that changing machine load hits both alike
-            for impl in runs:
-                runs[impl].append(run_child(child_argv(args, args.arch, impl, data)))
-                print(describe_run(args.arch, impl, runs[impl][-1], threads), flush=True)
-        results = {impl: min(found, key=lambda r: r["step_s"]) for impl, found in runs.items()}
-        results["generate"] = run_child(child_argv(args, args.arch, "generate", data))
-        missed = print_case(args.arch, shapes, results, args)
+        flags = ("--full", "--tiny")
+        runs = run_rounds(
+            args.rounds,
+            ("ours", "reference"),
+            lambda impl: child_argv(__file__, args, args.arch, impl, data, PASSED_ON, flags),
+            lambda impl, result: print(
+                describe_run(args.arch, impl, result, threads)[:-1] + f"; CPU {result['cpu_step_s'] * 1000:.1f} ms)",
+                flush=True,
+            ),
+            alternate=True,
+        )
+        gen = run_child(child_argv(__file__, args, args.arch, "generate", data, PASSED_ON, flags))
+        missed = print_case(args.arch, shapes, runs, gen, args)
     verdict = "meets the targets" if not missed else f"misses the target on {', '.join(missed)}"
     print(f"{args.arch.upper()}: {verdict}")
 

@@ -15,7 +15,7 @@ Both see the same latents, prompts, noise, timesteps (and SDXL size conditioning
 the same learning rate; both LoRAs start with up = 0, so the losses of the first step must agree,
 which is printed as a check. Each implementation runs in its own subprocess; time per step is the
 median over the timed steps; peak memory is measured as in bench/train_embedding.py (whose model
-builders and measuring helpers this script uses). Prints both, and the ratios ours/reference.
+builders this script uses; the measuring helpers are bench/timing.py's). Prints both, and the ratios ours/reference.
 Target: ours at least 1.3x the reference's steps/s (time ratio at most 0.77), no more peak memory.
 
 peft must be importable (`pip install peft`, or PYTHONPATH pointing at a folder it was installed to).
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -44,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import timing
 import train_embedding as shared
 
 NAME = "zqx"
@@ -60,7 +60,7 @@ def run_ours(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, Any]:
     from lib_training.training.config import LoopConfig
     from lib_training.training.run import train
 
-    device, dtype = torch.device(args.device), shared.DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), timing.DTYPES[args.dtype]
     total = args.warmup + args.steps
     model = shared.build_model(shapes, device, dtype)
     method = LoraMethod(LoraConfig(name=NAME, rank=args.rank, alpha=args.alpha))
@@ -75,7 +75,7 @@ def run_ours(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, Any]:
         preview_every=0,
         latent_sampling="mean",
     )
-    recorder = shared.StepRecorder(args.warmup, total, device)
+    recorder = timing.StepRecorder(args.warmup, total, device)
 
     def on_progress(progress) -> None:
         if progress.phase == "training":
@@ -128,7 +128,7 @@ def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, 
     from diffusers import DDPMScheduler
     from peft import LoraConfig
 
-    device, dtype = torch.device(args.device), shared.DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), timing.DTYPES[args.dtype]
     total = args.warmup + args.steps
     model = shared.build_model(shapes, device, dtype)
     batches = reference_batches(model, args, shapes, total)
@@ -150,7 +150,7 @@ def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, 
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
-    recorder = shared.StepRecorder(args.warmup, total, device)
+    recorder = timing.StepRecorder(args.warmup, total, device)
 
     def encode(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         ids = [i.to(device) for i in batch["ids"]]
@@ -201,64 +201,34 @@ PASSED_ON = (
 )
 
 
-def child_argv(args: argparse.Namespace, arch: str, impl: str, data: Path) -> list[str]:
-    argv = [sys.executable, str(Path(__file__).resolve()), "--impl", impl, "--arch", arch, "--data", str(data)]
-    for name in (*PASSED_ON, "threads"):
-        value = getattr(args, name)
-        if value is not None:
-            argv += ["--" + name.replace("_", "-"), str(value)]
-    argv += [
-        flag
-        for flag in ("--full", "--tiny", "--reference-encodes-each-step")
-        if getattr(args, flag[2:].replace("-", "_"))
-    ]
-    return argv
+def worker_argv(args: argparse.Namespace, arch: str, impl: str, data: Path) -> list[str]:
+    flags = ("--full", "--tiny", "--reference-encodes-each-step")
+    return timing.child_argv(__file__, args, arch, impl, data, PASSED_ON, flags)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="both", choices=[*shared.ARCHS, "both"])
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them, at least 1 (default 2)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--dtype", choices=list(shared.DTYPES), help="default: fp32 on the CPU, bf16 on a GPU")
-    parser.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
+    timing.add_run_arguments(parser, shared.IMPLS)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     parser.add_argument("--alpha", type=float, default=8.0, help="LoRA alpha (default 8)")
     parser.add_argument("--images", type=int, default=2, help="images in the synthetic dataset (default 2)")
-    parser.add_argument("--size", type=int, help="image side in px (default 256; 64 with --tiny; 512/1024 with --full)")
-    scale = parser.add_mutually_exclusive_group()
-    scale.add_argument("--full", action="store_true", help="full-size SD1.5 and SDXL (for a GPU)")
-    scale.add_argument("--tiny", action="store_true", help="tiny models throughout: a quick check of the script")
-    parser.add_argument("--width", type=int, default=64, help="UNet model_channels of the default shapes (64)")
-    parser.add_argument("--sdxl-depth", type=int, default=2, help="transformer blocks per SDXL attention level (2)")
-    parser.add_argument("--bigg-layers", type=int, help="layers of OpenCLIP bigG in the default shapes (32: all)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads of the workers (default: torch's choice)")
-    parser.add_argument("--rounds", type=int, default=1, help="runs of each implementation; the fastest is kept (1)")
+    shared.add_shape_arguments(parser)
     parser.add_argument(
         "--reference-encodes-each-step",
         action="store_true",
         help="the reference runs its frozen text encoders in every step, as diffusers' SD1 LoRA script does",
     )
-    parser.add_argument("--impl", choices=shared.IMPLS, help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if min(args.warmup, args.steps, args.rounds) < 1:
-        parser.error("--warmup, --steps and --rounds must be at least 1")
+    args = timing.finish_run_arguments(parser, parser.parse_args())
     if args.warmup * args.batch < args.images:
         print("note: --warmup * --batch < --images: some timed steps of ours encode their prompts", file=sys.stderr)
-    if args.dtype is None:
-        args.dtype = "fp32" if args.device == "cpu" else "bf16"
     return args
 
 
 def main() -> None:
     args = parse_args()
     if args.impl:  # a worker
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        worker = run_ours if args.impl == "ours" else run_reference
-        print(json.dumps(worker(args, shared.model_shapes(args.arch, args))))
+        timing.run_worker(args, {"ours": run_ours, "reference": run_reference}, shared.model_shapes(args.arch, args))
         return
 
     archs = shared.ARCHS if args.arch == "both" else (args.arch,)
@@ -275,12 +245,13 @@ def main() -> None:
             shapes = shared.model_shapes(arch, args)
             data = Path(root) / arch
             shared.make_images(data, args.images, shapes.size)
-            runs: dict[str, list[dict[str, Any]]] = {impl: [] for impl in shared.IMPLS}
-            for _ in range(args.rounds):
-                for impl in shared.IMPLS:
-                    runs[impl].append(shared.run_child(child_argv(args, arch, impl, data)))
-                    print(shared.describe_run(arch, impl, runs[impl][-1], threads), flush=True)
-            results = {impl: min(found, key=lambda r: r["step_s"]) for impl, found in runs.items()}
+            runs = timing.run_rounds(
+                args.rounds,
+                shared.IMPLS,
+                lambda impl, arch=arch, data=data: worker_argv(args, arch, impl, data),
+                lambda impl, result, arch=arch: print(timing.describe_run(arch, impl, result, threads), flush=True),
+            )
+            results = timing.fastest(runs)
             print(f"  adapted modules: ours {results['ours']['modules']}, reference {results['reference']['modules']}")
             ratios = shared.print_case(arch, shapes, results, args)
             ratios["steps/s"] = 1 / ratios["time"]

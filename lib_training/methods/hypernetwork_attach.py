@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from lib_training.methods.hypernetwork_net import HypernetworkModule, affine_form
 from lib_training.model.diffusion import DiffusionModel
 from lib_training.model.hooks import ModuleHooks
 
@@ -64,17 +66,28 @@ def widths_text(widths: Iterable[int], sites: list[KVSite] | None = None) -> str
 class Attachment:
     """One hypernetwork's modules on one model's k/v projections, at one strength.
 
-    Every site runs `to_k(x + mlp_k(x) * strength)` (v alike). The text context is the same tensor
-    for every cross-attention layer of one UNet call, so the (k, v) modules of its width run on it
-    once per call, when the UNet is entered, and each cross-attention layer reuses that result (A1111
-    runs them again in every layer: the same numbers, 16 times the work in SD1). Not while dropout
-    trains: each layer then draws its own mask. The result is kept until the next call, so that
-    gradient checkpointing, which reruns layers in the backward pass, finds it too.
+    Every site runs `to_k(x + mlp_k(x) * strength)` (v alike), computed as cheaply as the formula allows:
+
+    - The text context is the same tensor for every cross-attention layer of one UNet call, so the
+      (k, v) modules of its width run on it once, when the UNet is entered, and each cross-attention
+      layer takes that result (A1111 runs them again in every layer: the same numbers, 16 times the
+      work in SD1). The result is kept until the next UNet call, so that gradient checkpointing, which
+      reruns layers in the backward pass, finds it too. Without gradients (generation) the next call
+      reuses it when it gets the same context tensor, unchanged (same version), and the modules'
+      weights are unchanged: a sampler passes one context to every step, so the modules run once per
+      image. A new prompt is a new tensor and is computed afresh; `clear()` (detach, the end of
+      `apply_for_generation`) drops it.
+    - Not while dropout trains: each layer then draws its own masks.
+    - Self-attention reads its own features, different in every layer: its modules run there. An
+      affine module (activation 'linear', no layer norm: A1111's default) is one matrix without
+      autograd: `x @ a + c` (`affine_form`, kept while the weights are unchanged), one width x width
+      matmul in place of the stack's (a quarter of the work for '1, 2, 1').
+    - At strength 0 (not training) the input passes through untouched.
     """
 
     def __init__(
         self,
-        modules: Mapping[int, tuple[nn.Module, nn.Module]],
+        modules: Mapping[int, tuple[HypernetworkModule, HypernetworkModule]],
         strength: float,
         dropout_seed: Callable[[int, str], int | None],
         has_dropout: bool,
@@ -83,37 +96,98 @@ class Attachment:
         self.strength = strength
         self.dropout_seed = dropout_seed  # (site index, "k" or "v") -> seed of the masks, None in eval mode
         self.has_dropout = has_dropout
-        self._shared: tuple[Tensor, Tensor, Tensor] | None = None  # (context, its k input, its v input)
+        self._shared: _Computed | None = None  # the text context's k and v inputs
+        self._affine_maps: dict[nn.Module, tuple[tuple[int, ...], tuple[Tensor, Tensor] | None]] = {}
 
     def install(self, hooks: ModuleHooks, model: DiffusionModel, sites: list[KVSite]) -> None:
         hooks.wrap_forward(model.modules["unet"], self._unet_call)
         for index, site in enumerate(sites):
             pair = self.modules.get(site.width)
             if pair is not None:
-                hooks.transform_input(site.to_k, self._transform(pair[0], index, "k", site.cross))
-                hooks.transform_input(site.to_v, self._transform(pair[1], index, "v", site.cross))
+                hooks.transform_input(site.to_k, self._transform(pair, index, 0, site.cross))
+                hooks.transform_input(site.to_v, self._transform(pair, index, 1, site.cross))
 
     def clear(self) -> None:
+        """Forget the context's computed inputs and the modules' affine maps."""
         self._shared = None
+        self._affine_maps.clear()
+
+    def _affine(self, module: HypernetworkModule) -> tuple[Tensor, Tensor] | None:
+        """The module as one affine map (`affine_form`), kept while its weights are unchanged."""
+        version = _weights_version((module,))
+        kept = self._affine_maps.get(module)
+        if kept is None or kept[0] != version:
+            kept = self._affine_maps[module] = (version, affine_form(module, self.strength))
+        return kept[1]
+
+    def _passes_through(self, module: nn.Module) -> bool:
+        return self.strength == 0 and not module.training  # training runs at strength 1
 
     def _unet_call(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         context = kwargs.get("context", args[2] if len(args) > 2 else None)
-        self._shared = None
         pair = self.modules.get(context.shape[-1]) if isinstance(context, Tensor) and context.dim() == 3 else None
-        if pair is not None and not (self.has_dropout and pair[0].training):
-            k = pair[0](context.float(), self.strength).to(context.dtype)  # [B, M, width]
-            v = pair[1](context.float(), self.strength).to(context.dtype)
-            self._shared = (context, k, v)
+        if pair is None or (self.has_dropout and pair[0].training) or self._passes_through(pair[0]):
+            self._shared = None
+        elif not (self._shared is not None and self._shared.reusable_for(context, pair)):
+            self._shared = _Computed.of(pair, context, self.strength)  # [B, M, width] each
         return forward(*args, **kwargs)
 
-    def _transform(self, module: nn.Module, index: int, part: str, cross: bool) -> Callable[[Tensor], Tensor]:
-        position = 1 if part == "k" else 2
+    def _transform(
+        self, pair: tuple[HypernetworkModule, HypernetworkModule], index: int, part: int, cross: bool
+    ) -> Callable[[Tensor], Tensor]:
+        module = pair[part]
 
         def transform(x: Tensor) -> Tensor:  # x [B, M, width]: the context (or features) k or v reads
             shared = self._shared
-            if cross and shared is not None and x is shared[0]:
-                return shared[position]
-            seed = self.dropout_seed(index, part) if module.training else None
-            return module(x.float(), self.strength, seed).to(x.dtype)
+            if cross and shared is not None and shared.holds(x):
+                return shared.inputs[part]
+            if self._passes_through(module):
+                return x
+            if not cross and _without_autograd(pair):
+                affine = self._affine(module)
+                if affine is not None:  # x @ a + c: one matmul of width x width instead of the stack's
+                    flat = x.float().reshape(-1, x.shape[-1])  # [B * M, width]
+                    return torch.addmm(affine[1], flat, affine[0]).view(x.shape).to(x.dtype)
+            seed = self.dropout_seed(index, "kv"[part]) if self.has_dropout and module.training else None
+            return module(x.float(), self.strength, seed).to(x.dtype)  # A1111's fp32 (no copy for fp32)
 
         return transform
+
+
+@dataclass(frozen=True, eq=False)
+class _Computed:
+    """The k and v inputs that a module pair made of one tensor, with what they depend on."""
+
+    source: Tensor  # [B, M, width]
+    version: int | None  # the source's version counter (None for an inference tensor: none kept)
+    weights: tuple[int, ...]  # the modules' parameters' version counters
+    inputs: tuple[Tensor, Tensor]  # x + mlp_k(x) * strength, x + mlp_v(x) * strength; [B, M, width] each
+    reusable: bool  # made without autograd and dropout: valid as long as source and weights are unchanged
+
+    @classmethod
+    def of(cls, pair: tuple[HypernetworkModule, HypernetworkModule], x: Tensor, strength: float) -> _Computed:
+        # A1111 runs the modules in fp32 and casts back (no copies when x is fp32)
+        k, v = pair[0](x.float(), strength), pair[1](x.float(), strength)
+        reusable = _without_autograd(pair) and _version(x) is not None
+        return cls(x, _version(x), _weights_version(pair), (k.to(x.dtype), v.to(x.dtype)), reusable)
+
+    def holds(self, x: Tensor) -> bool:
+        """Whether these are the inputs for `x`: the very tensor, not changed in place since."""
+        return x is self.source and _version(x) == self.version
+
+    def reusable_for(self, x: Tensor, pair: tuple[HypernetworkModule, HypernetworkModule]) -> bool:
+        """Whether a later UNet call may take these for `x`: both without autograd, the same tensor
+        unchanged, the modules' weights unchanged."""
+        return self.reusable and _without_autograd(pair) and self.holds(x) and _weights_version(pair) == self.weights
+
+
+def _without_autograd(pair: tuple[nn.Module, nn.Module]) -> bool:
+    return not (torch.is_grad_enabled() or pair[0].training)
+
+
+def _version(x: Tensor) -> int | None:
+    return None if x.is_inference() else x._version
+
+
+def _weights_version(pair: tuple[nn.Module, nn.Module]) -> tuple[int, ...]:
+    return tuple(p._version for module in pair for p in module.parameters())

@@ -214,7 +214,23 @@ class HypernetworkModule(nn.Module):
                 h = _dropout(h, layer.p, dropout_seed, position) if self.training else h
             else:
                 h = layer(h)
-        return x + h * (1.0 if self.training else strength)
+        return torch.add(x, h, alpha=1.0 if self.training else strength)  # x + h * strength in one pass
+
+
+@torch.no_grad()
+def affine_form(module: HypernetworkModule, strength: float) -> tuple[Tensor, Tensor] | None:
+    """(a [dim, dim], c [dim]) with `module(x, strength) == x @ a + c` (up to rounding) when the module
+    is affine: in eval mode and every layer a Linear (activation 'linear' and no layer norm; dropout
+    is off in eval mode). Such a stack is one matrix: x + (W_n(...(W_1 x + b_1)...) + b_n) * strength.
+    None for any other module."""
+    layers = [layer for layer in module.linear if not isinstance(layer, nn.Dropout)]
+    if module.training or not all(type(layer) is nn.Linear for layer in layers):
+        return None
+    weight, bias = layers[0].weight, layers[0].bias  # the stack so far: x @ weight.T + bias
+    for layer in layers[1:]:
+        weight, bias = layer.weight @ weight, layer.weight @ bias + layer.bias
+    a = torch.eye(module.dim, dtype=weight.dtype, device=weight.device) + weight.t() * strength
+    return a, bias * strength
 
 
 def _dropout(h: Tensor, p: float, seed: int | None, position: int) -> Tensor:
