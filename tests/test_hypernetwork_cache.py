@@ -197,3 +197,17 @@ def test_only_an_affine_module_in_eval_mode_has_an_affine_form() -> None:
     assert affine_form(module(activation="relu"), 1.0) is None
     assert affine_form(module(layer_norm=True), 1.0) is None
     assert affine_form(module().train(), 1.0) is None
+
+
+def test_a_hypernetwork_loaded_in_inference_mode_applies_as_one_loaded_outside_it(tiny_sd1, tmp_path) -> None:
+    path = tmp_path / "hn.pt"
+    _made(tiny_sd1, "linear").save(path, 1, {})
+    cond = tiny_sd1.encode_prompts(["a red ball", ""])
+    x, t = _inputs(0)
+    with torch.no_grad(), HypernetworkMethod.load(path, tiny_sd1).apply_for_generation(tiny_sd1):
+        expected = tiny_sd1.predict(x, t, cond)
+    with torch.inference_mode():  # as a WebUI generates: the loaded parameters are inference tensors
+        loaded = HypernetworkMethod.load(path, tiny_sd1)
+        with loaded.apply_for_generation(tiny_sd1):
+            got = [tiny_sd1.predict(x, t, cond) for _ in range(2)]
+    assert all(torch.allclose(g, expected, atol=1e-6) for g in got)

@@ -115,6 +115,8 @@ class Attachment:
     def _affine(self, module: HypernetworkModule) -> tuple[Tensor, Tensor] | None:
         """The module as one affine map (`affine_form`), kept while its weights are unchanged."""
         version = _weights_version((module,))
+        if version is None:
+            return affine_form(module, self.strength)
         kept = self._affine_maps.get(module)
         if kept is None or kept[0] != version:
             kept = self._affine_maps[module] = (version, affine_form(module, self.strength))
@@ -160,7 +162,7 @@ class _Computed:
 
     source: Tensor  # [B, M, width]
     version: int | None  # the source's version counter (None for an inference tensor: none kept)
-    weights: tuple[int, ...]  # the modules' parameters' version counters
+    weights: tuple[int, ...] | None  # the modules' parameters' version counters (None: inference tensors)
     inputs: tuple[Tensor, Tensor]  # x + mlp_k(x) * strength, x + mlp_v(x) * strength; [B, M, width] each
     reusable: bool  # made without autograd and dropout: valid as long as source and weights are unchanged
 
@@ -168,8 +170,9 @@ class _Computed:
     def of(cls, pair: tuple[HypernetworkModule, HypernetworkModule], x: Tensor, strength: float) -> _Computed:
         # A1111 runs the modules in fp32 and casts back (no copies when x is fp32)
         k, v = pair[0](x.float(), strength), pair[1](x.float(), strength)
-        reusable = _without_autograd(pair) and _version(x) is not None
-        return cls(x, _version(x), _weights_version(pair), (k.to(x.dtype), v.to(x.dtype)), reusable)
+        weights = _weights_version(pair)
+        reusable = _without_autograd(pair) and _version(x) is not None and weights is not None
+        return cls(x, _version(x), weights, (k.to(x.dtype), v.to(x.dtype)), reusable)
 
     def holds(self, x: Tensor) -> bool:
         """Whether these are the inputs for `x`: the very tensor, not changed in place since."""
@@ -189,5 +192,8 @@ def _version(x: Tensor) -> int | None:
     return None if x.is_inference() else x._version
 
 
-def _weights_version(pair: tuple[nn.Module, nn.Module]) -> tuple[int, ...]:
-    return tuple(p._version for module in pair for p in module.parameters())
+def _weights_version(modules: tuple[nn.Module, ...]) -> tuple[int, ...] | None:
+    """The parameters' version counters; None if one is an inference tensor (it keeps none), so
+    nothing computed from them is kept."""
+    params = [p for module in modules for p in module.parameters()]
+    return None if any(p.is_inference() for p in params) else tuple(p._version for p in params)
