@@ -29,7 +29,7 @@ by under 5%.
 
     python bench/train_hypernetwork.py                       # SD1 shapes on the CPU (UNet width 64)
     python bench/train_hypernetwork.py --tiny --steps 2 --warmup 1   # a quick check of the script
-    python bench/train_hypernetwork.py --activation linear   # A1111's default activation
+    python bench/train_hypernetwork.py --activation relu     # a nonlinear module (default: linear, A1111's)
     python bench/train_hypernetwork.py --device cuda --full  # full-size SD1.5, bf16
 """
 
@@ -76,7 +76,7 @@ LR = 5e-6  # our default, and where A1111's users settle
 WEIGHT_DECAY = 0.01  # torch AdamW's default, which A1111's trainer uses
 TEMPLATE = "filewords"
 LAYER_STRUCTURE = "1, 2, 1"
-ACTIVATION = "relu"  # the default of --activation
+ACTIVATION = "linear"  # the default of --activation: the method's (and A1111's) default
 IMPLS = ("ours", "reference", "generate")
 
 
@@ -341,7 +341,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--activation",
         default=ACTIVATION,
-        help=f"the modules' activation ({ACTIVATION}; 'linear', A1111's default, is one matrix at generation)",
+        help=f"the modules' activation (default {ACTIVATION}, A1111's, one matrix at generation; e.g. relu)",
     )
     parser.add_argument("--gen-steps", type=int, default=10, help="sampling steps per generated image (10)")
     parser.add_argument("--gen-repeats", type=int, default=5, help="images timed each way (5)")
