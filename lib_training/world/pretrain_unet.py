@@ -4,14 +4,15 @@ The text encoder is frozen, so every caption's context is computed once; the VAE
 first, so every picture's latent is computed once (`prepare`). A training step is then only the
 UNet: noise a batch of latents at uniform timesteps, predict the noise, mean squared error.
 
-Captions say the whole scene ("a red circle on a dark background") half of the time and a part of
-it the rest ("a red circle", "a circle on a dark background", "something red on a dark
-background", "a red shape"), so the UNet learns to read colour and shape apart: what lets a
-method teach a colour and shape never seen together. One caption in ten is dropped (empty), for
-classifier-free guidance. The UNet's exponential moving average is what ships. The loss is the
-mean squared error of the predicted noise, plus that of its mean over the picture weighted as the
-sampler magnifies it at high noise (see `diffusion_loss`): without it, a small UNet denoises well
-yet samples washed-out colours.
+Captions say the whole scene ("a red circle on a dark background") 40% of the time, a part of it
+("a red circle", "a circle on a dark background", "something red on a dark background", "a red
+shape") 40%, so the UNet learns to read colour and shape apart: what lets a method teach a colour
+and shape never seen together; and 20% in the form prompts take in training and previews ("a photo
+of a red circle", "a photo of a red circle, on a dark background"), so those words are not new to it.
+One caption in ten is dropped (empty), for classifier-free guidance. The UNet's exponential moving
+average is what ships. The loss is the mean squared error of the predicted noise, plus that of its
+mean over the picture weighted as the sampler magnifies it at high noise (see `diffusion_loss`):
+without it, a small UNet denoises well yet samples washed-out colours.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ DC_WEIGHT = 0.1  # weight of the error in the picture's mean colour at high nois
 DC_MAGNIFY_CAP = 100.0
 # (probability, how the caption is made from (colour, shape, background))
 CAPTION_KINDS = (
-    (0.5, lambda c, s, b: caption(c, s, b)),
-    (0.2, lambda c, s, b: caption(c, s)),
+    (0.4, lambda c, s, b: caption(c, s, b)),
+    (0.15, lambda c, s, b: caption(c, s)),
     (0.1, lambda c, s, b: f"{article(s)} {s} on a {b} background"),
     (0.1, lambda c, s, b: f"something {c} on a {b} background"),
-    (0.1, lambda c, s, b: f"{article(c)} {c} shape"),
+    (0.05, lambda c, s, b: f"{article(c)} {c} shape"),
+    # the way prompts are written for a method's training and previews ("a photo of a [name], [filewords]")
+    (0.1, lambda c, s, b: f"a photo of {caption(c, s)}"),
+    (0.1, lambda c, s, b: f"a photo of {caption(c, s)}, on a {b} background"),
 )
 
 
