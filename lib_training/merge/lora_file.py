@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -146,7 +147,16 @@ def module_weights(path: Path, name: str, found: Mapping[str, Tensor]) -> tuple[
     return down, up, alpha, dora_scale
 
 
-def lora_tensors(modules: Mapping[str, LoraModule], dtype: torch.dtype) -> dict[str, Tensor]:
+class LoraWeights(Protocol):
+    """What a kohya module's tensors are made of (a `LoraModule`, or a trained network's weights)."""
+
+    down: Tensor
+    up: Tensor
+    alpha: float
+    dora_scale: Tensor | None
+
+
+def lora_tensors(modules: Mapping[str, LoraWeights], dtype: torch.dtype) -> dict[str, Tensor]:
     """The file's tensors for `modules`, every one (alpha and dora_scale included) in `dtype`, as kohya saves
     them."""
     tensors: dict[str, Tensor] = {}

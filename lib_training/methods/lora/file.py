@@ -77,18 +77,6 @@ def bundled_vectors(parts: Mapping[str, Tensor], encoder_keys: list[str]) -> dic
     raise CheckpointError(f"a bundled embedding has parts {sorted(parts)}; this model needs {encoder_keys}")
 
 
-def file_tensors(modules: Mapping[str, ModuleWeights], dtype: torch.dtype) -> dict[str, Tensor]:
-    """The file's tensors, every one (alpha included) in `dtype`."""
-    tensors: dict[str, Tensor] = {}
-    for name, module in modules.items():
-        tensors[f"{name}.lora_down.weight"] = module.down.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.lora_up.weight"] = module.up.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(module.alpha, dtype=dtype)
-        if module.dora_scale is not None:
-            tensors[f"{name}.dora_scale"] = module.dora_scale.detach().to("cpu", dtype).contiguous()
-    return tensors
-
-
 def write_lora_file(path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
     """Write atomically, with kohya's and ModelSpec's hashes."""
     write_lora(path, tensors, metadata)

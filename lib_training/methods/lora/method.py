@@ -25,6 +25,7 @@ from lib_training.dataset import TrainingDataset
 from lib_training.errors import CheckpointError, ConfigError
 from lib_training.formats.embedding_files import EmbeddingFile, write_embedding
 from lib_training.merge.blocks import BASE, block_of, parse_blocks
+from lib_training.merge.lora_file import lora_tensors
 from lib_training.methods.embedding import MAX_VECTORS, initial_vectors
 from lib_training.methods.lora.file import (
     SAVE_DTYPES,
@@ -32,7 +33,6 @@ from lib_training.methods.lora.file import (
     RunFacts,
     bundle_tensors,
     bundled_vectors,
-    file_tensors,
     lora_metadata,
     read_lora_file,
     tag_frequency,
@@ -377,7 +377,7 @@ class LoraMethod(TrainingMethod):
             model_name=metadata.get("sd_checkpoint_name", ""),
             model_hash=metadata.get("sd_checkpoint", ""),
         )
-        tensors = file_tensors(self.module_weights(), SAVE_DTYPES[settings.save_dtype])
+        tensors = lora_tensors(self.module_weights(), SAVE_DTYPES[settings.save_dtype])
         for token, parts in self._embeddings.items():
             tensors.update(bundle_tensors(token, parts))
         write_lora_file(path, tensors, {**metadata, **meta})
