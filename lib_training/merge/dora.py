@@ -16,11 +16,13 @@ as A1111's `network.py` (`apply_weight_decompose`, then `* multiplier`) and Comf
 (`weight + strength * (weight_calc - weight)`) do. LyCORIS scales only the magnitude's change
 (W_dora = (W + ΔW) · (1 + m · (d / ‖W + ΔW‖ − 1))): the same at m = 1, not at other strengths.
 
-Which layout a file has is decided as ComfyUI decides it (`comfy/weight_adapter/base.py`, read at
-Comfy-Org/ComfyUI a125cd84, Oct 2025; Forge's `backend/patcher/lora.py` has the same code): per output
-channel when d's first dimension is W's output count. So [1, in] is per input even where out == in, [out, 1]
-per output even where in == 1, and a layer with one output channel (no layer a LoRA adapts in SD has one)
-takes the per-output formula whatever d's shape, d [1, in] then scaling each element. A1111 1.10.1's
+Which layout a file has is decided as ComfyUI decides it (`comfy/weight_adapter/base.py`, since its
+"Support dora_scale on both axis" of April 2025, read at Comfy-Org/ComfyUI a125cd84, Oct 2025; Forge's
+`backend/patcher/lora.py` at dfdcbab6 has the same code): per output channel when d's first dimension is W's
+output count. So [1, in] is per input even where out == in, [out, 1] per output even where in == 1, and a
+layer with one output channel (no layer a LoRA adapts in SD has one) takes the per-output formula whatever
+d's shape, d [1, in] then scaling each element (our training, which makes d per input, would not start at
+W' = W on such a layer). A1111 1.10.1's
 `network.py` reads only the per-input layout: it broadcasts a per-output d [out, 1] against its per-input
 norm [1, in] and so applies such a file wrongly, without an error.
 
