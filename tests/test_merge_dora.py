@@ -1,8 +1,10 @@
-"""DoRA files in the merge tools: baking one gives what the hook gives at that strength, resizing keeps
-dora_scale, and a dora_scale that does not fit its weight is named."""
+"""DoRA files in the hook and the merge tools: baking one gives what the hook gives at that strength,
+resizing keeps dora_scale, a magnitude per output channel (LyCORIS' wd_on_out) applies as ComfyUI applies it,
+and a dora_scale that fits neither layout is named."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -17,9 +19,11 @@ from lib_training.app.service import StandaloneWorkspace, TrainingService
 from lib_training.errors import CheckpointError
 from lib_training.merge import LoraBakeConfig, LoraResizeConfig, LoraSpec, bake_loras, resize_lora
 from lib_training.merge.cli import add_merge_parsers
-from lib_training.merge.dora import input_norm
+from lib_training.merge.dora import dora_change, input_norm
 from lib_training.merge.lora_file import read_lora
 from lib_training.methods.lora import LoraMethod
+from lib_training.methods.lora.network import weight_of
+from lib_training.methods.lora.targets import as_target, attentions_by_out_proj, model_layers, names_of
 from lib_training.model.standalone import load_model
 
 QKV = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"  # SD2: rows of open_clip's fused in_proj_weight
@@ -176,7 +180,123 @@ def test_resizing_a_dora_file_lower_keeps_dora_scale_and_warns_it_is_approximate
     assert any("DoRA modules now have a lower rank" in warning for warning in result.warnings)
 
 
-# --- a dora_scale that does not fit -------------------------------------------------------------------------
+# --- a magnitude per output channel (LyCORIS' wd_on_out), read as ComfyUI reads it ------------------------
+
+
+def comfyui_weight(weight: torch.Tensor, delta: torch.Tensor, d: torch.Tensor, strength: float) -> torch.Tensor:
+    """ComfyUI's `weight_decompose` (comfy/weight_adapter/base.py) for a d of W's output count, written out:
+    W + s · (d ⊙ (W + ΔW) / (‖W‖ + ε) − W), the norm of W (not W + ΔW) per output row, ε fp32's eps."""
+    norm = weight.reshape(weight.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (weight.ndim - 1))
+    calc = (weight + delta) * (d / (norm + torch.finfo(torch.float32).eps))
+    return weight + strength * (calc - weight)
+
+
+@pytest.fixture(scope="module")
+def sd2_dora_on_out(tiny_checkpoints, tmp_path_factory) -> Path:
+    """The SD2 DoRA file above with each dora_scale per output channel [out, 1(, 1, 1)], as LyCORIS'
+    wd_on_out writes it: ‖W‖ per output row, then changed as training changes it."""
+    method = small_lora(dora=True, save_dtype="fp32", train_text_encoder=True, locon=True)
+    method.attach(load_model(tiny_checkpoints["sd2"]))
+    randomise(method, 0)
+    generator = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, module in method.network.lora.items():
+            weight = weight_of(method.network.targets[name]).float()
+            rows = weight.flatten(1).norm(dim=1).reshape(-1, *[1] * (weight.ndim - 1))  # [out, 1(, 1, 1)]
+            module.dora_scale = torch.nn.Parameter(rows * (1 + 0.1 * torch.rand(rows.shape, generator=generator)))
+    path = tmp_path_factory.mktemp("dora-out") / "wdout.safetensors"
+    method.save(path, 1, {})
+    method.detach()
+    return path
+
+
+def weights_as_comfyui_makes_them(checkpoint: Path, lora: Path, strength: float):
+    """The model with every module of `lora` written into its weights by `comfyui_weight`, from the file's
+    tensors as they are."""
+    model = load_model(checkpoint)
+    tensors = load_file(str(lora))
+    index, attentions = names_of(model_layers(model)), attentions_by_out_proj(model)
+    names = {key.split(".")[0] for key in tensors}
+    with torch.no_grad():
+        for name in names:
+            weight = weight_of(as_target(index[name], attentions))
+            up, down = tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"]
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape) * (tensors[f"{name}.alpha"] / down.shape[0])
+            d = tensors[f"{name}.dora_scale"]
+            assert d.shape == (weight.shape[0], 1, *[1] * (weight.ndim - 2))  # per output channel
+            weight.copy_(comfyui_weight(weight.clone(), delta, d, strength))
+    return model
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_a_per_output_dora_file_applies_as_comfyui_computes_it(strength, sd2_dora_on_out, tiny_checkpoints) -> None:
+    model = load_model(tiny_checkpoints["sd2"])
+    before = text_and_unet_outputs(model)
+    with LoraMethod.load(sd2_dora_on_out, model).apply_for_generation(model, strength):
+        hooked = text_and_unet_outputs(model)
+    assert not torch.allclose(hooked[0], before[0], atol=1e-3)  # the file changes the text encoder
+    assert not torch.allclose(hooked[1], before[1], atol=1e-3)  # and the UNet
+    expected = weights_as_comfyui_makes_them(tiny_checkpoints["sd2"], sd2_dora_on_out, strength)
+    assert_same_outputs(hooked, text_and_unet_outputs(expected))
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_a_baked_per_output_dora_file_gives_the_outputs_of_the_hook(
+    strength, sd2_dora_on_out, tiny_checkpoints, tmp_path
+) -> None:
+    model = load_model(tiny_checkpoints["sd2"])
+    with LoraMethod.load(sd2_dora_on_out, model).apply_for_generation(model, strength):
+        hooked = text_and_unet_outputs(model)
+    spec = LoraSpec(str(sd2_dora_on_out), strength)
+    baked = bake(tiny_checkpoints["sd2"], tmp_path / "baked.safetensors", spec)
+    assert_same_outputs(text_and_unet_outputs(load_model(baked)), hooked)
+
+
+def test_resizing_a_per_output_dora_file_keeps_its_magnitudes_and_what_it_does(
+    sd2_dora_on_out, tiny_checkpoints, tmp_path
+) -> None:
+    same, smaller = tmp_path / "same.safetensors", tmp_path / "small.safetensors"
+    resize_lora(LoraResizeConfig(lora=str(sd2_dora_on_out), out=str(same), rank=4, dtype="fp32"))
+    resize_lora(LoraResizeConfig(lora=str(sd2_dora_on_out), out=str(smaller), rank=2, dtype="fp32"))
+    original = load_file(str(sd2_dora_on_out))
+    for path in (same, smaller):
+        resized = load_file(str(path))
+        scales = [key for key in original if key.endswith(".dora_scale")]
+        assert scales and all(torch.equal(resized[key], original[key]) for key in scales)
+    model = load_model(tiny_checkpoints["sd2"])
+    with LoraMethod.load(sd2_dora_on_out, model).apply_for_generation(model, 1.0):
+        expected = text_and_unet_outputs(model)
+    with LoraMethod.load(same, model).apply_for_generation(model, 1.0):
+        assert_same_outputs(text_and_unet_outputs(model), expected)
+
+
+@pytest.mark.parametrize(
+    ("weight_shape", "dora_shape", "per_output"),
+    [
+        ((6, 6), (1, 6), False),  # out == in: [1, in] is per input
+        ((6, 6), (6, 1), True),  # and [out, 1] per output
+        ((5, 1, 3, 3), (5, 1, 1, 1), True),  # in == 1: [out, 1] is per output
+        ((5, 1, 3, 3), (1, 1, 1, 1), False),
+        ((1, 4), (1, 4), True),  # one output channel: ComfyUI takes its per-output formula for any d
+        ((1, 4), (1, 1), True),
+    ],
+)
+def test_the_layout_of_dora_scale_is_read_from_its_shape_as_comfyui_reads_it(
+    weight_shape, dora_shape, per_output
+) -> None:
+    generator = torch.Generator().manual_seed(1)
+    weight, delta = torch.randn(weight_shape, generator=generator), 0.3 * torch.randn(weight_shape, generator=generator)
+    d = 1 + torch.rand(dora_shape, generator=generator)
+    if per_output:
+        expected = comfyui_weight(weight, delta, d, 0.5) - weight
+    else:  # A1111's apply_weight_decompose, the norm of W + ΔW per input channel
+        merged = weight + delta
+        norm = merged.transpose(0, 1).reshape(weight.shape[1], -1).norm(dim=1).reshape(1, -1, *[1] * (weight.ndim - 2))
+        expected = 0.5 * (d * merged / norm - weight)
+    torch.testing.assert_close(dora_change(weight, delta, d, 0.5), expected)
+
+
+# --- a dora_scale that fits neither layout -------------------------------------------------------------------
 
 
 def with_dora_scale(source: Path, out: Path, shape: tuple[int, ...]) -> Path:
@@ -186,21 +306,19 @@ def with_dora_scale(source: Path, out: Path, shape: tuple[int, ...]) -> Path:
     return out
 
 
-@pytest.mark.parametrize(
-    ("shape", "message"),
-    [
-        ((1, 7), r"\[1, 7\], but for its weight \[128, 128\] DoRA's magnitude is \[1, 128\]"),
-        ((128, 1, 1), r"\[128, 1, 1\], a magnitude per output channel \(LyCORIS' wd_on_out\)"),
-    ],
-)
-def test_a_dora_scale_that_does_not_fit_its_weight_is_named_by_every_tool(
-    shape, message, sd2_dora, tiny_checkpoints, tmp_path
+@pytest.mark.parametrize("shape", [(1, 7), (7, 1), (128, 2), (128,), (1, 128, 3)])
+def test_a_dora_scale_that_fits_neither_layout_is_named_by_every_tool(
+    shape, sd2_dora, tiny_checkpoints, tmp_path
 ) -> None:
-    width = read_lora(sd2_dora)[0][QKV].weight_shape[1]
-    assert width == 128  # the tiny SD2 text encoder's width, in the messages above
+    width = read_lora(sd2_dora)[0][QKV].weight_shape
+    assert width == (128, 128)  # the tiny SD2 text encoder's q rows, in the message below
     bad = with_dora_scale(sd2_dora, tmp_path / "bad.safetensors", shape)
     out = tmp_path / "out.safetensors"
-    with pytest.raises(CheckpointError, match=rf"bad\.safetensors: module {QKV} has a dora_scale of shape {message}"):
+    message = (
+        rf"has a dora_scale of shape {re.escape(str(list(shape)))}, but for its weight \[128, 128\] DoRA's "
+        r"magnitude is \[1, 128\] \(one value per input channel.*\) or \[128, 1\] \(one per output channel"
+    )
+    with pytest.raises(CheckpointError, match=rf"bad\.safetensors: module {QKV} {message}"):
         bake(tiny_checkpoints["sd2"], out, LoraSpec(str(bad)))
     with pytest.raises(CheckpointError, match=message):
         resize_lora(LoraResizeConfig(lora=str(bad), out=str(out), rank=2))

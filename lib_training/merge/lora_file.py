@@ -2,9 +2,9 @@
 and for DoRA `NAME.dora_scale`).
 
 A module's update to its weight W [out, in(, kh, kw)] is scale · up @ down with scale = alpha / rank,
-up [out, rank(, 1, 1)], down [rank, in(, kh, kw)]; a DoRA module also rescales each input column of
-W + update to its `dora_scale` [1, in(, 1, 1)] (`lib_training.merge.dora`). Other adapter types (LoHa,
-LoKr, ...) are refused with a message rather than misread.
+up [out, rank(, 1, 1)], down [rank, in(, kh, kw)]; a DoRA module also rescales W + update by its
+`dora_scale`, [1, in(, 1, 1)] per input channel or [out, 1(, 1, 1)] per output (`lib_training.merge.dora`).
+Other adapter types (LoHa, LoKr, ...) are refused with a message rather than misread.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from lib_training.formats.safetensors_writer import (
     tensor_bytes,
 )
 from lib_training.formats.tensor_files import open_tensors
-from lib_training.merge.dora import checked_dora_scale, dora_change
+from lib_training.merge.dora import checked_dora_scale, dora_change, fitted_dora_scale
 
 _PART = re.compile(r"^(?P<name>[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha|dora_scale)$")
 _OTHER_ADAPTERS = {  # a part of a key -> what the file is
@@ -55,7 +55,7 @@ class LoraModule:
     down: Tensor  # [rank, in] or [rank, in, kh, kw]
     up: Tensor  # [out, rank] or [out, rank, 1, 1]
     alpha: float
-    dora_scale: Tensor | None = None  # DoRA: [1, in] or [1, in, 1, 1]
+    dora_scale: Tensor | None = None  # DoRA: [1, in(, 1, 1)] (per input) or [out, 1(, 1, 1)] (per output)
 
     @property
     def rank(self) -> int:
@@ -82,7 +82,7 @@ class LoraModule:
         delta = self.delta(weight.device).reshape(weight.shape)
         if self.dora_scale is None:
             return multiplier * delta
-        dora_scale = self.dora_scale.to(weight.device).reshape(1, weight.shape[1], *[1] * (weight.ndim - 2))
+        dora_scale = fitted_dora_scale(self.dora_scale.to(weight.device), tuple(weight.shape))
         return dora_change(weight, delta, dora_scale, multiplier)
 
 
@@ -131,7 +131,7 @@ def module_weights(path: Path, name: str, found: Mapping[str, Tensor]) -> tuple[
     """(down, up, alpha, dora_scale or None) of one kohya module from its parts ("lora_down.weight",
     "lora_up.weight", "alpha", "dora_scale"); a CheckpointError naming the file and module if a weight is
     missing, the two do not multiply or the DoRA magnitude does not fit them. Without an alpha, alpha is
-    the rank (scale 1), as the loaders read it. dora_scale comes shaped [1, in(, 1, 1)]."""
+    the rank (scale 1), as the loaders read it. dora_scale comes shaped [1, in(, 1, 1)] or [out, 1(, 1, 1)]."""
     if "lora_down.weight" not in found or "lora_up.weight" not in found:
         raise CheckpointError(f"{path.name}: module {name} lacks its lora_up or lora_down weight")
     down, up = found["lora_down.weight"], found["lora_up.weight"]

@@ -10,7 +10,8 @@ lora_up / lora_down / alpha and copies every other key; LyCORIS has no resize to
 result is the same file up to rounding. At a lower rank the result is approximate, and only in
 direction: each input column of the baked weight d ⊙ (W + ΔW') / ‖W + ΔW'‖ still has exactly the norm d,
 while ΔW' is the best approximation of ΔW at that rank, as for a plain LoRA. The result says so in a
-warning.
+warning. A magnitude per output channel (LyCORIS' `wd_on_out`) is kept too, in its layout; as ComfyUI
+applies it (d ⊙ (W + ΔW') / ‖W‖ per row, `lib_training.merge.dora`) the rows' norms follow ΔW' a little.
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ def resize_lora(
     lowered = [name for name in dora if resized[name].rank < modules[name].rank]
     if lowered:
         warnings.append(
-            f"{len(lowered)} of {len(dora)} DoRA modules now have a lower rank: their dora_scale is kept, so each "
-            "weight column keeps its magnitude, but the direction is approximate, as a resized LoRA's update is"
+            f"{len(lowered)} of {len(dora)} DoRA modules now have a lower rank: their dora_scale is kept, so the "
+            "magnitudes stay, but the direction is approximate, as a resized LoRA's update is"
         )
     seconds = time.perf_counter() - start
     return LoraResult(written.path, written.data_sha256, written.metadata, seconds, len(resized), warnings)

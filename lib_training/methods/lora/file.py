@@ -2,9 +2,10 @@
 
 Per module NAME (kohya's name for the family, `lib_training.formats.lora_keys`):
 `NAME.lora_down.weight` [r, in] (conv [r, in, kh, kw]), `NAME.lora_up.weight` [out, r] (conv
-[out, r, 1, 1]), `NAME.alpha` (0-dim) and, for DoRA, `NAME.dora_scale` [1, in] (conv [1, in, 1, 1]),
-every tensor in the save dtype, as kohya and LyCORIS save them. `sshs_model_hash`, `sshs_legacy_hash`
-and `modelspec.hash_sha256` are written by `lib_training.merge.lora_file.write_lora`.
+[out, r, 1, 1]), `NAME.alpha` (0-dim) and, for DoRA, `NAME.dora_scale` [1, in] (conv [1, in, 1, 1]; files
+with it per output channel, [out, 1(, 1, 1)] as LyCORIS' `wd_on_out` writes it, are read too), every tensor
+in the save dtype, as kohya and LyCORIS save them. `sshs_model_hash`, `sshs_legacy_hash` and
+`modelspec.hash_sha256` are written by `lib_training.merge.lora_file.write_lora`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ModuleWeights:
     down: Tensor  # [r, in] or [r, in, kh, kw]
     up: Tensor  # [out, r] or [out, r, 1, 1]
     alpha: float
-    dora_scale: Tensor | None = None  # [1, in] or [1, in, 1, 1]
+    dora_scale: Tensor | None = None  # [1, in(, 1, 1)], or per output channel [out, 1(, 1, 1)]
 
 
 @dataclass

@@ -25,6 +25,7 @@ from lib_training.dataset import TrainingDataset
 from lib_training.errors import CheckpointError, ConfigError
 from lib_training.formats.embedding_files import EmbeddingFile, write_embedding
 from lib_training.merge.blocks import BASE, block_of, parse_blocks
+from lib_training.merge.dora import fitted_dora_scale
 from lib_training.merge.lora_file import lora_tensors
 from lib_training.methods.embedding import MAX_VECTORS, initial_vectors
 from lib_training.methods.lora.file import (
@@ -418,9 +419,7 @@ class LoraMethod(TrainingMethod):
                 module.down.copy_(weights.down.reshape(module.down.shape))
                 module.up.copy_(weights.up.reshape(module.up.shape))
                 if weights.dora_scale is not None:
-                    module.dora_scale = nn.Parameter(
-                        weights.dora_scale.float().reshape(1, shape[1], *[1] * (len(shape) - 2))
-                    )
+                    module.dora_scale = nn.Parameter(fitted_dora_scale(weights.dora_scale.float(), shape))
             modules[entry.kohya] = module.to(model.device).requires_grad_(False)
             targets[entry.kohya] = target
         method = cls(LoraConfig(name=path.stem))

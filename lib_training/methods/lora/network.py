@@ -7,13 +7,15 @@ an nn.MultiheadAttention's fused q/k/v `in_proj_weight` [3W, W] that belong to o
                                           down [rank, in] (conv: [rank, in, kh, kw])
 
 Plain LoRA / LoCon at multiplier m: y = layer(x) + m · ΔW x, computed on the activations
-(`up(down(x))`), never by forming ΔW. DoRA adds a magnitude `dora_scale` d [1, in(, 1, 1)], one value per
-input channel, the layout A1111 (`network.py`) and ComfyUI (`weight_adapter/base.py`) read:
+(`up(down(x))`), never by forming ΔW. DoRA adds a magnitude `dora_scale` d. Training makes it [1, in(, 1, 1)],
+one value per input channel, the layout A1111 (`network.py`) and ComfyUI (`weight_adapter/base.py`) read:
 
     W_dora = d ⊙ (W + ΔW) / ‖W + ΔW‖        the norm per input channel (over output rows and kernel)
     W'     = W + m · (W_dora − W)             (`lib_training.merge.dora`, which the merge tools share)
 
-d starts as ‖W‖, so W' = W before training, as ΔW = 0 (up starts at zero, down kaiming-uniform).
+d starts as ‖W‖, so W' = W before training, as ΔW = 0 (up starts at zero, down kaiming-uniform). A file may
+also hold d per output channel, [out, 1(, 1, 1)] (LyCORIS' `wd_on_out`); it applies as ComfyUI applies it,
+W_dora = d ⊙ (W + ΔW) / ‖W‖ per output row (`lib_training.merge.dora` says which layout is which).
 DoRA layers add (W' − W) x to the layer's output; the fused attention of open_clip text encoders runs on
 its adapted weights (the changes of every attached LoRA summed, as A1111 and ComfyUI stack them).
 
