@@ -21,7 +21,7 @@ from lib_training.app.jobs import Job
 from lib_training.app.ui.compat import QUICK
 from lib_training.app.ui.merge_form import ConfigControl, ConfigForm
 from lib_training.app.ui.merge_view import JobView
-from lib_training.app.ui.snippets import failure_html, message_html, problems_html
+from lib_training.app.ui.snippets import failure_html, message_html, problems_html, started_updates
 from lib_training.errors import UserError
 from lib_training.options import SettingsError
 
@@ -139,14 +139,7 @@ class AestheticCreatePanel:
             return [problems_html(self.describe_errors(error.errors)), *unchanged, *hints], False
         except UserError as error:  # another job runs
             return [message_html(str(error), "error"), *unchanged, *self.form.hint_updates({}, values)], False
-        updates = [
-            message_html(f"Started {job.title}."),
-            self.view.snapshot().progress_html,
-            gr.update(interactive=False),
-            gr.update(interactive=True),
-            *self.form.hint_updates({}, values),
-        ]
-        return updates, True
+        return started_updates(job.title, self.view.snapshot().progress_html, self.form.hint_updates({}, values)), True
 
     def interrupt_job(self) -> str:
         job, _ = self.view.jobs()

@@ -21,7 +21,7 @@ from lib_training.app.service import TrainingService
 from lib_training.app.ui.compat import QUICK
 from lib_training.app.ui.merge_form import ConfigControl, ConfigForm
 from lib_training.app.ui.merge_view import MergeView
-from lib_training.app.ui.snippets import message_html, problems_html
+from lib_training.app.ui.snippets import message_html, problems_html, started_updates
 from lib_training.errors import ConfigError, UserError
 from lib_training.merge.methods import MERGE_METHODS
 from lib_training.options import SettingsError
@@ -273,14 +273,7 @@ class ToolPanel:
             return [problems_html(self.describe_errors(errors)), *unchanged, *self.hint_updates(errors, values)], False
         except UserError as error:  # another job runs, or the host refused
             return [message_html(str(error), "error"), *unchanged, *self.hint_updates({}, values)], False
-        updates = [
-            message_html(f"Started {job.title}."),
-            self.view.snapshot().progress_html,
-            gr.update(interactive=False),
-            gr.update(interactive=True),
-            *self.hint_updates({}, values),
-        ]
-        return updates, True
+        return started_updates(job.title, self.view.snapshot().progress_html, self.hint_updates({}, values)), True
 
     def interrupt_job(self) -> str:
         job, _ = self.view.jobs()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from typing import Any
 
 from lib_training.app.jobs import busy_text
 
@@ -18,6 +19,15 @@ def another_job_text(title: str) -> str:
 def message_html(text: str, kind: str = "info") -> str:
     """A one-line message; `kind` is "info" or "error" (styled by style.css)."""
     return f'<div class="sdwt-{kind}">{html.escape(text)}</div>'
+
+
+def started_updates(title: str, progress: str, hints: Sequence[Any]) -> list[Any]:
+    """A tab's updates once its job started: the message, the progress bar, Start off, Interrupt on, the
+    form's field hints (cleared)."""
+    import gradio as gr
+
+    start_off, interrupt_on = gr.update(interactive=False), gr.update(interactive=True)
+    return [message_html(f"Started {title}."), progress, start_off, interrupt_on, *hints]
 
 
 def problems_html(lines: Sequence[str]) -> str:

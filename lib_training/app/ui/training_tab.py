@@ -22,7 +22,7 @@ from lib_training.app.ui.create_section import CreateSection
 from lib_training.app.ui.form import SettingsForm
 from lib_training.app.ui.run_view import RunView
 from lib_training.app.ui.runs import load_run_settings, run_configs
-from lib_training.app.ui.snippets import message_html, problems_html
+from lib_training.app.ui.snippets import message_html, problems_html, started_updates
 from lib_training.errors import UserError
 from lib_training.methods import registered
 from lib_training.options import SettingsError
@@ -187,15 +187,7 @@ class MethodPanel:
             return [message_html(str(error), "error"), *unchanged, *hints], False
         except UserError as error:
             return [message_html(str(error), "error"), *unchanged, *hints], False
-        now = self.view.snapshot()
-        started = [
-            message_html(f"Started {job.title}."),
-            now.progress_html,
-            gr.update(interactive=False),
-            gr.update(interactive=True),
-            *hints,
-        ]
-        return started, True
+        return started_updates(job.title, self.view.snapshot().progress_html, hints), True
 
     def interrupt_training(self) -> str:
         job, _ = self.view.jobs()
