@@ -6,12 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 from lora_support import model_state, randomise, small_lora
+from test_fast_path import minimal_unet, tiny_unet, unet_loss
 from torch import nn
 
 from lib_training.methods.lora.network import Dropout, LoraNetwork, LowRankModule, Target, conv_args
 from lib_training.model.hooks import ModuleHooks
+from lib_training.model.memory_format import channels_last
 from lib_training.model.networks.fused import LOW_RANK, fusable, fused_linear, joint_linear, linear, runs_on_tokens
 from lib_training.model.standalone import load_model
+from lib_training.training.compiled import CompiledUNet
 
 
 def unmarked(network: LoraNetwork) -> None:
@@ -51,6 +54,17 @@ def assert_close_all(got, want, **tolerance) -> None:
 
 
 TOLERANCES = {torch.float32: {}, torch.bfloat16: {"atol": 0.05, "rtol": 0.02}}
+REORDERED = {"atol": 1e-4, "rtol": 1e-4}  # fp32 sums in another order (channels-last normalisation; compiled)
+
+
+def assert_grads_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], **tolerance) -> None:
+    """Gradients by name, relative to the largest of all (the summation order differs between the paths,
+    and some gradients are ~0: softmax over the one token of a 1x1 feature map)."""
+    assert got.keys() == want.keys()
+    scale = max(grad.abs().max().item() for grad in want.values())
+    for name, grad in want.items():
+        message = lambda m, name=name: f"{name}: {m}"  # noqa: E731
+        torch.testing.assert_close(got[name] / scale, grad / scale, **tolerance, msg=message)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -200,14 +214,9 @@ def test_a_lora_unet_gives_the_loss_and_gradients_of_the_unfused_lora(arch, dtyp
     finally:
         method.detach()
     assert model_state(model) == before
-    tolerance = TOLERANCES[dtype]
-    # Gradients relative to the largest one (some are ~0: softmax over the one token of a 1x1 feature map)
-    scale = max(grad.abs().max().item() for grad in unfused[1].values())
     for got in (fused, checkpointed):
-        torch.testing.assert_close(got[0], unfused[0], **tolerance)
-        assert got[1].keys() == unfused[1].keys()
-        for name, grad in unfused[1].items():
-            torch.testing.assert_close(got[1][name] / scale, grad / scale, **tolerance)
+        torch.testing.assert_close(got[0], unfused[0], **TOLERANCES[dtype])
+        assert_grads_close(got[1], unfused[1], **TOLERANCES[dtype])
 
 
 def graph_nodes(loss: torch.Tensor) -> int:
@@ -232,3 +241,47 @@ def test_a_lora_unet_step_records_fewer_autograd_nodes_than_the_unfused_lora(tin
     finally:
         method.detach()
     assert fused < unfused - 4 * len(method.network.lora)  # each LoRA'd layer: 5+ nodes fewer
+
+
+def lora_on_transformers(model) -> LoraNetwork:
+    """A LoRA on every Linear and 1x1 convolution of the UNet's spatial transformers (kohya's default set)."""
+    layers = {
+        f"{index}_{name}".replace(".", "_"): module
+        for index, transformer in enumerate(model.transformers)
+        for name, module in transformer.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv2d))
+    }
+    return lora_on(layers)
+
+
+def test_a_lora_unet_in_channels_last_gives_the_contiguous_loss_and_gradients() -> None:
+    model = tiny_unet().requires_grad_(False)
+    network = lora_on_transformers(model)
+    loss = unet_loss(model, model)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in network.named_parameters()}
+    network.zero_grad(set_to_none=True)
+    with channels_last([model]):
+        loss_nhwc = unet_loss(model, model, torch.channels_last)
+        loss_nhwc.backward()
+    network.detach()
+    torch.testing.assert_close(loss_nhwc, loss, rtol=1e-5, atol=0)
+    assert_grads_close({name: p.grad for name, p in network.named_parameters()}, grads, **REORDERED)
+
+
+@pytest.mark.slow
+def test_a_compiled_lora_unet_gives_the_eager_loss_and_gradients() -> None:
+    """aot_eager, as tests/test_fast_path.py's compile test; ~15 s on 2 busy cores."""
+    model = minimal_unet().requires_grad_(False)
+    network = lora_on_transformers(model)
+    loss = unet_loss(model, model)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in network.named_parameters()}
+    network.zero_grad(set_to_none=True)
+    compiled = CompiledUNet(model, backend="aot_eager")
+    loss_compiled = unet_loss(compiled, model)
+    loss_compiled.backward()
+    network.detach()
+    assert compiled.fallback == ""
+    torch.testing.assert_close(loss_compiled, loss, rtol=1e-5, atol=0)
+    assert_grads_close({name: p.grad for name, p in network.named_parameters()}, grads, **REORDERED)
