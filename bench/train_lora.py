@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +220,7 @@ class OpCounter:
             self.profiler.stop()
             ops = [e for e in self.profiler.events() if e.name.startswith("aten::")]
             top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
-            self.counts = {"ops": len(ops), "top_ops": len(top)}
+            self.counts = {"ops": len(ops), "top_ops": len(top), "top_by_name": dict(Counter(e.name for e in top))}
 
 
 PASSED_ON = (
@@ -273,6 +275,11 @@ def print_op_counts(arch: str, results: dict[str, dict[str, Any]]) -> None:
             f"    {kind:22s} ours {ours[key]:7d}   reference {ref[key]:7d}   "
             f"ratio ours/reference {ours[key] / ref[key]:.3f}"
         )
+    names = set(ours["top_by_name"]) | set(ref["top_by_name"])
+    difference = {name: ours["top_by_name"].get(name, 0) - ref["top_by_name"].get(name, 0) for name in names}
+    most = sorted(names, key=lambda name: -abs(difference[name]))[:10]
+    print("    top-level operators whose counts differ most (ours - reference): ")
+    print("      " + ", ".join(f"{name.removeprefix('aten::')} {difference[name]:+d}" for name in most))
     print()
 
 
@@ -308,6 +315,11 @@ def main() -> None:
                 print_op_counts(arch, results)
                 continue
             ratios = shared.print_case(arch, shapes, results, args)
+            cpu = {impl: statistics.median(r["cpu_step_s"] for r in runs[impl]) * 1000 for impl in runs}
+            print(
+                f"  CPU time per step (one thread: steadier under load than wall time): ours {cpu['ours']:.1f} ms, "
+                f"reference {cpu['reference']:.1f} ms, ratio ours/reference {cpu['ours'] / cpu['reference']:.3f}"
+            )
             ratios["steps/s"] = 1 / ratios["time"]
             summary[arch] = ratios
             print()

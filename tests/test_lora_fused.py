@@ -167,6 +167,17 @@ def test_a_training_lora_with_dropout_runs_as_a_module_and_without_it_in_eval(dr
     assert fusable((layer, other))
 
 
+def test_a_dora_layer_runs_as_a_module() -> None:
+    layer, other = nn.Linear(8, 6), nn.Linear(8, 6)
+    lora_on({"other": other})
+    module = LowRankModule(layer.weight.shape, 3, 2.0, dora_from=layer.weight.detach())
+    network = LoraNetwork({"layer": module}, {"layer": Target("layer", layer)}, torch.Generator())
+    network.attach()
+    assert fusable((other, other)) and not fusable((layer, other))
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(linear(layer, x), layer(x))
+
+
 def test_a_3x3_locon_is_not_run_on_tokens() -> None:
     conv = nn.Conv2d(8, 8, 3, padding=1)
     lora_on({"conv": conv})
