@@ -6,10 +6,12 @@ computation is joined: the weights [out_i, in] are concatenated along the output
 call, one `F.linear` runs over them, and the result is split back. Gradients reach each layer's own
 weight through the concatenation.
 
-Fusing is only allowed while every layer is a plain `nn.Linear` that nothing has changed: a LoRA or
-hypernetwork sets a `forward` on the instance (`lib_training.model.hooks.ModuleHooks`) and torch
-hooks sit in the hook dicts; either makes `fusable` false, and the callers then call each layer on
-its own so that the override is honoured.
+Fusing is only allowed while every layer is an `nn.Linear` whose call the fused node computes: a
+plain one, or one whose only change is a plain LoRA that marked its forward (`mark_low_rank`): its
+term scale · (x @ down^T) @ up^T is then computed inside the same node (q/k/v stay one matmul). Any
+other instance `forward` (a hypernetwork, a host's override, a second LoRA, a LoRA with dropout;
+`lib_training.model.hooks.ModuleHooks`) or torch hook makes `fusable` false, and the callers then
+call each layer on its own so that the override is honoured.
 
 `linear(module, x)` is `module(x)` for one Linear: a plain one runs through the same autograd
 function, so that a step has one node per layer instead of F.linear's view, transpose and addmm
@@ -188,7 +190,8 @@ class _JointLinear(torch.autograd.Function):
         backward   gh_i = g_i @ U_i [tokens, rank_i];  grad_x += s_i · gh_i @ D_i (addmm_);
                    grad_U_i = s_i · g_i^T @ h_i;  grad_D_i = s_i · gh_i^T @ x   (addmm with beta 0)
 
-    The backward keeps `x` (in dt, as the unfused LoRA's down layer keeps it) and h; no concatenation.
+    With LoRA terms the backward keeps `x` (in dt, as the unfused LoRA's down layer keeps it), h and the
+    LoRA weights in dt (tiny), so it casts none of them again; no concatenation.
     """
 
     @staticmethod
@@ -201,8 +204,9 @@ class _JointLinear(torch.autograd.Function):
         weight = _joined([_matrix(w) for w in weights])  # [sum(out_i), in]
         ctx.count, ctx.has_bias, ctx.adapted, ctx.scales = count, bool(biases), adapted, scales
         ctx.sizes = [w.shape[0] for w in weights]
-        out = F.linear(x, weight, _joined(biases) if biases else None)  # [..., sum(out_i)]
+        bias = _joined(biases) if biases else None
         if not terms:
+            out = F.linear(x, weight, bias)  # [..., sum(out_i)]
             # The input only for weight gradients (a frozen model keeps no activation for this layer): as rows
             # [tokens, in] when that is a view, else as it is (a copy would cost memory until the backward pass).
             rows = None
@@ -210,16 +214,22 @@ class _JointLinear(torch.autograd.Function):
                 rows = x.view(-1, x.shape[-1]) if x.is_contiguous() else x
             ctx.save_for_backward(rows, None, *weights)
             return out
-        out = out if out.is_contiguous() else out.contiguous()
-        flat = out.view(-1, out.shape[-1])  # [tokens, sum(out_i)]
-        rows = _cast(_rows(x), out.dtype)  # [tokens, in]
-        h = torch.mm(rows, _joined([_cast(_matrix(d), out.dtype) for d in downs]).t())  # [tokens, sum(rank_i)]
+        # The input as rows in the dtype the matmul runs in (cast once, here, not again inside F.linear by
+        # autocast), kept for the LoRA's gradients; the LoRA weights cast once too, kept for the backward pass.
+        rows = _cast(_rows(x), _compute_dtype(x))  # [tokens, in]
+        flat = F.linear(rows, weight, bias)  # [tokens, sum(out_i)]
+        dtype = flat.dtype
+        rows = _cast(rows, dtype)  # (a no-op unless autocast ran in a dtype `_compute_dtype` did not know)
+        downs = [_cast(_matrix(d), dtype) for d in downs]  # [rank_i, in]
+        ups = [_cast(_matrix(u), dtype) for u in ups]  # [out_i, rank_i]
+        h = torch.mm(rows, _joined(downs).t())  # [tokens, sum(rank_i)]
         for part, up, scale, h_part in zip(
             _columns(flat, ctx.sizes, adapted), ups, scales, _split(h, [d.shape[0] for d in downs])
         ):
-            part.addmm_(h_part, _cast(_matrix(up), out.dtype).t(), alpha=scale)
+            part.addmm_(h_part, up.t(), alpha=scale)
+        ctx.shapes = [p.shape for p in params[len(params) - 2 * terms :]]  # of the downs and ups, for their gradients
         ctx.save_for_backward(rows, h, *weights, *downs, *ups)
-        return out
+        return flat.view(*x.shape[:-1], flat.shape[1])  # [..., sum(out_i)]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -260,10 +270,12 @@ class _JointLinear(torch.autograd.Function):
                     grad_x.addmm_(gh, _cast(_matrix(down), grad.dtype), alpha=scale)
                 if needs[first_down + j]:
                     grad_down = torch.addmm(zero, gh.t(), rows, beta=0, alpha=scale)  # [rank_j, in]
-                    grad_downs[j] = grad_down if down.dim() == 2 else grad_down.view(down.shape)
+                    shape = ctx.shapes[j]
+                    grad_downs[j] = grad_down if len(shape) == 2 else grad_down.view(shape)
                 if needs[first_down + terms + j]:
                     grad_up = torch.addmm(zero, g.t(), h_parts[j], beta=0, alpha=scale)  # [out_j, rank_j]
-                    grad_ups[j] = grad_up if up.dim() == 2 else grad_up.view(up.shape)
+                    shape = ctx.shapes[terms + j]
+                    grad_ups[j] = grad_up if len(shape) == 2 else grad_up.view(shape)
         if grad_x is not None:
             grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[1])  # [..., in]
         return (grad_x, None, None, None, *grad_weights, *grad_biases, *grad_downs, *grad_ups)
@@ -295,6 +307,19 @@ def _rows(t: Tensor) -> Tensor:
 def _joined(tensors: Sequence[Tensor]) -> Tensor:
     """The tensors concatenated along dim 0; a single one as it is (no copy)."""
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype F.linear runs in for `x`: autocast's where it is on for x's device, else x's own."""
+    device = x.device.type
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        on = torch.is_autocast_enabled(device)
+        return torch.get_autocast_dtype(device) if on and x.is_floating_point() else x.dtype
+    if device == "cpu" and torch.is_autocast_cpu_enabled():
+        return torch.get_autocast_cpu_dtype()
+    if device == "cuda" and torch.is_autocast_enabled():
+        return torch.get_autocast_gpu_dtype()
+    return x.dtype
 
 
 def _cast(tensor: Tensor, dtype: torch.dtype) -> Tensor:
