@@ -476,7 +476,7 @@ def print_case(
     for impl, r in results.items():
         print(
             f"  {impl:10s}{r['step_s'] * 1000:9.1f}{r['fastest_step_s'] * 1000:9.1f}{1 / r['step_s']:9.2f}"
-            f"{r['flops'] / r['step_s'] / 1e12:9.3f}"
+            f"{r.get('flops', float('nan')) / r['step_s'] / 1e12:9.3f}"
             f"{r['peak_growth_mib']:17.1f}{r['peak_total_mib']:16.1f}{r['trained_parameters']:16,d}"
         )
     ratios = {
