@@ -103,36 +103,6 @@ def run_ours(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, Any]:
     }
 
 
-def reference_batches(model, args: argparse.Namespace, shapes: shared.Shapes, total: int) -> list[dict[str, Any]]:
-    """Ours's batches for steps 1..total (order, prompts as ids, latents, noise, timesteps, sizes)."""
-    from lib_training.dataset import DatasetConfig, TrainingDataset
-    from lib_training.model.prompt import tokenize
-    from lib_training.seeding import derive_seed
-
-    dataset = TrainingDataset(DatasetConfig(path=args.data, size=shapes.size, template=TEMPLATE, seed=SEED), NAME)
-    sampler = dataset.sampler(args.batch)
-    means: dict[Any, torch.Tensor] = {}
-    batches = []
-    for step in range(total):
-        plan = next(sampler)
-        batch = dataset.batch(plan, load_images=False)
-        for view in batch.views:
-            if view not in means:
-                with torch.no_grad():
-                    means[view] = model.encode_latent_distribution(dataset.load_image(view)[None]).mean[0].cpu()
-        latents = torch.stack([means[view] for view in batch.views]) * model.family.latent_scale
-        generator = torch.Generator().manual_seed(derive_seed(SEED, "noise", step, plan.epoch, plan.position))
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, model.schedule.num_steps, (latents.shape[0],), generator=generator)
-        ids = [tokenize(batch.prompts, e.tokenizer, {}).ids[:, 0] for e in model.text_encoders]  # [B, 77] each
-        time_ids = None
-        if shapes.family.is_sdxl:
-            rows = [(*original, *crop, *batch.target_size) for original, crop in zip(batch.original_sizes, batch.crops)]
-            time_ids = torch.tensor(rows, dtype=torch.float32)
-        batches.append({"latents": latents, "noise": noise, "timesteps": timesteps, "ids": ids, "time_ids": time_ids})
-    return batches
-
-
 def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, Any]:
     """The diffusers + peft LoRA loop over the same batches as ours."""
     import torch.nn.functional as F
@@ -142,7 +112,7 @@ def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, 
     device, dtype = torch.device(args.device), timing.DTYPES[args.dtype]
     total = args.warmup + args.steps
     model = shared.build_model(shapes, device, dtype)
-    batches = reference_batches(model, args, shapes, total)
+    batches = shared.reference_batches(model, args, shapes, total, vectors=0)
     unet = shared.diffusers_unet(model.unet_module).requires_grad_(False)
     encoders = []
     for encoder in model.text_encoders:
@@ -165,13 +135,13 @@ def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, 
     counter = OpCounter(args.warmup) if args.count_ops else None
 
     def encode(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        ids = [i.to(device) for i in batch["ids"]]
+        ids = [i.to(device) for i in batch.ids]
         with torch.no_grad():  # frozen text encoders
-            if batch["time_ids"] is not None:  # SDXL: penultimate layers of both, pooled bigG + sizes
+            if batch.time_ids is not None:  # SDXL: penultimate layers of both, pooled bigG + sizes
                 hidden_l = encoders[0](ids[0], output_hidden_states=True).hidden_states[-2]
                 output_g = encoders[1](ids[1], output_hidden_states=True)
                 context = torch.cat([hidden_l, output_g.hidden_states[-2]], dim=-1)
-                return context, {"text_embeds": output_g.text_embeds, "time_ids": batch["time_ids"].to(device, dtype)}
+                return context, {"text_embeds": output_g.text_embeds, "time_ids": batch.time_ids.to(device, dtype)}
             return encoders[0](ids[0])[0], None
 
     # The text encoders' outputs: computed before training as the SDXL recipe does, or (the SD1
@@ -180,8 +150,8 @@ def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, 
     unet.train()
     for step, (batch, found) in enumerate(zip(batches, conditioning), start=1):
         context, added = encode(batch) if found is None else found
-        latents, noise = batch["latents"].to(device, dtype), batch["noise"].to(device, dtype)
-        timesteps = batch["timesteps"].to(device)
+        latents, noise = batch.latents.to(device, dtype), batch.noise.to(device, dtype)
+        timesteps = batch.timesteps.to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         with shared.autocast(device, dtype):
             prediction = unet(noisy, timesteps, context.to(dtype), added_cond_kwargs=added).sample
