@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
+from lib_training.model.layers import is_linear
+
 
 def is_plain_linear(module: nn.Module) -> bool:
     """True when `module(x)` is exactly `F.linear(x, module.weight, module.bias)`."""
@@ -94,7 +96,7 @@ def is_plain_pointwise_conv(module: nn.Module) -> bool:
 def runs_on_tokens(module: nn.Module) -> bool:
     """Whether `linear(module, tokens)` applies `module` to tokens [..., channels]: any Linear, or a
     plain 1x1 convolution (computed as the Linear it is)."""
-    return isinstance(module, nn.Linear) or (is_plain_pointwise_conv(module) and _no_global_hooks())
+    return is_linear(module) or (is_plain_pointwise_conv(module) and _no_global_hooks())
 
 
 def linear(module: nn.Module, x: Tensor) -> Tensor:
