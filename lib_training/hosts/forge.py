@@ -297,11 +297,27 @@ class ForgeHost:
             "loras": refresh_lora_list,
         }
         refresh[role]()
+        if role == "loras":
+            forget_applied_lora(shared.sd_model, result)
 
     def refresh_checkpoints(self) -> None:
         from modules import sd_models
 
         sd_models.list_models()
+
+
+def forget_applied_lora(sd_model: Any, result: Path) -> None:
+    """A LoRA file written over one that Forge has read: Forge keeps the last files it read
+    (`networks.load_lora_state_dict`, cached by file name) and builds its LoRA patchers again only when
+    the selection of files and strengths changes (`current_lora_hash`), so it would go on applying the
+    old file. Both are forgotten: the next generation reads the file and patches the model with it."""
+    import sys
+
+    cached = getattr(sys.modules.get("networks"), "load_lora_state_dict", None)
+    if callable(getattr(cached, "cache_clear", None)):
+        cached.cache_clear()
+    if result.name in str(getattr(sd_model, "current_lora_hash", "")):
+        sd_model.current_lora_hash = ""  # matches no selection: the next generation rebuilds the patchers
 
 
 def _reload_embeddings() -> None:
