@@ -63,17 +63,24 @@ def _forge_with_read_lora(forge, standalone, path):
     networks.load_lora_state_dict = load_lora_state_dict
     load_lora_state_dict(str(path))
     sd_model.current_lora_hash = str([[str(path), 1.0, 1.0, False]])
+    # the UNet's weights hold the merge of those patches
+    sd_model.forge_objects_original.unet.model.lora_loader.loaded_hash = str([(str(path), 1.0, 1.0, False)])
     return sd_model, load_lora_state_dict, reads
+
+
+def _merged_hash(sd_model):
+    return sd_model.forge_objects_original.unet.model.lora_loader.loaded_hash
 
 
 def test_forge_reads_a_lora_written_over_one_it_has_read_at_the_next_generation(forge, standalone) -> None:
     path = settings.folder(settings.LORA_DIR) / "style.safetensors"
     sd_model, load_lora_state_dict, reads = _forge_with_read_lora(forge, standalone, path)
-    selection = sd_model.current_lora_hash
+    selection, merged = sd_model.current_lora_hash, _merged_hash(sd_model)
 
     extension.make_host().publish("loras", path)
 
     assert sd_model.current_lora_hash != selection  # the same selection rebuilds Forge's patchers
+    assert _merged_hash(sd_model) != merged  # and merges them into the weights again
     load_lora_state_dict(str(path))
     assert reads == [str(path), str(path)]  # and reads the file again
 
@@ -81,8 +88,8 @@ def test_forge_reads_a_lora_written_over_one_it_has_read_at_the_next_generation(
 def test_forge_keeps_its_selection_when_another_lora_is_written(forge, standalone) -> None:
     path = settings.folder(settings.LORA_DIR) / "style.safetensors"
     sd_model, _, _ = _forge_with_read_lora(forge, standalone, path)
-    selection = sd_model.current_lora_hash
+    selection, merged = sd_model.current_lora_hash, _merged_hash(sd_model)
 
     extension.make_host().publish("loras", path.with_name("another.safetensors"))
 
-    assert sd_model.current_lora_hash == selection
+    assert (sd_model.current_lora_hash, _merged_hash(sd_model)) == (selection, merged)
