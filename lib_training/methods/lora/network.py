@@ -234,14 +234,17 @@ class LoraNetwork(nn.Module):
 
     def _weight_forward(self, name: str):
         """DoRA on a Linear / Conv2d: y = inner(x) + (W' − W) x, so it stacks with other hooks and LoRAs
-        (each LoRA's change is taken against the original weight, as A1111 and ComfyUI sum them)."""
+        (each LoRA's change is taken against the original weight, as A1111 and ComfyUI sum them).
+        A weight stored in another dtype than the input's is used in the input's, as the layer itself
+        does (Forge keeps weights in fp16 and casts them to the computation's dtype)."""
         module, layer = self.lora[name], self.targets[name].layer
 
         def forward(inner, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             y = inner(x, *args, **kwargs)
             if self._skipped():
                 return y
-            delta = module.weight_delta(layer.weight, self.multiplier)  # type: ignore[arg-type]
+            weight: Tensor = layer.weight  # type: ignore[assignment]
+            delta = module.weight_delta(weight if weight.dtype == x.dtype else weight.to(x.dtype), self.multiplier)
             if isinstance(layer, nn.Conv2d):
                 return y + layer._conv_forward(x, delta, None)
             return y + F.linear(x, delta)

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
+from lib_training.model.layers import is_linear
+
 
 @dataclass(frozen=True)
 class LowRank:
@@ -146,7 +148,7 @@ def is_pointwise_conv(module: nn.Module) -> bool:
 def runs_on_tokens(module: nn.Module) -> bool:
     """Whether `linear(module, tokens)` applies `module` to tokens [..., channels]: any Linear, or a
     1x1 convolution the fused paths compute (as the Linear it is)."""
-    return isinstance(module, nn.Linear) or (is_pointwise_conv(module) and _no_global_hooks())
+    return is_linear(module) or (is_pointwise_conv(module) and _no_global_hooks())
 
 
 def linear(module: nn.Module, x: Tensor) -> Tensor:
