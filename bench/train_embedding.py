@@ -244,8 +244,11 @@ class ReferenceBatch:
     time_ids: torch.Tensor | None  # [B, 6] SDXL sizes: original (h, w), crop (top, left), target (h, w)
 
 
-def reference_batches(model, args: argparse.Namespace, shapes: Shapes, total: int) -> list[ReferenceBatch]:
-    """The batches of ours for steps 1..total: same order, prompts, latents, noise and timesteps.
+def reference_batches(
+    model, args: argparse.Namespace, shapes: Shapes, total: int, vectors: int
+) -> list[ReferenceBatch]:
+    """The batches of ours for steps 1..total: same order, prompts, latents, noise and timesteps; with
+    `vectors` > 0, NAME's tokens become that many placeholder ids (an embedding's), else it stays a word.
 
     Follows the trainer: the dataset seeded with the run's seed, the cached mean latents scaled by
     the family's factor, noise and timesteps from a generator seeded by (seed, "noise", step, epoch,
@@ -273,15 +276,13 @@ def reference_batches(model, args: argparse.Namespace, shapes: Shapes, total: in
         timesteps = torch.randint(0, model.schedule.num_steps, (latents.shape[0],), generator=generator)
         ids = []
         for encoder in model.text_encoders:
-            tokens = tokenize(batch.prompts, encoder.tokenizer, {NAME: args.vectors})
+            tokens = tokenize(batch.prompts, encoder.tokenizer, {NAME: vectors} if vectors else {})
             if tokens.chunks != 1:
                 raise ValueError("the benchmark's prompts must fit in one 75-token chunk")
             chunk = tokens.ids[:, 0].clone()  # [B, 77]
             vocab = encoder.token_embedding.num_embeddings
             for slot in tokens.slots:
-                chunk[slot.row, slot.position : slot.position + args.vectors] = torch.arange(
-                    vocab, vocab + args.vectors
-                )
+                chunk[slot.row, slot.position : slot.position + vectors] = torch.arange(vocab, vocab + vectors)
             ids.append(chunk)
         time_ids = None
         if shapes.family.is_sdxl:
@@ -376,7 +377,7 @@ def run_reference(args: argparse.Namespace, shapes: Shapes) -> dict[str, Any]:
     total = args.warmup + args.steps
 
     model = build_model(shapes, device, dtype)
-    batches = reference_batches(model, args, shapes, total + 1)  # the last one (untimed) counts FLOPs
+    batches = reference_batches(model, args, shapes, total + 1, args.vectors)  # the last one (untimed) counts FLOPs
     unet = diffusers_unet(model.unet_module).requires_grad_(False)
     encoders = [hf_text_encoder(e, initial_vectors(e, INIT_TEXT, args.vectors).cpu()) for e in model.text_encoders]
     vae = model.vae_module  # unused (latents are precomputed), but the recipe keeps its VAE on the device
@@ -476,7 +477,7 @@ def print_case(
     for impl, r in results.items():
         print(
             f"  {impl:10s}{r['step_s'] * 1000:9.1f}{r['fastest_step_s'] * 1000:9.1f}{1 / r['step_s']:9.2f}"
-            f"{r['flops'] / r['step_s'] / 1e12:9.3f}"
+            f"{r.get('flops', float('nan')) / r['step_s'] / 1e12:9.3f}"
             f"{r['peak_growth_mib']:17.1f}{r['peak_total_mib']:16.1f}{r['trained_parameters']:16,d}"
         )
     ratios = {

@@ -18,12 +18,17 @@ median over the timed steps; peak memory is measured as in bench/train_embedding
 builders this script uses; the measuring helpers are bench/timing.py's). Prints both, and the ratios ours/reference.
 Target: ours at least 1.3x the reference's steps/s (time ratio at most 0.77), no more peak memory.
 
+`--count-ops` counts the aten operators of one training step (the first after --warmup) under the CPU
+profiler instead of timing: all of them (nested ones included) and the top-level ones, as
+bench/engine.py's `--count-ops` does for a bare UNet step; on a GPU each is at least one kernel launch.
+
 peft must be importable (`pip install peft`, or PYTHONPATH pointing at a folder it was installed to).
 
     python bench/train_lora.py --threads 1                # SD1 and SDXL shapes on the CPU
     python bench/train_lora.py --arch sd1 --steps 3 --threads 1
     python bench/train_lora.py --device cuda --full       # full-size SD1.5 (512 px) and SDXL (1024 px)
     python bench/train_lora.py --tiny --steps 2 --warmup 1   # tiny models: a quick check
+    python bench/train_lora.py --arch sd1 --count-ops --threads 1   # aten operators per step instead of times
 
 Default shapes (CPU): as bench/train_embedding.py: SD1.5's UNet structure at width 64 with the full
 CLIP-L; SDXL's UNet structure at width 64, 2 transformer blocks per attention level, CLIP-L and
@@ -34,8 +39,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -76,50 +83,24 @@ def run_ours(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, Any]:
         latent_sampling="mean",
     )
     recorder = timing.StepRecorder(args.warmup, total, device)
+    counter = OpCounter(args.warmup) if args.count_ops else None
 
     def on_progress(progress) -> None:
         if progress.phase == "training":
             recorder.step_done(progress.step, progress.loss)
+            if counter is not None:
+                counter.step_done(progress.step)
 
     with tempfile.TemporaryDirectory(prefix="bench-lora-out-") as out:
         train(model, method, data, loop, out, on_progress=on_progress)
     return {
         **recorder.result(),
+        **(counter.counts if counter is not None else {}),
         **recorder.memory_result,
         "trained_parameters": sum(p.numel() for p in method.parameters()),
         "modules": len(method.network.lora),
         "components": {name: shared.parameter_count(module) for name, module in model.modules.items()},
     }
-
-
-def reference_batches(model, args: argparse.Namespace, shapes: shared.Shapes, total: int) -> list[dict[str, Any]]:
-    """Ours's batches for steps 1..total (order, prompts as ids, latents, noise, timesteps, sizes)."""
-    from lib_training.dataset import DatasetConfig, TrainingDataset
-    from lib_training.model.prompt import tokenize
-    from lib_training.seeding import derive_seed
-
-    dataset = TrainingDataset(DatasetConfig(path=args.data, size=shapes.size, template=TEMPLATE, seed=SEED), NAME)
-    sampler = dataset.sampler(args.batch)
-    means: dict[Any, torch.Tensor] = {}
-    batches = []
-    for step in range(total):
-        plan = next(sampler)
-        batch = dataset.batch(plan, load_images=False)
-        for view in batch.views:
-            if view not in means:
-                with torch.no_grad():
-                    means[view] = model.encode_latent_distribution(dataset.load_image(view)[None]).mean[0].cpu()
-        latents = torch.stack([means[view] for view in batch.views]) * model.family.latent_scale
-        generator = torch.Generator().manual_seed(derive_seed(SEED, "noise", step, plan.epoch, plan.position))
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, model.schedule.num_steps, (latents.shape[0],), generator=generator)
-        ids = [tokenize(batch.prompts, e.tokenizer, {}).ids[:, 0] for e in model.text_encoders]  # [B, 77] each
-        time_ids = None
-        if shapes.family.is_sdxl:
-            rows = [(*original, *crop, *batch.target_size) for original, crop in zip(batch.original_sizes, batch.crops)]
-            time_ids = torch.tensor(rows, dtype=torch.float32)
-        batches.append({"latents": latents, "noise": noise, "timesteps": timesteps, "ids": ids, "time_ids": time_ids})
-    return batches
 
 
 def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, Any]:
@@ -131,7 +112,7 @@ def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, 
     device, dtype = torch.device(args.device), timing.DTYPES[args.dtype]
     total = args.warmup + args.steps
     model = shared.build_model(shapes, device, dtype)
-    batches = reference_batches(model, args, shapes, total)
+    batches = shared.reference_batches(model, args, shapes, total, vectors=0)
     unet = shared.diffusers_unet(model.unet_module).requires_grad_(False)
     encoders = []
     for encoder in model.text_encoders:
@@ -151,15 +132,16 @@ def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, 
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
     )
     recorder = timing.StepRecorder(args.warmup, total, device)
+    counter = OpCounter(args.warmup) if args.count_ops else None
 
     def encode(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        ids = [i.to(device) for i in batch["ids"]]
+        ids = [i.to(device) for i in batch.ids]
         with torch.no_grad():  # frozen text encoders
-            if batch["time_ids"] is not None:  # SDXL: penultimate layers of both, pooled bigG + sizes
+            if batch.time_ids is not None:  # SDXL: penultimate layers of both, pooled bigG + sizes
                 hidden_l = encoders[0](ids[0], output_hidden_states=True).hidden_states[-2]
                 output_g = encoders[1](ids[1], output_hidden_states=True)
                 context = torch.cat([hidden_l, output_g.hidden_states[-2]], dim=-1)
-                return context, {"text_embeds": output_g.text_embeds, "time_ids": batch["time_ids"].to(device, dtype)}
+                return context, {"text_embeds": output_g.text_embeds, "time_ids": batch.time_ids.to(device, dtype)}
             return encoders[0](ids[0])[0], None
 
     # The text encoders' outputs: computed before training as the SDXL recipe does, or (the SD1
@@ -168,8 +150,8 @@ def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, 
     unet.train()
     for step, (batch, found) in enumerate(zip(batches, conditioning), start=1):
         context, added = encode(batch) if found is None else found
-        latents, noise = batch["latents"].to(device, dtype), batch["noise"].to(device, dtype)
-        timesteps = batch["timesteps"].to(device)
+        latents, noise = batch.latents.to(device, dtype), batch.noise.to(device, dtype)
+        timesteps = batch.timesteps.to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         with shared.autocast(device, dtype):
             prediction = unet(noisy, timesteps, context.to(dtype), added_cond_kwargs=added).sample
@@ -178,12 +160,37 @@ def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, 
         optimizer.step()
         optimizer.zero_grad()
         recorder.step_done(step, loss.detach().item())
+        if counter is not None:
+            counter.step_done(step)
     return {
         **recorder.result(),
+        **(counter.counts if counter is not None else {}),
         **recorder.memory_result,
         "trained_parameters": sum(p.numel() for p in params),
         "modules": modules,
     }
+
+
+class OpCounter:
+    """The aten operators of the training step after `warmup` (from the end of step `warmup` to the end of the
+    next: data, forward, backward, optimizer): all (nested ones included) and top-level ones."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.profiler: Any = None
+        self.counts: dict[str, int] = {}
+
+    def step_done(self, step: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if step == self.warmup:
+            self.profiler = profile(activities=[ProfilerActivity.CPU])
+            self.profiler.start()
+        elif step == self.warmup + 1:
+            self.profiler.stop()
+            ops = [e for e in self.profiler.events() if e.name.startswith("aten::")]
+            top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+            self.counts = {"ops": len(ops), "top_ops": len(top), "top_by_name": dict(Counter(e.name for e in top))}
 
 
 PASSED_ON = (
@@ -202,7 +209,7 @@ PASSED_ON = (
 
 
 def worker_argv(args: argparse.Namespace, arch: str, impl: str, data: Path) -> list[str]:
-    flags = ("--full", "--tiny", "--reference-encodes-each-step")
+    flags = ("--full", "--tiny", "--reference-encodes-each-step", "--count-ops")
     return timing.child_argv(__file__, args, arch, impl, data, PASSED_ON, flags)
 
 
@@ -219,10 +226,31 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="the reference runs its frozen text encoders in every step, as diffusers' SD1 LoRA script does",
     )
+    parser.add_argument(
+        "--count-ops", action="store_true", help="count aten operators per step (CPU profiler) instead of timing"
+    )
     args = timing.finish_run_arguments(parser, parser.parse_args())
+    if args.count_ops:
+        args.steps = 1  # the one step after the warm-up is counted
     if args.warmup * args.batch < args.images:
         print("note: --warmup * --batch < --images: some timed steps of ours encode their prompts", file=sys.stderr)
     return args
+
+
+def print_op_counts(arch: str, results: dict[str, dict[str, Any]]) -> None:
+    ours, ref = results["ours"], results["reference"]
+    print(f"  aten operators per training step ({arch}, CPU profiler)")
+    for kind, key in (("all (nested included)", "ops"), ("top-level", "top_ops")):
+        print(
+            f"    {kind:22s} ours {ours[key]:7d}   reference {ref[key]:7d}   "
+            f"ratio ours/reference {ours[key] / ref[key]:.3f}"
+        )
+    names = set(ours["top_by_name"]) | set(ref["top_by_name"])
+    difference = {name: ours["top_by_name"].get(name, 0) - ref["top_by_name"].get(name, 0) for name in names}
+    most = sorted(names, key=lambda name: -abs(difference[name]))[:10]
+    print("    top-level operators whose counts differ most (ours - reference): ")
+    print("      " + ", ".join(f"{name.removeprefix('aten::')} {difference[name]:+d}" for name in most))
+    print()
 
 
 def main() -> None:
@@ -253,7 +281,15 @@ def main() -> None:
             )
             results = timing.fastest(runs)
             print(f"  adapted modules: ours {results['ours']['modules']}, reference {results['reference']['modules']}")
+            if args.count_ops:
+                print_op_counts(arch, results)
+                continue
             ratios = shared.print_case(arch, shapes, results, args)
+            cpu = {impl: statistics.median(r["cpu_step_s"] for r in runs[impl]) * 1000 for impl in runs}
+            print(
+                f"  CPU time per step (one thread: steadier under load than wall time): ours {cpu['ours']:.1f} ms, "
+                f"reference {cpu['reference']:.1f} ms, ratio ours/reference {cpu['ours'] / cpu['reference']:.3f}"
+            )
             ratios["steps/s"] = 1 / ratios["time"]
             summary[arch] = ratios
             print()

@@ -260,6 +260,19 @@ def test_model_is_unchanged_after_a_failure(tiny_sd1, red_ball, tmp_path, monkey
     assert model_state(tiny_sd1) == before
 
 
+def test_text_encoder_training_without_text_encoder_layers_is_refused(tiny_sd1, monkeypatch) -> None:
+    """A host whose text-encoder layers we do not recognise (Forge's own Linear class once was one) gets a
+    message instead of a run that silently trains nothing in the text encoder."""
+    from lib_training.model.module_map import ModuleMap
+
+    unet_only = ModuleMap(e for e in tiny_sd1.module_map() if e.component == "unet")
+    monkeypatch.setattr(type(tiny_sd1), "module_map", lambda self: unet_only)
+    before = model_state(tiny_sd1)
+    with pytest.raises(UserError, match="no text-encoder layer a LoRA can adapt"):
+        small_lora(train_text_encoder=True).attach(tiny_sd1)
+    assert model_state(tiny_sd1) == before
+
+
 # --- the file ------------------------------------------------------------------------------------------------
 
 

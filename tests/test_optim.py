@@ -8,9 +8,16 @@ import types
 
 import pytest
 import torch
+from torch import nn
 
 from lib_training.errors import ConfigError
-from lib_training.training.optim import OPTIMIZER_NAMES, available_optimizers, build_optimizer, clip_gradients
+from lib_training.training.optim import (
+    OPTIMIZER_NAMES,
+    all_finite,
+    available_optimizers,
+    build_optimizer,
+    clip_gradients,
+)
 
 
 def _param(*values: float, grad: list[float] | None = None) -> torch.nn.Parameter:
@@ -150,3 +157,12 @@ def test_clipping_needs_a_positive_limit_and_a_known_mode() -> None:
         clip_gradients([p], "norm", 0.0)
     with pytest.raises(ConfigError, match="value or norm"):
         clip_gradients([p], "max", 1.0)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_all_finite_finds_one_bad_element_among_the_parameters(bad) -> None:
+    params = [nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.full((5,), 3e38)), torch.randn(2).bfloat16()]
+    assert all_finite(params) and all_finite([])
+    with torch.no_grad():
+        params[0][1, 2] = bad
+    assert not all_finite(params)

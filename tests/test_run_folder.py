@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from lib_training.dataset import DatasetConfig
@@ -141,3 +142,17 @@ def test_a_nan_stop_after_an_earlier_run_restores_it(tiny_sd1, images, tmp_path)
         _train(tiny_sd1, images, out, steps=3, method=_NanEmbedding(EmbeddingConfig(name="cat")))
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not (tmp_path / "cat.1").exists()
+
+
+def test_a_parameter_that_becomes_inf_stops_the_run(tiny_sd1, images, tmp_path, monkeypatch) -> None:
+    step = torch.optim.AdamW.step
+
+    def blow_up(self, *args, **kwargs):
+        result = step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].view(-1)[0] = float("inf")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", blow_up)
+    with pytest.raises(TrainingError, match="step 1: the loss became nan"):
+        _train(tiny_sd1, images, tmp_path / "cat", steps=3)

@@ -433,11 +433,43 @@ class A1111Host:
             "loras": refresh_lora_list,
         }
         refresh[role]()
+        if role == "loras":
+            forget_merged_lora(shared.sd_model, result)
 
     def refresh_checkpoints(self) -> None:
         from modules import sd_models
 
         sd_models.list_models()
+
+
+def forget_merged_lora(sd_model: Any, result: Path) -> None:
+    """A LoRA file written over one that the Lora extension has merged: the layers holding a selection
+    with it go back to their backups, so the next generation merges what the file holds now.
+
+    The extension reads a file again when it is newer than what it holds, but merges into a layer only
+    when the selection's names and strengths differ from the layer's `network_current_names`; with the
+    same tag in the prompt it would go on using the old file's merge."""
+    networks = _lora_module()
+    if networks is None or sd_model is None:
+        return
+    names = {result.stem} | {
+        net.name
+        for net in networks.loaded_networks
+        if Path(getattr(getattr(net, "network_on_disk", None), "filename", "") or "") == result
+    }
+    stale = [
+        layer
+        for layer in _lora_merged_layers(sd_model)
+        if any(selected[0] in names for selected in layer.network_current_names)
+    ]
+    selected = list(networks.loaded_networks)
+    networks.loaded_networks.clear()
+    try:
+        with torch.no_grad():
+            for layer in stale:
+                networks.network_apply_weights(layer)  # nothing selected: back to its backup
+    finally:
+        networks.loaded_networks[:] = selected
 
 
 def refresh_lora_list() -> None:

@@ -297,11 +297,34 @@ class ForgeHost:
             "loras": refresh_lora_list,
         }
         refresh[role]()
+        if role == "loras":
+            forget_applied_lora(shared.sd_model, result)
 
     def refresh_checkpoints(self) -> None:
         from modules import sd_models
 
         sd_models.list_models()
+
+
+def forget_applied_lora(sd_model: Any, result: Path) -> None:
+    """A LoRA file written over one that Forge has read: Forge keeps the last files it read
+    (`networks.load_lora_state_dict`, cached by file name), builds its LoRA patchers again only when the
+    selection of files and strengths changes (`current_lora_hash`), and merges into a model's weights
+    again only when the patches' files and strengths change (its `lora_loader.loaded_hash`), so it
+    would go on applying the old file. All three are forgotten: the next generation reads the file and
+    merges it (the loader first puts its backups back)."""
+    import sys
+
+    cached = getattr(sys.modules.get("networks"), "load_lora_state_dict", None)
+    if callable(getattr(cached, "cache_clear", None)):
+        cached.cache_clear()
+    if result.name in str(getattr(sd_model, "current_lora_hash", "")):
+        sd_model.current_lora_hash = ""  # matches no selection: the next generation rebuilds the patchers
+    objects = getattr(sd_model, "forge_objects_original", None)
+    for patcher in (objects.unet, objects.clip.patcher) if objects is not None else ():
+        loader = getattr(patcher.model, "lora_loader", None)
+        if loader is not None and result.name in str(loader.loaded_hash):
+            loader.loaded_hash = ""  # matches no patches: the next load restores the backups and merges anew
 
 
 def _reload_embeddings() -> None:

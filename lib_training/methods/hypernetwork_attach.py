@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lib_training.methods.hypernetwork_net import HypernetworkModule, affine_form
 from lib_training.model.diffusion import DiffusionModel
 from lib_training.model.hooks import ModuleHooks
+from lib_training.model.layers import is_linear
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,8 @@ class KVSite:
     """One attention layer's k and v projections."""
 
     name: str  # module path in the UNet, e.g. "input_blocks.1.1.transformer_blocks.0.attn2"
-    to_k: nn.Linear
-    to_v: nn.Linear
+    to_k: nn.Module  # a Linear (see model.layers.is_linear)
+    to_v: nn.Module
     width: int  # in_features of to_k and to_v: the width of the context they read
     cross: bool  # cross-attention on the text context (attn2); else self-attention
 
@@ -42,7 +43,7 @@ def find_kv_sites(model: DiffusionModel) -> list[KVSite]:
         value_entry = values.get(layer)
         if value_entry is None or key_entry.in_features != value_entry.in_features:
             continue  # not an attention layer that reads one context
-        if not (isinstance(key_entry.module, nn.Linear) and isinstance(value_entry.module, nn.Linear)):
+        if not (is_linear(key_entry.module) and is_linear(value_entry.module)):
             continue
         cross = "cross_attn" in key_entry.kinds
         sites.append(KVSite(layer, key_entry.module, value_entry.module, key_entry.in_features, cross))

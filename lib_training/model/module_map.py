@@ -1,6 +1,7 @@
 """The module map: every layer a method can hook, under one naming scheme for every host.
 
-`DiffusionModel.module_map()` lists the live `nn.Linear` / `nn.Conv2d` layers of the UNet (all of
+`DiffusionModel.module_map()` lists the live Linear (`layers.is_linear`: also Forge's own class) /
+`nn.Conv2d` layers of the UNet (all of
 them) and of each text encoder (the attention projections and MLP layers of every transformer
 layer; the pooled-output projection is a bare tensor in open_clip layout and is not listed). Each
 `ModuleEntry` is addressable three ways, the same whichever code loaded the model:
@@ -44,6 +45,7 @@ from torch import Tensor, nn
 from lib_training.formats.detection import TEXT_ENCODERS, UNET_PREFIX, with_text_model_prefix
 from lib_training.formats.family import Arch
 from lib_training.formats.lora_keys import LoraTarget, lora_targets, text_encoder_targets
+from lib_training.model.layers import is_linear
 
 RootLayout = Literal["ldm", "hf", "open_clip"]
 Shape = tuple[int, ...]
@@ -244,7 +246,7 @@ def _live_weights(root: nn.Module) -> tuple[dict[str, Shape], dict[str, tuple[nn
     shapes: dict[str, Shape] = {}
     owners: dict[str, tuple[nn.Module, str]] = {}
     for path, module in root.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if is_linear(module) or isinstance(module, nn.Conv2d):
             key = f"{path}.weight"
             shapes[key], owners[key] = tuple(module.weight.shape), (module, path)
         elif isinstance(getattr(module, "in_proj_weight", None), Tensor):

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -132,3 +133,14 @@ def _total_norm(params: list[Tensor]) -> Tensor:
     device = params[0].grad.device
     norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32).to(device) for p in params]
     return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def all_finite(params: Sequence[Tensor]) -> bool:
+    """Whether no parameter holds an inf or NaN, with one host sync and a few operators for all of them
+    (a per-tensor check costs two operators and a sync per parameter): the largest magnitude of each
+    tensor, by torch's foreach norm (grouped kernels on a GPU), is finite exactly when the tensor is."""
+    if not params:
+        return True
+    with torch.no_grad():
+        largest = torch._foreach_norm(list(params), math.inf)  # [max |p|] per tensor
+        return bool(torch.stack(largest).isfinite().all())

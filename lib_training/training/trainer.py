@@ -38,7 +38,7 @@ from lib_training.training.config import LoopConfig
 from lib_training.training.loss import diffusion_loss, multires_noise, noise_offset
 from lib_training.training.lr_schedule import StepSchedule, parse_schedule, set_learning_rate
 from lib_training.training.method import StepOutputs, TrainingMethod
-from lib_training.training.optim import build_optimizer, clip_gradients
+from lib_training.training.optim import all_finite, build_optimizer, clip_gradients
 from lib_training.training.outputs import LossRecord, RunFolder
 from lib_training.training.peak_memory import peak_memory, reset_peak_memory
 from lib_training.training.progress import Progress, RateMeter
@@ -300,7 +300,7 @@ class Trainer:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if not all(torch.isfinite(p).all() for p in params):
+        if not all_finite(params):
             self._stop_on_nan(step, torch.tensor(float("nan")))
         return total_loss, lr, epoch
 

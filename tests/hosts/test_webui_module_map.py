@@ -17,6 +17,7 @@ from webui_support import A1111_SHAPES, FORGE_SHAPES
 
 from lib_training.formats.family import Arch
 from lib_training.formats.fingerprint import hooks_snapshot, weights_fingerprint
+from lib_training.model.layers import is_linear
 
 SHAPES = [("a1111", arch) for arch in A1111_SHAPES] + [("forge", arch) for arch in FORGE_SHAPES]
 
@@ -90,7 +91,7 @@ def test_forge_towers_have_separate_q_k_v_linears_under_the_same_names(arch, for
         assert _fused_text_entries(module_map) == []
         name = f"lora_{'te' if arch == 'sd2' else 'te2'}_text_model_encoder_layers_1_self_attn_k_proj"
         entry = module_map.by_kohya(name)
-        assert isinstance(entry.module, nn.Linear)
+        assert is_linear(entry.module)  # Forge's own Linear class
         assert entry.path == "text_model.encoder.layers.1.self_attn.k_proj"
         assert entry.key.endswith("transformer.resblocks.1.attn.in_proj_weight")
         width = entry.in_features

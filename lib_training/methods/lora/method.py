@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lib_training.dataset import TrainingDataset
-from lib_training.errors import CheckpointError, ConfigError
+from lib_training.errors import CheckpointError, ConfigError, UserError
 from lib_training.formats.embedding_files import EmbeddingFile, write_embedding
 from lib_training.merge.blocks import BASE, block_of, parse_blocks
 from lib_training.merge.dora import fitted_dora_scale
@@ -168,8 +168,20 @@ def chosen_layers(model: DiffusionModel, settings: LoraConfig) -> list[ModuleEnt
     chosen = layers.select(component="unet", default=True)
     if settings.locon:
         chosen += layers.select(component="unet", conv=True)
+    if not chosen:
+        raise UserError(
+            "found no UNet layer a LoRA can adapt in this model (its transformer Linear layers were not recognised); "
+            "this is a bug to report with the WebUI's name and version"
+        )
     if settings.train_text_encoder:
-        chosen += [entry for entry in layers.select(default=True) if entry.component != "unet"]
+        text = [entry for entry in layers.select(default=True) if entry.component != "unet"]
+        if not text:
+            raise UserError(
+                "train_text_encoder is on, but no text-encoder layer a LoRA can adapt was found in this model (its "
+                "Linear layers were not recognised); train without --train-text-encoder, and report this with the "
+                "WebUI's name and version"
+            )
+        chosen += text
     return chosen
 
 

@@ -25,6 +25,10 @@ in a forward pass. It draws from the network's own generator, so a resumed run d
 layers that run on W' (DoRA, fused q/k/v) only `module_dropout` applies. While a network with dropout is
 attached, gradient checkpointing replays its generator (`lib_training.model.checkpointing`): the
 recomputed forward draws the masks of the first one.
+
+A plain LoRA (no dropout, not DoRA) on a Linear or 1x1 Conv2d that nothing else overrides marks its
+forward with its term (`model.networks.fused.mark_low_rank`): the UNet's fused paths then compute the
+layer and the term as one autograd node (q/k/v still as one matmul), the result of this forward.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from torch import Tensor, nn
 from lib_training.merge.dora import dora_change, input_norm
 from lib_training.model.checkpointing import replaying
 from lib_training.model.hooks import ModuleHooks
+from lib_training.model.networks.fused import LowRank, mark_low_rank
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,10 @@ class LoraNetwork(nn.Module):
             elif self.lora[name].dora_scale is not None:
                 self._hooks.wrap_forward(target.layer, self._weight_forward(name))
             else:
+                alone = "forward" not in target.layer.__dict__  # nothing else overrides the layer (yet)
                 self._hooks.wrap_forward(target.layer, self._residual_forward(name))
+                if alone:  # the fused paths may compute the layer and this term as one node
+                    mark_low_rank(target.layer.forward, self._low_rank_term(name))
         for attention, names in by_attention.values():
             _ATTENTION_DELTAS.setdefault(id(attention), {})[id(self)] = self._attention_deltas(attention, names)
             self._hooks.wrap_forward(attention, self._attention_forward(attention))
@@ -211,16 +219,32 @@ class LoraNetwork(nn.Module):
 
         return forward
 
+    def _low_rank_term(self, name: str):
+        """The term `_residual_forward` adds, for the fused paths (`model.networks.fused`): None while
+        any dropout is on (the masks are drawn here), when it must run as it is."""
+        module = self.lora[name]
+
+        def term() -> LowRank | None:
+            dropout = self.dropout if self.training else None
+            if dropout is not None and (dropout.neuron > 0 or dropout.rank > 0 or dropout.module > 0):
+                return None
+            return LowRank(module.down, module.up, module.scale * self.multiplier)
+
+        return term
+
     def _weight_forward(self, name: str):
         """DoRA on a Linear / Conv2d: y = inner(x) + (W' − W) x, so it stacks with other hooks and LoRAs
-        (each LoRA's change is taken against the original weight, as A1111 and ComfyUI sum them)."""
+        (each LoRA's change is taken against the original weight, as A1111 and ComfyUI sum them).
+        A weight stored in another dtype than the input's is used in the input's, as the layer itself
+        does (Forge keeps weights in fp16 and casts them to the computation's dtype)."""
         module, layer = self.lora[name], self.targets[name].layer
 
         def forward(inner, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             y = inner(x, *args, **kwargs)
             if self._skipped():
                 return y
-            delta = module.weight_delta(layer.weight, self.multiplier)  # type: ignore[arg-type]
+            weight: Tensor = layer.weight  # type: ignore[assignment]
+            delta = module.weight_delta(weight if weight.dtype == x.dtype else weight.to(x.dtype), self.multiplier)
             if isinstance(layer, nn.Conv2d):
                 return y + layer._conv_forward(x, delta, None)
             return y + F.linear(x, delta)

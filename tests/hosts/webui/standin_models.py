@@ -145,6 +145,7 @@ def build_forge(standalone):
     from backend.nn.clip import IntegratedCLIP
     from backend.nn.unet import IntegratedUNet2DConditionModel
     from backend.nn.vae import IntegratedAutoencoderKL
+    from backend.operations import forge_linears
     from backend.patcher.clip import CLIP
     from backend.patcher.unet import UnetPatcher
     from backend.patcher.vae import VAE
@@ -154,7 +155,8 @@ def build_forge(standalone):
     family = standalone.family
     cpu = torch.device("cpu")
     with torch.inference_mode():
-        dm = _load(IntegratedUNet2DConditionModel(standalone.unet_module.config), standalone.unet_module)
+        # Forge builds its UNet and text towers with its own Linear class (not an nn.Linear)
+        dm = forge_linears(_load(IntegratedUNet2DConditionModel(standalone.unet_module.config), standalone.unet_module))
         prediction = "v_prediction" if family.prediction == "v" else "epsilon"
         unet = UnetPatcher(KModel(dm, Prediction(standalone.schedule.alphas_cumprod, prediction)), cpu, cpu)
         vae = VAE(
@@ -165,7 +167,7 @@ def build_forge(standalone):
             # Forge gives every tower a projection, loaded where the checkpoint has one (not SD1's CLIP-L)
             tower = IntegratedCLIP(CLIPTextModel, hf_config(encoder), add_text_projection=encoder.key != "clip_l")
             load_hf_weights(tower.transformer, encoder)
-            towers[encoder.key] = tower
+            towers[encoder.key] = forge_linears(tower)
             tokenizers[encoder.key] = CLIPTokenizerLike(EOS_ID if encoder.key == "clip_l" else 0)
         clip = CLIP(towers, tokenizers)
         objects = ForgeObjects(unet, clip, vae, None)
