@@ -7,6 +7,14 @@ together.
 
 New vectors start from the token embeddings of an initialisation text, its tokens spread over the
 vectors (with 4 vectors and "red car" tokens [red, car]: red, red, car, car), as A1111 does.
+
+Defaults: learning rate 0.005 (A1111's), falling along a cosine to 0 at the last step (A1111, kohya
+and diffusers keep it constant). At a constant rate the vectors move as much at the end as early on,
+so the file a run ends with is a draw from where they wander: on the tiny world (its model of step
+32000), the files of one constant-rate run saved every 100 steps from step 300 on showed the taught
+concept in 70% to 90% of their pictures, and its last file in 48%; on the shipped model, with the
+default 1000 steps (`bench/quality.py --method embedding`), a constant rate ends at 88%, the cosine at
+98%.
 """
 
 from __future__ import annotations
@@ -145,6 +153,6 @@ SPEC = MethodSpec(
     title="Textual inversion",
     summary="textual inversion: new prompt words (SD1, SD2, SDXL)",
     result_role="embeddings",
-    loop_defaults={"lr": "0.005"},
+    loop_defaults={"lr": "0.005", "lr_scheduler": "cosine"},
     run_folder_suffix="",
 )

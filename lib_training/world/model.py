@@ -30,7 +30,7 @@ from lib_training.user_cache import cache_root
 WORLD_SEED = 0
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 SHARD_BYTES = 1_900_000  # a shipped file stays under the project's 2 MB limit for files in git
-CHECKPOINT_VERSION = "tiny-world-v3"
+CHECKPOINT_VERSION = "tiny-world-v4"
 CHECKPOINT_NAME = "tiny-world-sd1.safetensors"
 
 

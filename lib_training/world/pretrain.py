@@ -18,7 +18,7 @@ from lib_training.model.standalone import StandaloneModel
 from lib_training.world.classifier import load_classifier
 from lib_training.world.evaluate import Expectation, Score, evaluate
 from lib_training.world.model import WEIGHTS_DIR, build_world_model, load_shipped, save_shipped
-from lib_training.world.pretrain_unet import prepare, train_unet
+from lib_training.world.pretrain_unet import captions_key, prepare, train_unet
 from lib_training.world.pretrain_vae import calibrate, reconstruction_error, train_vae
 from lib_training.world.scenes import BACKGROUNDS, HELD_OUT_PAIRS, batch, caption, pretraining_pairs
 
@@ -59,7 +59,7 @@ def pretrain(work: Path, plan: PretrainPlan, weights: Path = WEIGHTS_DIR) -> Non
         print(f"vae reconstruction error {reconstruction_error(vae):.4f} (mean |error| in [-1, 1] units)")
         save_shipped("vae", vae.state_dict(), weights)
     model = build_world_model(vae_state=load_shipped("vae", weights), seed=plan.seed)
-    data_path = work / f"unet-data-{plan.scenes}.pt"
+    data_path = work / f"unet-data-{plan.scenes}-{captions_key()}.pt"  # latents, caption contexts
     if data_path.is_file():
         data = torch.load(data_path, weights_only=True)
     else:

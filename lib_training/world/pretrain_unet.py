@@ -4,11 +4,15 @@ The text encoder is frozen, so every caption's context is computed once; the VAE
 first, so every picture's latent is computed once (`prepare`). A training step is then only the
 UNet: noise a batch of latents at uniform timesteps, predict the noise, mean squared error.
 
-Captions say the whole scene ("a red circle on a dark background") 40% of the time, a part of it
+Captions say the whole scene ("a red circle on a dark background") 30% of the time, a part of it
 ("a red circle", "a circle on a dark background", "something red on a dark background", "a red
-shape") 40%, so the UNet learns to read colour and shape apart: what lets a method teach a colour
-and shape never seen together; and 20% in the form prompts take in training and previews ("a photo
-of a red circle", "a photo of a red circle, on a dark background"), so those words are not new to it.
+shape") 30%, so the UNet learns to read colour and shape apart: what lets a method teach a colour
+and shape never seen together; 20% in the form prompts take in previews ("a photo of a red circle",
+"a photo of a red circle, on a dark background", "a photo of red circle"); and 20% in the phrasings
+of the default training template ("a close-up photo of a red circle, on a dark background", "a dim
+photo of the red circle, ...": `TEMPLATE_LINES`), as a real model knows such words from its captions.
+Without these, a method's training prompts are full of words the UNet never saw, and a taught concept
+comes out in some of them and not in others.
 One caption in ten is dropped (empty), for classifier-free guidance. The UNet's exponential moving
 average is what ships. The loss is the mean squared error of the predicted noise, plus that of its
 mean over the picture weighted as the sampler magnifies it at high noise (see `diffusion_loss`):
@@ -18,14 +22,17 @@ without it, a small UNet denoises well yet samples washed-out colours.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from lib_training.dataset.templates import load_template
 from lib_training.model.networks.unet import UNetModel
 from lib_training.model.standalone import StandaloneModel
 from lib_training.world.scenes import BACKGROUNDS, article, batch, caption, pretraining_pairs
@@ -34,17 +41,33 @@ CAPTION_DROPOUT = 0.1
 EMA_DECAY = 0.995
 DC_WEIGHT = 0.1  # weight of the error in the picture's mean colour at high noise (see diffusion_loss)
 DC_MAGNIFY_CAP = 100.0
+# The lines of the default training template ("a close-up photo of a [name], [filewords]", ...), which
+# prompts take when a method trains on the world: the subject there is the colour and the shape.
+TEMPLATE_LINES = tuple(load_template("subject_filewords").lines)
+
+
+def _template_caption(line: str, colour: str, shape: str, background: str) -> str:
+    return line.replace("[name]", f"{colour} {shape}").replace("[filewords]", f"on a {background} background")
+
+
 # (probability, how the caption is made from (colour, shape, background))
 CAPTION_KINDS = (
-    (0.4, lambda c, s, b: caption(c, s, b)),
-    (0.15, lambda c, s, b: caption(c, s)),
-    (0.1, lambda c, s, b: f"{article(s)} {s} on a {b} background"),
-    (0.1, lambda c, s, b: f"something {c} on a {b} background"),
-    (0.05, lambda c, s, b: f"{article(c)} {c} shape"),
+    (0.3, lambda c, s, b: caption(c, s, b)),
+    (0.1, lambda c, s, b: caption(c, s)),
+    (0.08, lambda c, s, b: f"{article(s)} {s} on a {b} background"),
+    (0.08, lambda c, s, b: f"something {c} on a {b} background"),
+    (0.04, lambda c, s, b: f"{article(c)} {c} shape"),
     # the way prompts are written for a method's training and previews ("a photo of a [name], [filewords]")
-    (0.1, lambda c, s, b: f"a photo of {caption(c, s)}"),
-    (0.1, lambda c, s, b: f"a photo of {caption(c, s)}, on a {b} background"),
+    (0.08, lambda c, s, b: f"a photo of {caption(c, s)}"),
+    (0.08, lambda c, s, b: f"a photo of {caption(c, s)}, on a {b} background"),
+    (0.04, lambda c, s, b: f"a photo of {c} {s}"),
+    *((0.2 / len(TEMPLATE_LINES), partial(_template_caption, line)) for line in TEMPLATE_LINES),
 )
+
+
+def captions_key() -> str:
+    """A short digest of `all_captions()`: prepared data (`prepare`) is only reused for the same captions."""
+    return hashlib.sha256("\n".join(all_captions()).encode()).hexdigest()[:8]
 
 
 def all_captions() -> list[str]:

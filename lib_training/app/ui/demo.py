@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from lib_training.errors import UserError
 from lib_training.user_cache import cache_root
 
-DEMO_VERSION = "demo-v5"  # v5: the tiny world model at UNet step 32000 and its green-triangle dataset
+DEMO_VERSION = "demo-v6"  # v6: the tiny world model at UNet step 48000 and its green-triangle dataset
 IMAGE_SIDE = 96
 TRAINING_SIDE = 64
 NAME = "demo-shape"
