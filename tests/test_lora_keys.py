@@ -7,7 +7,7 @@ from fullsize import full_size_checkpoint, full_size_shapes
 
 from lib_training.formats.detection import UNET_PREFIX
 from lib_training.formats.family import Arch
-from lib_training.formats.lora_keys import diffusers_unet_path, lora_targets, targets_by_name
+from lib_training.formats.lora_keys import diffusers_unet_path, lora_targets, targets_by_name, unet_blocks_per_level
 
 
 @pytest.mark.parametrize(("arch", "text", "unet"), [(Arch.SD1, 72, 192), (Arch.SD2, 144, 192), (Arch.SDXL, 264, 722)])
@@ -79,6 +79,29 @@ def test_diffusers_names_match_the_modules_of_the_diffusers_unet(arch: Arch) -> 
             assert path == diffusers_key[id(tensor)].removesuffix(".weight"), key
             matched.add(diffusers_key[id(tensor)])
     assert matched == {k for k, t in converted.items() if k.endswith(".weight") and t.ndim in (2, 4)}
+
+
+def test_diffusers_names_follow_a_unet_with_one_resblock_a_level() -> None:
+    """The tiny world's UNet has one ResBlock a level (two LDM blocks a level, not three): its names are
+    what diffusers' converter makes of it, and no two modules share one (LoRA on it once failed so)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from test_unet import diffusers_config
+
+    from lib_training.model.networks.unet import UNetModel
+    from lib_training.world.model import unet_config
+
+    config = unet_config()
+    checkpoint = {UNET_PREFIX + k: v for k, v in UNetModel(config).state_dict().items()}
+    converted = convert_ldm_unet_checkpoint(checkpoint, diffusers_config(config, checkpoint))
+    diffusers_key = {id(tensor): key for key, tensor in converted.items()}
+    paths = [k[len(UNET_PREFIX) : -len(".weight")] for k, t in checkpoint.items() if k.endswith(".weight")]
+    assert unet_blocks_per_level(paths) == 2
+    for key, tensor in checkpoint.items():
+        if key.endswith(".weight") and tensor.ndim in (2, 4):
+            path = diffusers_unet_path(key[len(UNET_PREFIX) : -len(".weight")], 2)
+            assert path == diffusers_key[id(tensor)].removesuffix(".weight"), key
+    names = [t.name for t in lora_targets({k: tuple(v.shape) for k, v in checkpoint.items()}, Arch.SD1)]
+    assert len(names) == len(set(names))
 
 
 @pytest.mark.parametrize(("arch", "component"), [(Arch.SD2, "clip_h"), (Arch.SDXL, "clip_g")])

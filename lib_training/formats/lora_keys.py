@@ -93,8 +93,11 @@ class LoraTarget:
         return self.key[len(UNET_PREFIX) : -len(".weight")]
 
 
-def diffusers_unet_path(ldm_path: str) -> str | None:
-    """The diffusers module path of an LDM UNet module path (without `.weight`), or None if it has none."""
+def diffusers_unet_path(ldm_path: str, blocks_per_level: int = 3) -> str | None:
+    """The diffusers module path of an LDM UNet module path (without `.weight`), or None if it has none.
+
+    `blocks_per_level`: LDM's input and output blocks per resolution level, ResBlocks per level + 1 (3 in
+    SD1, SD2 and SDXL; see `unet_blocks_per_level`)."""
     if ldm_path in _TOP_RENAMES:
         return _TOP_RENAMES[ldm_path]
     parts = ldm_path.split(".")
@@ -109,16 +112,24 @@ def diffusers_unet_path(ldm_path: str) -> str | None:
         return None
     sub_index = int(sub)
     if kind == "input_blocks" and number >= 1:
-        level, j = divmod(number - 1, 3)
-        if j == 2:
+        level, j = divmod(number - 1, blocks_per_level)
+        if j == blocks_per_level - 1:
             return f"down_blocks.{level}.downsamplers.0.conv" if tail == "op" else None
         return _in_block(f"down_blocks.{level}.{'attentions' if sub_index else 'resnets'}.{j}", sub_index == 1, tail)
     if kind == "output_blocks":
-        level, j = divmod(number, 3)
+        level, j = divmod(number, blocks_per_level)
         if sub_index >= 1 and tail == "conv":
             return f"up_blocks.{level}.upsamplers.0.conv"
         return _in_block(f"up_blocks.{level}.{'attentions' if sub_index else 'resnets'}.{j}", sub_index == 1, tail)
     return None
+
+
+def unet_blocks_per_level(unet_paths: Iterable[str]) -> int:
+    """LDM input blocks per level, read from a UNet's module paths: the first downsampler is
+    input_blocks.N.0.op with N = ResBlocks per level + 1 (3 unless the model is built otherwise, as the tiny
+    world's UNet with one ResBlock a level is)."""
+    found = [int(m.group(1)) for p in unet_paths if (m := re.fullmatch(r"input_blocks\.(\d+)\.0\.op", p))]
+    return min(found) if found else 3
 
 
 def _in_block(block: str, attention: bool, tail: str) -> str | None:
@@ -140,11 +151,13 @@ def lora_targets(shapes: Mapping[str, tuple[int, ...]], arch: Arch) -> list[Lora
     UNet: every Linear and Conv weight. Text encoders: the attention projections and MLP layers.
     """
     targets: list[LoraTarget] = []
+    unet_keys = [key for key in shapes if key.startswith(UNET_PREFIX) and key.endswith(".weight")]
+    per_level = unet_blocks_per_level(key[len(UNET_PREFIX) : -len(".weight")] for key in unet_keys)
     for key, shape in shapes.items():
         if key.startswith(UNET_PREFIX) and key.endswith(".weight") and len(shape) in (2, 4):
             path = key[len(UNET_PREFIX) : -len(".weight")]
             ldm = _name(UNET_LORA_PREFIX, path)
-            diffusers = diffusers_unet_path(path)
+            diffusers = diffusers_unet_path(path, per_level)
             names = [ldm] if diffusers is None else [_name(UNET_LORA_PREFIX, diffusers), ldm]
             if arch is Arch.SDXL:
                 names.reverse()  # SDXL LoRAs spell the LDM path
