@@ -163,9 +163,15 @@ def count_ops(step) -> dict[str, float]:
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    ops = [e for e in prof.events() if e.name.startswith("aten::")]
-    top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    ops, top = aten_ops(prof.events())
     return {"ops": len(ops), "top_ops": len(top)}
+
+
+def aten_ops(events) -> tuple[list, list]:
+    """A profiler's aten operator events: all (nested included), and the top-level ones (not called by
+    another aten operator)."""
+    ops = [e for e in events if e.name.startswith("aten::")]
+    return ops, [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
 
 
 def saved_for_backward_bytes(run) -> int:

@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import timing
 import train_embedding as shared
+from engine import aten_ops
 
 NAME = "zqx"
 TEMPLATE = "subject"
@@ -188,8 +189,7 @@ class OpCounter:
             self.profiler.start()
         elif step == self.warmup + 1:
             self.profiler.stop()
-            ops = [e for e in self.profiler.events() if e.name.startswith("aten::")]
-            top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+            ops, top = aten_ops(self.profiler.events())
             self.counts = {"ops": len(ops), "top_ops": len(top), "top_by_name": dict(Counter(e.name for e in top))}
 
 

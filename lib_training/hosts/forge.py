@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -313,8 +314,6 @@ def forget_applied_lora(sd_model: Any, result: Path) -> None:
     again only when the patches' files and strengths change (its `lora_loader.loaded_hash`), so it
     would go on applying the old file. All three are forgotten: the next generation reads the file and
     merges it (the loader first puts its backups back)."""
-    import sys
-
     cached = getattr(sys.modules.get("networks"), "load_lora_state_dict", None)
     if callable(getattr(cached, "cache_clear", None)):
         cached.cache_clear()
@@ -329,8 +328,6 @@ def forget_applied_lora(sd_model: Any, result: Path) -> None:
 
 def _reload_embeddings() -> None:
     """Every embedding list Forge keeps: its text engines', the extra-networks page's and the API's."""
-    import sys
-
     from modules import shared
 
     sd_model = getattr(shared, "sd_model", None)

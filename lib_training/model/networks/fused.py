@@ -77,11 +77,6 @@ def _adaptation(module: nn.Module) -> LowRank | _Overridden | None:
     return term
 
 
-def is_plain_linear(module: nn.Module) -> bool:
-    """True when `module(x)` is exactly `F.linear(x, module.weight, module.bias)`."""
-    return type(module) is nn.Linear and _adaptation(module) is None
-
-
 def _linear_like(module: nn.Module) -> bool:
     """An nn.Linear whose call the fused paths compute: plain, or with a marked LoRA term."""
     return type(module) is nn.Linear and not isinstance(_adaptation(module), _Overridden)
