@@ -245,7 +245,7 @@ class ReferenceBatch:
 
 
 def reference_batches(
-    model, args: argparse.Namespace, shapes: Shapes, total: int, vectors: int
+    model, args: argparse.Namespace, shapes: Shapes, total: int, vectors: int, template: str = TEMPLATE
 ) -> list[ReferenceBatch]:
     """The batches of ours for steps 1..total: same order, prompts, latents, noise and timesteps; with
     `vectors` > 0, NAME's tokens become that many placeholder ids (an embedding's), else it stays a word.
@@ -258,7 +258,7 @@ def reference_batches(
     from lib_training.model.prompt import tokenize
     from lib_training.seeding import derive_seed
 
-    dataset = TrainingDataset(DatasetConfig(path=args.data, size=shapes.size, template=TEMPLATE, seed=SEED), NAME)
+    dataset = TrainingDataset(DatasetConfig(path=args.data, size=shapes.size, template=template, seed=SEED), NAME)
     sampler = dataset.sampler(args.batch)
     means: dict[Any, torch.Tensor] = {}
     batches = []

@@ -3,7 +3,8 @@
 Ours is the real training path, `lib_training.training.run.train` with a `LoraMethod` (kohya's
 default module set: every Linear / 1x1 conv of the UNet's transformer blocks) over a synthetic image
 folder; its time per step comes from the progress callback, after warm-up steps (latent caching
-comes before the first step and is not timed). The reference is the diffusers LoRA recipe
+comes before the first step and is not timed). Each image has a caption file (template
+"filewords", as LoRA datasets are captioned), so each image has one prompt. The reference is the diffusers LoRA recipe
 (`train_text_to_image_lora.py`): diffusers' `UNet2DConditionModel` with the same weights, a peft
 `LoraConfig` with the same rank, alpha and target modules added by `unet.add_adapter`, the frozen
 text encoder(s) as transformers CLIP models, run once per batch before training (as the SDXL recipe
@@ -55,7 +56,7 @@ import train_embedding as shared
 from engine import aten_ops
 
 NAME = "zqx"
-TEMPLATE = "subject"
+TEMPLATE = "filewords"  # one caption file per image, as LoRA datasets have
 LR = 1e-4
 SEED = shared.SEED
 PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -82,6 +83,8 @@ def run_ours(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, Any]:
         save_every=0,
         preview_every=0,
         latent_sampling="mean",
+        compile=args.compile,
+        channels_last=args.channels_last,
     )
     recorder = timing.StepRecorder(args.warmup, total, device)
     counter = OpCounter(args.warmup) if args.count_ops else None
@@ -113,7 +116,7 @@ def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, 
     device, dtype = torch.device(args.device), timing.DTYPES[args.dtype]
     total = args.warmup + args.steps
     model = shared.build_model(shapes, device, dtype)
-    batches = shared.reference_batches(model, args, shapes, total, vectors=0)
+    batches = shared.reference_batches(model, args, shapes, total, vectors=0, template=TEMPLATE)
     unet = shared.diffusers_unet(model.unet_module).requires_grad_(False)
     encoders = []
     for encoder in model.text_encoders:
@@ -172,6 +175,13 @@ def run_reference(args: argparse.Namespace, shapes: shared.Shapes) -> dict[str, 
     }
 
 
+def make_captioned_images(folder: Path, count: int, size: int) -> None:
+    """bench/train_embedding.py's synthetic images, each with a caption file beside it."""
+    shared.make_images(folder, count, size)
+    for index in range(count):
+        (folder / f"{index:03d}.txt").write_text(f"{NAME}, shapes on a gradient, picture {index}", encoding="utf-8")
+
+
 class OpCounter:
     """The aten operators of the training step after `warmup` (from the end of step `warmup` to the end of the
     next: data, forward, backward, optimizer): all (nested ones included) and top-level ones."""
@@ -205,6 +215,8 @@ PASSED_ON = (
     "sdxl_depth",
     "bigg_layers",
     "size",
+    "compile",
+    "channels_last",
 )
 
 
@@ -225,6 +237,12 @@ def parse_args() -> argparse.Namespace:
         "--reference-encodes-each-step",
         action="store_true",
         help="the reference runs its frozen text encoders in every step, as diffusers' SD1 LoRA script does",
+    )
+    parser.add_argument(
+        "--compile", default="auto", choices=["auto", "off", "on"], help="ours: the trainer's compile setting (auto)"
+    )
+    parser.add_argument(
+        "--channels-last", default="auto", choices=["auto", "off", "on"], help="ours: the channels_last setting (auto)"
     )
     parser.add_argument(
         "--count-ops", action="store_true", help="count aten operators per step (CPU profiler) instead of timing"
@@ -272,7 +290,7 @@ def main() -> None:
         for arch in archs:
             shapes = shared.model_shapes(arch, args)
             data = Path(root) / arch
-            shared.make_images(data, args.images, shapes.size)
+            make_captioned_images(data, args.images, shapes.size)
             runs = timing.run_rounds(
                 args.rounds,
                 shared.IMPLS,
