@@ -296,3 +296,29 @@ def test_a_compiled_lora_unet_gives_the_eager_loss_and_gradients() -> None:
     assert compiled.fallback == ""
     torch.testing.assert_close(loss_compiled, loss, rtol=1e-5, atol=0)
     assert_grads_close({name: p.grad for name, p in network.named_parameters()}, grads, **REORDERED)
+
+
+def graph_breaks(model, context_requires_grad: bool = False) -> int:
+    """Graph breaks torch.compile meets in a training call of `model` (torch._dynamo.explain)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 8, 8, generator=gen)
+    context = torch.randn(2, 7, model.config.context_dim, generator=gen).requires_grad_(context_requires_grad)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(lambda x, t, c: model(x, t, c))(x, torch.tensor([5, 500]), context)
+    return explanation.graph_break_count
+
+
+def test_a_lora_unet_compiles_as_one_graph() -> None:
+    """A break at each layer (as once at every frozen Linear on an input without gradient, the time
+    embedding's) splits the compiled step into pieces that recompile per shape until dynamo gives up."""
+    model = minimal_unet().requires_grad_(False)
+    network = lora_on_transformers(model)
+    try:
+        assert graph_breaks(model) == 0
+    finally:
+        network.detach()
+
+
+def test_a_frozen_unet_with_a_trained_context_compiles_as_one_graph() -> None:
+    """Textual inversion's UNet call: nothing in the UNet trains, the context has a gradient."""
+    assert graph_breaks(minimal_unet().requires_grad_(False), context_requires_grad=True) == 0

@@ -166,6 +166,10 @@ def _apply(x: Tensor, layers: list[nn.Module]) -> Tensor:
     weights = [m.weight for m in layers]
     biases = [m.bias for m in layers if m.bias is not None]
     terms = [(i, t) for i, t in enumerate(_adaptation(m) for m in layers) if isinstance(t, LowRank)]
+    if not terms and not _records_grad(x, weights, biases):
+        # Nothing to differentiate (a frozen layer on an input without gradient, or no_grad): no node needed.
+        # This is also the path torch.compile traces, whose dynamo cannot trace the node's forward here.
+        return F.linear(x, _joined([_matrix(w) for w in weights]), _joined(biases) if biases else None)
     if not terms:
         return _JointLinear.apply(x, len(weights), (), (), *weights, *biases)
     adapted, scales = tuple(i for i, _ in terms), tuple(t.scale for _, t in terms)
@@ -289,6 +293,11 @@ def _columns(flat: Tensor, sizes: Sequence[int], adapted: Sequence[int]) -> list
 def _split(t: Tensor, sizes: Sequence[int]) -> Sequence[Tensor]:
     """`t` [tokens, sum(sizes)] split along dim 1; one part as it is."""
     return (t,) if len(sizes) == 1 else t.split(list(sizes), dim=1)
+
+
+def _records_grad(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]) -> bool:
+    """Whether autograd records a node for F.linear(x, weights, biases): grad mode on and something needs a gradient."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in (*weights, *biases)))
 
 
 def _matrix(weight: Tensor) -> Tensor:
