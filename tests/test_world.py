@@ -12,9 +12,17 @@ import torch
 from lib_training.model.standalone import load_model
 from lib_training.world import model as world_model
 from lib_training.world.classifier import held_out_accuracy, load_classifier
-from lib_training.world.concepts import TARGET, write_concept
+from lib_training.world.concepts import TARGET, write_class_images, write_concept
 from lib_training.world.pretrain_unet import all_captions
-from lib_training.world.scenes import HELD_OUT_PAIRS, HELD_OUT_SHAPES, caption, render, scene_at, scenes
+from lib_training.world.scenes import (
+    HELD_OUT_PAIRS,
+    HELD_OUT_SHAPES,
+    caption,
+    is_held_out,
+    render,
+    scene_at,
+    scenes,
+)
 
 
 def pixels(seed: int, index: int, split="all") -> np.ndarray:
@@ -67,6 +75,23 @@ def test_a_concept_data_set_shows_the_concept_and_captions_only_the_background(t
     captions = sorted(p.read_text().strip() for p in folder.glob("*.txt"))
     assert len(list(folder.glob("*.png"))) == 4
     assert all(c in ("on a light background", "on a dark background") for c in captions)
+
+
+def test_class_images_show_pretraining_pairs_other_than_those_left_out_with_full_captions(tmp_path: Path) -> None:
+    leave_out = [("red", "circle"), ("blue", "square")]
+    folder = write_class_images(tmp_path / "class", 30, leave_out)
+    captions = [p.read_text().strip() for p in sorted(folder.glob("*.txt"))]
+    assert len(captions) == len(list(folder.glob("*.png"))) == 30
+    pairs = {tuple(p.stem.split("-")[1:]) for p in folder.glob("*.png")}
+    assert len(pairs) > 5
+    assert not pairs & set(leave_out)
+    assert not any(is_held_out(colour, shape) for colour, shape in pairs)
+    for path in sorted(folder.glob("*.png")):
+        colour, shape = path.stem.split("-")[1:]
+        assert path.with_suffix(".txt").read_text().strip() in (
+            caption(colour, shape, "light"),
+            caption(colour, shape, "dark"),
+        )
 
 
 def test_shipped_weight_files_stay_small() -> None:

@@ -6,9 +6,10 @@ say only what is not the concept (the background), so a method has to learn the 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
-from lib_training.world.scenes import HELD_OUT_PAIRS, SIDE, Scene, render, scene_at
+from lib_training.world.scenes import HELD_OUT_PAIRS, SIDE, Scene, render, scene_at, scenes
 
 TARGET = HELD_OUT_PAIRS[0]  # the held-out (colour, shape) pair taught by the demo and bench/quality.py
 
@@ -37,4 +38,24 @@ def write_concept(folder: Path, colour: str, shape: str, count: int = 12, seed: 
         stem = f"{index:02d}-{colour}-{shape}"
         render(scene, side).save(folder / f"{stem}.png")
         (folder / f"{stem}.txt").write_text(f"on a {scene.background} background\n", encoding="utf-8")
+    return folder
+
+
+def write_class_images(
+    folder: Path, count: int, leave_out: Collection[tuple[str, str]] = (), seed: int = 1, side: int = SIDE
+) -> Path:
+    """`count` pictures of pretraining pairs, each captioned in full ("a red circle on a dark
+    background"): regularization (class) images that remind a method of what the model already draws.
+    Pairs in `leave_out` ((colour, shape)) are not shown, so prompts of them can test what is kept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    index = 0
+    for scene in scenes(seed, 0, 100 * count, split="pretrain"):
+        if index == count:
+            break
+        if (scene.colour, scene.shape) in leave_out:
+            continue
+        stem = f"{index:03d}-{scene.colour}-{scene.shape}"
+        render(scene, side).save(folder / f"{stem}.png")
+        (folder / f"{stem}.txt").write_text(scene.caption + "\n", encoding="utf-8")
+        index += 1
     return folder
