@@ -16,8 +16,10 @@ one value per input channel, the layout A1111 (`network.py`) and ComfyUI (`weigh
 d starts as ‖W‖, so W' = W before training, as ΔW = 0 (up starts at zero, down kaiming-uniform). A file may
 also hold d per output channel, [out, 1(, 1, 1)] (LyCORIS' `wd_on_out`); it applies as ComfyUI applies it,
 W_dora = d ⊙ (W + ΔW) / ‖W‖ per output row (`lib_training.merge.dora` says which layout is which).
-DoRA layers add (W' − W) x to the layer's output; the fused attention of open_clip text encoders runs on
-its adapted weights (the changes of every attached LoRA summed, as A1111 and ComfyUI stack them).
+DoRA layers add (W' − W) x to the layer's output, with d per input channel computed on the activations
+(`LowRankModule.dora_on_activations`: no weight-sized tensor kept for the backward pass); the fused
+attention of open_clip text encoders runs on its adapted weights (the changes of every attached LoRA
+summed, as A1111 and ComfyUI stack them).
 
 Dropout, as kohya's `networks/lora.py` has it, only while training: `dropout` drops elements of
 down(x), `rank_dropout` whole ranks per sample (the rest scaled up), `module_dropout` skips a module
@@ -43,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lib_training.merge.dora import dora_change, input_norm
+from lib_training.merge.dora import dora_change, input_norm, on_output_axis
 from lib_training.model.checkpointing import replaying
 from lib_training.model.hooks import ModuleHooks
 from lib_training.model.networks.fused import LowRank, mark_low_rank
@@ -104,6 +106,37 @@ class LowRankModule(nn.Module):
         """W' for the weight W this module adapts (in W's dtype)."""
         return weight + self.weight_delta(weight, multiplier)
 
+    def input_scale(self, weight: Tensor) -> Tensor:
+        """DoRA's s = d / ‖W + ΔW‖ per input channel, [in], fp32, from low-rank products only: with W, A = down
+        and B = up seen as [out, in, k] / [r, in, k] / [out, r] (k: kernel positions) and c = alpha / rank,
+            ‖W + ΔW‖²_j = ‖W_j‖² + 2c · Σ_rk A[r,j,k] (BᵀW)[r,j,k] + c² · Σ_rk A[r,j,k] (BᵀB A)[r,j,k]
+        so no tensor of W's size is made or kept for the backward pass besides W itself."""
+        out_features, in_features = self.weight_shape[:2]
+        w = weight.reshape(out_features, in_features, -1)  # [out, in, k]
+        a = self.down.float().reshape(self.rank, in_features, -1)  # [r, in, k]
+        b = self.up.float().reshape(out_features, self.rank)  # [out, r]
+        with torch.no_grad():
+            weight_sq = w.float().square().sum(dim=(0, 2))  # [in]; W is frozen
+        bw = torch.einsum("or,oik->rik", b.to(w.dtype), w).float()  # [r, in, k]
+        bba = torch.einsum("rs,sik->rik", b.t() @ b, a)  # [r, in, k]
+        cross = (a * bw).sum(dim=(0, 2))  # [in]
+        delta_sq = (a * bba).sum(dim=(0, 2))  # [in]
+        norm = (weight_sq + 2 * self.scale * cross + self.scale**2 * delta_sq).clamp_min(0).sqrt()
+        return self.dora_scale.float().flatten() / norm  # type: ignore[union-attr]
+
+    def dora_on_activations(self, x: Tensor, weight: Tensor, layer: nn.Module, multiplier: float) -> Tensor:
+        """(W' − W) x for DoRA with d per input channel, on the activations: W_dora = (W + ΔW) · diag(s), so
+            (W' − W) x = m · (W ((s − 1) ⊙ x) + ΔW (s ⊙ x))
+        x [..., in] (Linear) or [B, in, H, W] (Conv2d, s per channel); `weight` is the layer's, in x's dtype."""
+        s = self.input_scale(weight)
+        if self.conv is not None:
+            s = s.reshape(1, -1, 1, 1)
+        s = s.to(x.dtype)
+        base = (
+            layer._conv_forward(x * (s - 1), weight, None) if self.conv is not None else F.linear(x * (s - 1), weight)
+        )
+        return multiplier * (base + self.on_activations(x * s, 1.0, None, _NO_RNG))
+
     def on_activations(self, x: Tensor, multiplier: float, dropout: Dropout | None, rng: torch.Generator) -> Tensor:
         """m · ΔW x computed as up(down(x)): x [..., in] (Linear) or [B, in, H, W] (Conv2d)."""
         down = self.down.to(x.dtype)
@@ -122,6 +155,9 @@ class LowRankModule(nn.Module):
         up = self.up.to(x.dtype)
         y = F.linear(lx, up) if self.conv is None else F.conv2d(lx, up)
         return y * scale
+
+
+_NO_RNG = torch.Generator()  # for `on_activations` without dropout, which draws nothing
 
 
 @dataclass
@@ -244,7 +280,10 @@ class LoraNetwork(nn.Module):
             if self._skipped():
                 return y
             weight: Tensor = layer.weight  # type: ignore[assignment]
-            delta = module.weight_delta(weight if weight.dtype == x.dtype else weight.to(x.dtype), self.multiplier)
+            weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+            if not on_output_axis(module.dora_scale, weight):  # type: ignore[arg-type]
+                return y + module.dora_on_activations(x, weight, layer, self.multiplier).to(y.dtype)
+            delta = module.weight_delta(weight, self.multiplier)
             if isinstance(layer, nn.Conv2d):
                 return y + layer._conv_forward(x, delta, None)
             return y + F.linear(x, delta)
