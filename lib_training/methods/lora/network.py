@@ -110,31 +110,34 @@ class LowRankModule(nn.Module):
         """DoRA's s = d / ‖W + ΔW‖ per input channel, [in], fp32, from low-rank products only: with W, A = down
         and B = up seen as [out, in, k] / [r, in, k] / [out, r] (k: kernel positions) and c = alpha / rank,
             ‖W + ΔW‖²_j = ‖W_j‖² + 2c · Σ_rk A[r,j,k] (BᵀW)[r,j,k] + c² · Σ_rk A[r,j,k] (BᵀB A)[r,j,k]
-        so no tensor of W's size is made or kept for the backward pass besides W itself."""
+        so no tensor of W's size is kept for the backward pass (W, frozen, is kept as stored)."""
         out_features, in_features = self.weight_shape[:2]
-        w = weight.reshape(out_features, in_features, -1)  # [out, in, k]
         a = self.down.float().reshape(self.rank, in_features, -1)  # [r, in, k]
         b = self.up.float().reshape(out_features, self.rank)  # [out, r]
+        w = weight.reshape(out_features, -1)  # [out, in·k], as stored
         with torch.no_grad():
-            weight_sq = w.float().square().sum(dim=(0, 2))  # [in]; W is frozen
-        bw = torch.einsum("or,oik->rik", b.to(w.dtype), w).float()  # [r, in, k]
+            weight_sq = w.float().square().reshape(out_features, in_features, -1).sum(dim=(0, 2))  # [in]
+        bw = _OnFrozen.apply(b.t(), w).reshape(a.shape)  # BᵀW [r, in, k]
         bba = torch.einsum("rs,sik->rik", b.t() @ b, a)  # [r, in, k]
         cross = (a * bw).sum(dim=(0, 2))  # [in]
         delta_sq = (a * bba).sum(dim=(0, 2))  # [in]
         norm = (weight_sq + 2 * self.scale * cross + self.scale**2 * delta_sq).clamp_min(0).sqrt()
         return self.dora_scale.float().flatten() / norm  # type: ignore[union-attr]
 
-    def dora_on_activations(self, x: Tensor, weight: Tensor, layer: nn.Module, multiplier: float) -> Tensor:
+    def dora_on_activations(self, x: Tensor, weight: Tensor, multiplier: float) -> Tensor:
         """(W' − W) x for DoRA with d per input channel, on the activations: W_dora = (W + ΔW) · diag(s), so
             (W' − W) x = m · (W ((s − 1) ⊙ x) + ΔW (s ⊙ x))
-        x [..., in] (Linear) or [B, in, H, W] (Conv2d, s per channel); `weight` is the layer's, in x's dtype."""
+        x [..., in] (Linear) or [B, in, H, W] (Conv2d, s per channel); `weight` is the layer's as stored (a host
+        may keep it in fp16 and compute in x's dtype: it is cast for each product, the cast not kept)."""
         s = self.input_scale(weight)
         if self.conv is not None:
             s = s.reshape(1, -1, 1, 1)
         s = s.to(x.dtype)
-        base = (
-            layer._conv_forward(x * (s - 1), weight, None) if self.conv is not None else F.linear(x * (s - 1), weight)
-        )
+        rest = x * (s - 1)
+        if self.conv is not None:
+            base = _OnFrozenConv.apply(rest, weight, self.conv)
+        else:  # [..., in] @ Wᵀ [in, out]
+            base = _OnFrozen.apply(rest.reshape(-1, rest.shape[-1]), weight.t()).reshape(*rest.shape[:-1], -1)
         return multiplier * (base + self.on_activations(x * s, 1.0, None, _NO_RNG))
 
     def on_activations(self, x: Tensor, multiplier: float, dropout: Dropout | None, rng: torch.Generator) -> Tensor:
@@ -158,6 +161,37 @@ class LowRankModule(nn.Module):
 
 
 _NO_RNG = torch.Generator()  # for `on_activations` without dropout, which draws nothing
+
+
+class _OnFrozen(torch.autograd.Function):
+    """a @ W in a's dtype for a frozen W [n, m] (any dtype): the backward pass keeps W as stored, not the
+    cast copy autograd would keep (a whole fp32 copy of an fp16 model, on Forge)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, weight: Tensor) -> Tensor:  # a [p, n] -> [p, m]
+        ctx.save_for_backward(weight)
+        return a @ weight.to(a.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype).t(), None
+
+
+class _OnFrozenConv(torch.autograd.Function):
+    """conv2d(x, W) in x's dtype for a frozen kernel W [out, in, kh, kw], as `_OnFrozen` (no bias, groups 1)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, conv: dict[str, Any]) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.conv, ctx.input_shape = conv, x.shape
+        return F.conv2d(x, weight.to(x.dtype), None, **conv)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight.to(grad.dtype), grad, **ctx.conv)
+        return grad_x, None, None
 
 
 @dataclass
@@ -280,9 +314,9 @@ class LoraNetwork(nn.Module):
             if self._skipped():
                 return y
             weight: Tensor = layer.weight  # type: ignore[assignment]
-            weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
             if not on_output_axis(module.dora_scale, weight):  # type: ignore[arg-type]
-                return y + module.dora_on_activations(x, weight, layer, self.multiplier).to(y.dtype)
+                return y + module.dora_on_activations(x, weight, self.multiplier).to(y.dtype)
+            weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
             delta = module.weight_delta(weight, self.multiplier)
             if isinstance(layer, nn.Conv2d):
                 return y + layer._conv_forward(x, delta, None)
