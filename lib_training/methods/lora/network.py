@@ -16,8 +16,10 @@ one value per input channel, the layout A1111 (`network.py`) and ComfyUI (`weigh
 d starts as ‖W‖, so W' = W before training, as ΔW = 0 (up starts at zero, down kaiming-uniform). A file may
 also hold d per output channel, [out, 1(, 1, 1)] (LyCORIS' `wd_on_out`); it applies as ComfyUI applies it,
 W_dora = d ⊙ (W + ΔW) / ‖W‖ per output row (`lib_training.merge.dora` says which layout is which).
-DoRA layers add (W' − W) x to the layer's output; the fused attention of open_clip text encoders runs on
-its adapted weights (the changes of every attached LoRA summed, as A1111 and ComfyUI stack them).
+DoRA layers add (W' − W) x to the layer's output, with d per input channel computed on the activations
+(`LowRankModule.dora_on_activations`: no weight-sized tensor kept for the backward pass); the fused
+attention of open_clip text encoders runs on its adapted weights (the changes of every attached LoRA
+summed, as A1111 and ComfyUI stack them).
 
 Dropout, as kohya's `networks/lora.py` has it, only while training: `dropout` drops elements of
 down(x), `rank_dropout` whole ranks per sample (the rest scaled up), `module_dropout` skips a module
@@ -43,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lib_training.merge.dora import dora_change, input_norm
+from lib_training.merge.dora import dora_change, input_norm, on_output_axis
 from lib_training.model.checkpointing import replaying
 from lib_training.model.hooks import ModuleHooks
 from lib_training.model.networks.fused import LowRank, mark_low_rank
@@ -104,6 +106,40 @@ class LowRankModule(nn.Module):
         """W' for the weight W this module adapts (in W's dtype)."""
         return weight + self.weight_delta(weight, multiplier)
 
+    def input_scale(self, weight: Tensor) -> Tensor:
+        """DoRA's s = d / ‖W + ΔW‖ per input channel, [in], fp32, from low-rank products only: with W, A = down
+        and B = up seen as [out, in, k] / [r, in, k] / [out, r] (k: kernel positions) and c = alpha / rank,
+            ‖W + ΔW‖²_j = ‖W_j‖² + 2c · Σ_rk A[r,j,k] (BᵀW)[r,j,k] + c² · Σ_rk A[r,j,k] (BᵀB A)[r,j,k]
+        so no tensor of W's size is kept for the backward pass (W, frozen, is kept as stored)."""
+        out_features, in_features = self.weight_shape[:2]
+        a = self.down.float().reshape(self.rank, in_features, -1)  # [r, in, k]
+        b = self.up.float().reshape(out_features, self.rank)  # [out, r]
+        w = weight.reshape(out_features, -1)  # [out, in·k], as stored
+        with torch.no_grad():
+            weight_sq = w.float().square().reshape(out_features, in_features, -1).sum(dim=(0, 2))  # [in]
+        bw = _OnFrozen.apply(b.t(), w).reshape(a.shape)  # BᵀW [r, in, k]
+        bba = torch.einsum("rs,sik->rik", b.t() @ b, a)  # [r, in, k]
+        cross = (a * bw).sum(dim=(0, 2))  # [in]
+        delta_sq = (a * bba).sum(dim=(0, 2))  # [in]
+        norm = (weight_sq + 2 * self.scale * cross + self.scale**2 * delta_sq).clamp_min(0).sqrt()
+        return self.dora_scale.float().flatten() / norm  # type: ignore[union-attr]
+
+    def dora_on_activations(self, x: Tensor, weight: Tensor, multiplier: float) -> Tensor:
+        """(W' − W) x for DoRA with d per input channel, on the activations: W_dora = (W + ΔW) · diag(s), so
+            (W' − W) x = m · (W ((s − 1) ⊙ x) + ΔW (s ⊙ x))
+        x [..., in] (Linear) or [B, in, H, W] (Conv2d, s per channel); `weight` is the layer's as stored (a host
+        may keep it in fp16 and compute in x's dtype: it is cast for each product, the cast not kept)."""
+        s = self.input_scale(weight)
+        if self.conv is not None:
+            s = s.reshape(1, -1, 1, 1)
+        s = s.to(x.dtype)
+        rest = x * (s - 1)
+        if self.conv is not None:
+            base = _OnFrozenConv.apply(rest, weight, self.conv)
+        else:  # [..., in] @ Wᵀ [in, out]
+            base = _OnFrozen.apply(rest.reshape(-1, rest.shape[-1]), weight.t()).reshape(*rest.shape[:-1], -1)
+        return multiplier * (base + self.on_activations(x * s, 1.0, None, _NO_RNG))
+
     def on_activations(self, x: Tensor, multiplier: float, dropout: Dropout | None, rng: torch.Generator) -> Tensor:
         """m · ΔW x computed as up(down(x)): x [..., in] (Linear) or [B, in, H, W] (Conv2d)."""
         down = self.down.to(x.dtype)
@@ -122,6 +158,40 @@ class LowRankModule(nn.Module):
         up = self.up.to(x.dtype)
         y = F.linear(lx, up) if self.conv is None else F.conv2d(lx, up)
         return y * scale
+
+
+_NO_RNG = torch.Generator()  # for `on_activations` without dropout, which draws nothing
+
+
+class _OnFrozen(torch.autograd.Function):
+    """a @ W in a's dtype for a frozen W [n, m] (any dtype): the backward pass keeps W as stored, not the
+    cast copy autograd would keep (a whole fp32 copy of an fp16 model, on Forge)."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, weight: Tensor) -> Tensor:  # a [p, n] -> [p, m]
+        ctx.save_for_backward(weight)
+        return a @ weight.to(a.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype).t(), None
+
+
+class _OnFrozenConv(torch.autograd.Function):
+    """conv2d(x, W) in x's dtype for a frozen kernel W [out, in, kh, kw], as `_OnFrozen` (no bias, groups 1)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, conv: dict[str, Any]) -> Tensor:
+        ctx.save_for_backward(weight)
+        ctx.conv, ctx.input_shape = conv, x.shape
+        return F.conv2d(x, weight.to(x.dtype), None, **conv)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight.to(grad.dtype), grad, **ctx.conv)
+        return grad_x, None, None
 
 
 @dataclass
@@ -244,7 +314,10 @@ class LoraNetwork(nn.Module):
             if self._skipped():
                 return y
             weight: Tensor = layer.weight  # type: ignore[assignment]
-            delta = module.weight_delta(weight if weight.dtype == x.dtype else weight.to(x.dtype), self.multiplier)
+            if not on_output_axis(module.dora_scale, weight):  # type: ignore[arg-type]
+                return y + module.dora_on_activations(x, weight, self.multiplier).to(y.dtype)
+            weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+            delta = module.weight_delta(weight, self.multiplier)
             if isinstance(layer, nn.Conv2d):
                 return y + layer._conv_forward(x, delta, None)
             return y + F.linear(x, delta)
