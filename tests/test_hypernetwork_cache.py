@@ -211,3 +211,24 @@ def test_a_hypernetwork_loaded_in_inference_mode_applies_as_one_loaded_outside_i
         with loaded.apply_for_generation(tiny_sd1):
             got = [tiny_sd1.predict(x, t, cond) for _ in range(2)]
     assert all(torch.allclose(g, expected, atol=1e-6) for g in got)
+
+
+def test_training_steps_compile_once_as_one_graph(tiny_sd1, method) -> None:
+    """torch.compile traces a training step whole and the next step reuses it: the context's inputs
+    are computed in each step without reading version counters (which dynamo cannot trace) or the
+    previous step's (which it would guard on, compiling the second step again)."""
+    x, t = _inputs(1)
+    cond = tiny_sd1.encode_prompts(["a red ball"] * 2)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def counting_backend(graph: torch.fx.GraphModule, example_inputs) -> object:
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda x: tiny_sd1.predict(x, t, cond), backend=counting_backend, dynamic=False)
+    with method.attached(tiny_sd1):
+        for _ in range(2):
+            step(x).square().mean().backward()
+    torch._dynamo.reset()
+    assert len(graphs) == 1

@@ -131,7 +131,7 @@ class Attachment:
         pair = self.modules.get(context.shape[-1]) if isinstance(context, Tensor) and context.dim() == 3 else None
         if pair is None or (self.has_dropout and pair[0].training) or self._passes_through(pair[0]):
             self._shared = None
-        elif not (self._shared is not None and self._shared.reusable_for(context, pair)):
+        elif not _without_autograd(pair) or not (self._shared is not None and self._shared.reusable_for(context, pair)):
             self._shared = _Computed.of(pair, context, self.strength)  # [B, M, width] each
         return forward(*args, **kwargs)
 
@@ -162,7 +162,7 @@ class _Computed:
     """The k and v inputs that a module pair made of one tensor, with what they depend on."""
 
     source: Tensor  # [B, M, width]
-    version: int | None  # the source's version counter (None for an inference tensor: none kept)
+    version: int | None  # the source's version counter (None: an inference tensor, or not reusable)
     weights: tuple[int, ...] | None  # the modules' parameters' version counters (None: inference tensors)
     inputs: tuple[Tensor, Tensor]  # x + mlp_k(x) * strength, x + mlp_v(x) * strength; [B, M, width] each
     reusable: bool  # made without autograd and dropout: valid as long as source and weights are unchanged
@@ -171,13 +171,17 @@ class _Computed:
     def of(cls, pair: tuple[HypernetworkModule, HypernetworkModule], x: Tensor, strength: float) -> _Computed:
         # A1111 runs the modules in fp32 and casts back (no copies when x is fp32)
         k, v = pair[0](x.float(), strength), pair[1](x.float(), strength)
+        inputs = (k.to(x.dtype), v.to(x.dtype))
+        if not _without_autograd(pair):  # training: used within this UNet call only, so no version counters
+            return cls(x, None, None, inputs, reusable=False)  # (which torch.compile cannot read either)
         weights = _weights_version(pair)
-        reusable = _without_autograd(pair) and _version(x) is not None and weights is not None
-        return cls(x, _version(x), weights, (k.to(x.dtype), v.to(x.dtype)), reusable)
+        reusable = _version(x) is not None and weights is not None
+        return cls(x, _version(x), weights, inputs, reusable)
 
     def holds(self, x: Tensor) -> bool:
-        """Whether these are the inputs for `x`: the very tensor, not changed in place since."""
-        return x is self.source and _version(x) == self.version
+        """Whether these are the inputs for `x`: the very tensor, not changed in place since (where a
+        version counter was kept)."""
+        return x is self.source and (self.version is None or _version(x) == self.version)
 
     def reusable_for(self, x: Tensor, pair: tuple[HypernetworkModule, HypernetworkModule]) -> bool:
         """Whether a later UNet call may take these for `x`: both without autograd, the same tensor
