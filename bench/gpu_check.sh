@@ -8,11 +8,15 @@
 #   6. CUDA graphs (compile cuda-graphs): UNet fwd+bwd at batch 1 fp16, ours eager vs ours with CUDA
 #      graphs vs diffusers; every run prints its first step's loss, which must agree (same weights and
 #      inputs), then the CUDA-graph correctness test of tests/test_fast_path.py (loss and gradients = eager)
+#   7. (issue 11, not in the default STEPS) LoRA training, full-size SDXL at 1024 px, rank 16, with
+#      gradient checkpointing, text-encoder outputs cached: ours vs diffusers + peft (peft must be
+#      importable: carry it as a wheel like diffusers), and ours' peak memory (target: at most 8 GB)
 # Each command has its own time limit, so one slow compile cannot take the rest with it.
 #
 #   bash bench/gpu_check.sh              # on a machine with a CUDA GPU
 #   bash bench/gpu_check.sh --cpu-smoke  # tiny shapes on the CPU: checks that every command runs
 #   STEPS="1 6" bash bench/gpu_check.sh  # only the numbered steps (when device time is short)
+#   STEPS="7" bash bench/gpu_check.sh    # issue 11's LoRA memory and speed on SDXL
 set -u
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -26,7 +30,8 @@ if [ "${1:-}" = "--cpu-smoke" ]; then
   COMPILE=(--compile --backend aot_eager)  # CPU code generation takes minutes on a small machine
   TI=(--tiny --steps 1 --warmup 1 --images 1 --threads 1)
   TI_COMPILE=()  # inductor on the CPU is too slow for a smoke test; the GPU run uses --compile
-  L=(600 600 600 600 600 600 600 600)
+  LORA=(--tiny --arch sdxl --steps 1 --warmup 1 --threads 1)
+  L=(600 600 600 600 600 600 600 600 600)
 else
   DEV=(--device cuda)
   UNET=(--full --latent 64 --batch 1 --iters 6 --warmup 3)
@@ -35,7 +40,8 @@ else
   COMPILE=(--compile)
   TI=(--full --steps 6 --warmup 3)
   TI_COMPILE=(--compile)
-  L=(100 100 45 30 90 105 110 90)  # seconds per command: 670 in all, under 12 minutes with the checks above
+  LORA=(--full --arch sdxl --steps 5 --warmup 2)
+  L=(100 100 45 30 90 105 110 90 300)  # seconds per command: 670 for steps 1-6, under 12 minutes with the checks above
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())" || exit 1
   # The bf16 matmul rate of this GPU, for the TFLOP/s ratio (8192^3, 20 runs).
   "$PY" - <<'PYEOF'
@@ -69,4 +75,5 @@ if [ "${1:-}" = "--cpu-smoke" ]; then  # on the CPU: the option's fallback (eage
 else
   run 6 "${L[7]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "cuda_graph and on_cuda"
 fi
+run 7 "${L[8]}" "$PY" bench/train_lora.py "${DEV[@]}" "${LORA[@]}" --gradient-checkpointing
 echo; echo "### gpu_check done"
