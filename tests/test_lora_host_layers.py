@@ -34,16 +34,21 @@ def _network(layer: nn.Module, dora: bool) -> LoraNetwork:
     return LoraNetwork({"layer": module}, {"layer": Target("layer", layer)}, generator)
 
 
+def _attached_output(network: LoraNetwork, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) with the network attached (detached again afterwards)."""
+    network.attach()
+    try:
+        return layer(x)
+    finally:
+        network.detach()
+
+
 def test_dora_on_an_fp16_layer_that_casts_to_the_input_dtype_gives_the_fp32_adapted_output() -> None:
     weight = torch.randn(6, 5, generator=torch.Generator().manual_seed(1))
     layer = CastingLinear(weight)
     network = _network(layer, dora=True)
     x = torch.randn(3, 5)
-    network.attach()
-    try:
-        y = layer(x)
-    finally:
-        network.detach()
+    y = _attached_output(network, layer, x)
     stored = layer.weight.float()
     expected = F.linear(x, network.lora["layer"].adapted_weight(stored, 1.0))
     assert y.dtype == torch.float32
@@ -54,10 +59,6 @@ def test_lora_on_an_fp16_layer_that_casts_to_the_input_dtype_adds_its_change_in_
     layer = CastingLinear(torch.randn(6, 5, generator=torch.Generator().manual_seed(1)))
     network = _network(layer, dora=False)
     x = torch.randn(3, 5)
-    network.attach()
-    try:
-        y = layer(x)
-    finally:
-        network.detach()
+    y = _attached_output(network, layer, x)
     expected = F.linear(x, layer.weight.float() + network.lora["layer"].delta())
     torch.testing.assert_close(y, expected)

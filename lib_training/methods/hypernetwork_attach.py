@@ -131,7 +131,8 @@ class Attachment:
         pair = self.modules.get(context.shape[-1]) if isinstance(context, Tensor) and context.dim() == 3 else None
         if pair is None or (self.has_dropout and pair[0].training) or self._passes_through(pair[0]):
             self._shared = None
-        elif not _without_autograd(pair) or not (self._shared is not None and self._shared.reusable_for(context, pair)):
+        # In training, computed afresh without looking at `_shared` (torch.compile would guard on it).
+        elif not (_without_autograd(pair) and self._shared is not None and self._shared.reusable_for(context, pair)):
             self._shared = _Computed.of(pair, context, self.strength)  # [B, M, width] each
         return forward(*args, **kwargs)
 

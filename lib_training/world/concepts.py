@@ -7,6 +7,7 @@ say only what is not the concept (the background), so a method has to learn the 
 from __future__ import annotations
 
 from collections.abc import Collection
+from itertools import islice
 from pathlib import Path
 
 from lib_training.world.scenes import HELD_OUT_PAIRS, SIDE, Scene, render, scene_at, scenes
@@ -35,9 +36,7 @@ def write_concept(folder: Path, colour: str, shape: str, count: int = 12, seed: 
     """PNG pictures of the concept in `folder`, each with a caption naming only its background."""
     folder.mkdir(parents=True, exist_ok=True)
     for index, scene in enumerate(concept_scenes(colour, shape, count, seed)):
-        stem = f"{index:02d}-{colour}-{shape}"
-        render(scene, side).save(folder / f"{stem}.png")
-        (folder / f"{stem}.txt").write_text(f"on a {scene.background} background\n", encoding="utf-8")
+        _write_picture(folder / f"{index:02d}-{colour}-{shape}", scene, f"on a {scene.background} background", side)
     return folder
 
 
@@ -48,14 +47,13 @@ def write_class_images(
     background"): regularization (class) images that remind a method of what the model already draws.
     Pairs in `leave_out` ((colour, shape)) are not shown, so prompts of them can test what is kept."""
     folder.mkdir(parents=True, exist_ok=True)
-    index = 0
-    for scene in scenes(seed, 0, 100 * count, split="pretrain"):
-        if index == count:
-            break
-        if (scene.colour, scene.shape) in leave_out:
-            continue
-        stem = f"{index:03d}-{scene.colour}-{scene.shape}"
-        render(scene, side).save(folder / f"{stem}.png")
-        (folder / f"{stem}.txt").write_text(scene.caption + "\n", encoding="utf-8")
-        index += 1
+    wanted = (s for s in scenes(seed, 0, 100 * count, split="pretrain") if (s.colour, s.shape) not in leave_out)
+    for index, scene in enumerate(islice(wanted, count)):
+        _write_picture(folder / f"{index:03d}-{scene.colour}-{scene.shape}", scene, scene.caption, side)
     return folder
+
+
+def _write_picture(stem: Path, scene: Scene, caption: str, side: int) -> None:
+    """STEM.png of the scene and STEM.txt holding its caption."""
+    render(scene, side).save(stem.with_name(f"{stem.name}.png"))
+    stem.with_name(f"{stem.name}.txt").write_text(caption + "\n", encoding="utf-8")

@@ -166,11 +166,11 @@ def _apply(x: Tensor, layers: list[nn.Module]) -> Tensor:
     weights = [m.weight for m in layers]
     biases = [m.bias for m in layers if m.bias is not None]
     terms = [(i, t) for i, t in enumerate(_adaptation(m) for m in layers) if isinstance(t, LowRank)]
-    if not terms and not _records_grad(x, weights, biases):
-        # Nothing to differentiate (a frozen layer on an input without gradient, or no_grad): no node needed.
-        # This is also the path torch.compile traces, whose dynamo cannot trace the node's forward here.
-        return F.linear(x, _joined([_matrix(w) for w in weights]), _joined(biases) if biases else None)
     if not terms:
+        if not _records_grad(x, weights, biases):
+            # Nothing to differentiate (a frozen layer on an input without gradient, or no_grad): no node needed.
+            # This is also the path torch.compile traces, whose dynamo cannot trace the node's forward here.
+            return F.linear(x, _joined([_matrix(w) for w in weights]), _joined(biases) if biases else None)
         return _JointLinear.apply(x, len(weights), (), (), *weights, *biases)
     adapted, scales = tuple(i for i, _ in terms), tuple(t.scale for _, t in terms)
     downs, ups = [t.down for _, t in terms], [t.up for _, t in terms]
