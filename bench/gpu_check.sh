@@ -75,5 +75,5 @@ if [ "${1:-}" = "--cpu-smoke" ]; then  # on the CPU: the option's fallback (eage
 else
   run 6 "${L[7]}" "$PY" -m pytest -q -p no:cacheprovider tests/test_fast_path.py -k "cuda_graph and on_cuda"
 fi
-run 7 "${L[8]}" "$PY" bench/train_lora.py "${DEV[@]}" "${LORA[@]}" --gradient-checkpointing
+run 7 "${L[8]}" "$PY" bench/train_lora.py "${DEV[@]}" "${LORA[@]}" --gradient-checkpointing --cache-text-outputs
 echo; echo "### gpu_check done"

@@ -107,6 +107,12 @@ class DatasetConfig:
     )
     seed: int = option(0, "Seed of the batch order and of every random choice per sample.", internal=True)
 
+    @property
+    def prompts_vary(self) -> bool:
+        """Whether samples draw new prompts without end (tags shuffled or dropped), so that not every
+        prompt of a run can be listed (`TrainingDataset.all_prompts`)."""
+        return self.shuffle_tags or self.tag_dropout > 0
+
     def validate(self) -> None:
         """Raise `ConfigError` naming the first invalid setting (`problems` lists them all)."""
         problems = self.problems()
@@ -336,6 +342,21 @@ class TrainingDataset:
         and the plain caption."""
         line = self.template.lines[0]
         return [(record.view(False), fill_template(line, self.name, record.caption)) for record in self.validation]
+
+    def all_prompts(self) -> list[str]:
+        """Every prompt training can draw, each once: each template line with each caption (and without
+        it, with caption dropout), the regularization images' and the held-out images' prompts. Only
+        for fixed prompts (see `DatasetConfig.prompts_vary`)."""
+        if self.config.prompts_vary:
+            raise ValueError("with tag shuffle or tag dropout the prompts cannot be listed")
+        captions = [record.caption for record in self.samples]
+        if self.config.caption_dropout > 0:
+            captions.append("")
+        prompts = [fill_template(line, self.name, caption) for caption in captions for line in self.template.lines]
+        prompts += [prompt for _, prompt in self.validation_items()]
+        if self.class_data is not None:
+            prompts += self.class_data.all_prompts()
+        return list(dict.fromkeys(prompts))
 
     def __len__(self) -> int:
         """Training items per epoch (images x repeats)."""

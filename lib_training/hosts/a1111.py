@@ -47,6 +47,7 @@ from lib_training.model.diffusion import TextEncoder
 from lib_training.model.hooks import ModuleHooks
 from lib_training.model.module_map import ModuleRoot
 from lib_training.model.noise_schedule import NoiseSchedule
+from lib_training.model.placement import module_device
 
 LOWVRAM_MESSAGE = (
     "Training needs the whole model on the GPU, and --lowvram moves it there block by block during each "
@@ -237,13 +238,6 @@ class A1111UNet:
 
 
 # --- session steps ----------------------------------------------------------------------------------
-def _device_of(module: nn.Module | None) -> torch.device | None:
-    if module is None:
-        return None
-    param = next(module.parameters(), None)
-    return None if param is None else param.device
-
-
 @contextlib.contextmanager
 def whole_model_on_device(sd_model: Any) -> Iterator[None]:
     """--medvram: UNet, text encoders and VAE on the GPU for the job; devices and the tracked
@@ -255,7 +249,7 @@ def whole_model_on_device(sd_model: Any) -> Iterator[None]:
 
     in_gpu = lowvram.module_in_gpu
     parts = [sd_model.model, text_root(sd_model), sd_model.first_stage_model]
-    places = [(m, _device_of(m)) for m in dict.fromkeys([*parts, in_gpu]) if m is not None]
+    places = [(m, module_device(m)) for m in dict.fromkeys([*parts, in_gpu]) if m is not None]
     try:
         lowvram.send_everything_to_cpu()
         for module in parts:
@@ -263,7 +257,7 @@ def whole_model_on_device(sd_model: Any) -> Iterator[None]:
         yield
     finally:
         for module, device in places:
-            if device is not None and _device_of(module) != device:
+            if device is not None and module_device(module) != device:
                 module.to(device)
         lowvram.module_in_gpu = in_gpu
 

@@ -130,8 +130,7 @@ def build_model(sd_model: Any, blocks: ForgeBlocks | None = None) -> HostDiffusi
             f"{family.name}; it cannot be trained here"
         )
 
-    def load_unet_and_text() -> None:
-        memory_management.load_models_gpu([unet, clip.patcher])
+    loading = ForgeLoading(unet, clip)
 
     def load_vae() -> None:
         memory_management.load_models_gpu([vae.patcher])
@@ -154,14 +153,14 @@ def build_model(sd_model: Any, blocks: ForgeBlocks | None = None) -> HostDiffusi
                 final_norm=bool(engine.final_layer_norm),
                 projection=projection,
                 device=device,
-                prepare=load_unet_and_text,
+                prepare=loading.load_unet_and_text,
                 # SD1's CLIP-L projection is left uninitialised by Forge's loader; the others are loaded
                 feature_projection=None if key == "clip_l" else getattr(tower.transformer, "text_projection", None),
             )
         )
     return HostDiffusionModel(
         family=family,
-        unet=ForgeUNet(dm, load_unet_and_text),
+        unet=ForgeUNet(dm, loading.load_for_unet),
         text_encoders=encoders,
         vae=HostVAE(fsm, prepare=load_vae),
         schedule=NoiseSchedule(kmodel.predictor.alphas_cumprod.detach().float().cpu(), prediction),  # type: ignore[arg-type]
@@ -171,7 +170,44 @@ def build_model(sd_model: Any, blocks: ForgeBlocks | None = None) -> HostDiffusi
         modules={"unet": dm, "vae": fsm, **{key: getattr(clip.cond_stage_model, key) for _, key in _ENGINES[arch]}},
         module_roots=module_roots(sd_model),
         checkpointing=None if blocks is None else blocks.set_checkpointing,
+        text_offload=loading.text_offloaded,
     )
+
+
+class ForgeLoading:
+    """What the training's calls ask Forge's memory manager to have on the GPU: the UNet and the text
+    encoders, or only the UNet while the text encoders are offloaded (their outputs cached). Offloading
+    unloads them as Forge itself does to free memory (to its offload device); Forge loads them again
+    when it next needs them."""
+
+    def __init__(self, unet: Any, clip: Any) -> None:
+        self.unet, self.clip = unet, clip
+        self.with_text = True
+
+    def load_unet_and_text(self) -> None:
+        from backend import memory_management
+
+        memory_management.load_models_gpu([self.unet, self.clip.patcher])
+
+    def load_for_unet(self) -> None:
+        from backend import memory_management
+
+        memory_management.load_models_gpu([self.unet, self.clip.patcher] if self.with_text else [self.unet])
+
+    @contextlib.contextmanager
+    def text_offloaded(self) -> Iterator[None]:
+        from backend import memory_management
+
+        loaded = memory_management.current_loaded_models
+        self.with_text = False
+        try:
+            for index in reversed(range(len(loaded))):
+                if loaded[index].model is self.clip.patcher:
+                    loaded.pop(index).model_unload()
+            memory_management.soft_empty_cache()
+            yield
+        finally:
+            self.with_text = True
 
 
 class ForgeUNet:

@@ -13,6 +13,7 @@ Tensor conventions:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
@@ -162,6 +163,14 @@ class DiffusionModel:
             from lib_training.errors import ConfigError
 
             raise ConfigError("gradient checkpointing is not available for this model")
+
+    def text_encoders_offloaded(self) -> contextlib.AbstractContextManager[None]:
+        """Inside: the text encoders are on the CPU, off the model's device, and must not be called
+        (training on cached text outputs, `lib_training.training.text_cache`); on exit each is back
+        where it was. Adapters of hosts that place models themselves override this."""
+        from lib_training.model.placement import moved_to
+
+        return moved_to(self.modules[e.key] for e in self.text_encoders if e.key in self.modules)
 
     def module_map(self) -> ModuleMap:
         """Every hookable layer by kohya name, checkpoint key and kind (built on first call, then cached).

@@ -54,14 +54,19 @@ def sample_latents(
     settings: SampleSettings,
     embeddings: Mapping[str, EmbeddingVectors] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    cond: Conditioning | None = None,
 ) -> Tensor:
-    """Denoise seeded noise into latents [1, 4, h/8, w/8] (scaled), float32."""
+    """Denoise seeded noise into latents [1, 4, h/8, w/8] (scaled), float32.
+
+    `cond` is the conditioning of [prompt, negative prompt] when it is already known (text outputs
+    cached while training); then the text encoders are not called.
+    """
     settings.check()
-    size = SizeConditioning((settings.height, settings.width))
-    prompts = [settings.prompt, settings.negative_prompt]
-    chunks = model.count_chunks(prompts, embeddings)
-    both = model.encode_prompts(prompts, embeddings, sizes=[size, size], min_chunks=chunks)
-    cond = Conditioning(both.context, both.y, both.pooled)  # [2, ...]: prompt, then negative
+    if cond is None:
+        size = SizeConditioning((settings.height, settings.width))
+        prompts = [settings.prompt, settings.negative_prompt]
+        chunks = model.count_chunks(prompts, embeddings)
+        cond = model.encode_prompts(prompts, embeddings, sizes=[size, size], min_chunks=chunks)  # [2, ...]
 
     generator = torch.Generator().manual_seed(settings.seed)
     shape = (1, 4, settings.height // LATENT_FACTOR, settings.width // LATENT_FACTOR)
@@ -107,6 +112,7 @@ def generate(
     settings: SampleSettings,
     embeddings: Mapping[str, EmbeddingVectors] | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    cond: Conditioning | None = None,
 ) -> Image.Image:
     """One image for `settings`; the same settings always give the same image on the same device."""
-    return latents_to_images(model, sample_latents(model, settings, embeddings, on_step))[0]
+    return latents_to_images(model, sample_latents(model, settings, embeddings, on_step, cond))[0]

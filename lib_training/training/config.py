@@ -115,6 +115,19 @@ class LoopConfig:
     cache_latents_to_disk: bool = option(
         False, "Keep encoded latents on disk too, so a resumed or repeated run skips the VAE.", advanced=True
     )
+    cache_text_outputs: bool = option(
+        False,
+        "When the text encoders don't train: encode every prompt the run can use before the first step and "
+        "keep the text encoders off the GPU while training (less GPU memory; they come back afterwards). "
+        "Prompts must be fixed: not with tag shuffle or tag dropout.",
+        advanced=True,
+    )
+    cache_text_outputs_to_disk: bool = option(
+        False,
+        "Keep the cached text-encoder outputs on disk too (cache_text_outputs with it), so a resumed or "
+        "repeated run skips the text encoders.",
+        advanced=True,
+    )
     seed: int = option(0, "Seed of every random choice: same seed, same result.", min=0)
     save_every: int = option(500, "Save a numbered copy every N steps (0: only at the end).", min=0)
     validate_every: int = option(

@@ -19,6 +19,7 @@ from lib_training.options import SettingsError, convert, describe, field_errors,
 from lib_training.training.config import LoopConfig
 from lib_training.training.lr_schedule import parse_schedule
 from lib_training.training.method import MethodSettings, MethodSpec, TrainingMethod
+from lib_training.training.trainer import text_caching_problem
 
 GROUPS = ("method", "data", "loop")
 
@@ -82,6 +83,7 @@ def request_errors(spec: MethodSpec, body: Any) -> dict[str, str]:
     _check_loop(values["loop"], errors, default_lr=str(group_settings(spec, "loop")[1].get("lr", "0.005")))
     _check_data(values["data"], errors)
     _check_method(spec, values["method"], errors)
+    _check_text_caching(spec, values, errors)
     return errors
 
 
@@ -161,6 +163,20 @@ def _check_method(spec: MethodSpec, method: dict[str, Any], errors: dict[str, st
         errors.update({f"method.{name}" if name else "method": problem for name, problem in error.errors.items()})
     except ConfigError as error:
         errors["method"] = str(error)
+
+
+def _check_text_caching(spec: MethodSpec, values: dict[str, dict[str, Any]], errors: dict[str, str]) -> None:
+    """cache_text_outputs needs frozen text encoders (the method's settings) and fixed prompts (the data's)."""
+    loop, data = values["loop"], values["data"]
+    if not (loop["cache_text_outputs"] or loop["cache_text_outputs_to_disk"]) or any(
+        key.startswith("method") for key in errors
+    ):
+        return
+    method = spec.build(spec.settings(**values["method"]))
+    problem = text_caching_problem(method.trains_text_encoders, data["shuffle_tags"], data["tag_dropout"])
+    if problem:
+        field = "loop.cache_text_outputs" if loop["cache_text_outputs"] else "loop.cache_text_outputs_to_disk"
+        errors.setdefault(field, problem)
 
 
 def parse_request(spec: MethodSpec, body: Any) -> TrainingRequest:

@@ -56,8 +56,8 @@ def train(
     dataset = data if isinstance(data, TrainingDataset) else prepare_dataset(method, data, loop)
     method.check_dataset(dataset)
     record = {"loop": to_dict(loop), "data": to_dict(dataset.config), "model": {"title": model_title}}
-    if loop.cache_latents_to_disk and cache_dir is None:
-        cache_dir = Path(out) / "latent-cache"
+    if cache_dir is None:
+        cache_dir = Path(out) / "latent-cache"  # used by the options that cache on disk
     trainer = Trainer(
         model,
         method,
@@ -67,7 +67,7 @@ def train(
         settings=record,
         on_progress=on_progress,
         should_stop=should_stop,
-        latent_cache_dir=cache_dir,
+        cache_dir=cache_dir,
         file_metadata=file_metadata,
     )
     return trainer.run(resume=resume)

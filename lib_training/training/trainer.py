@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lib_training.dataset import Batch, LatentCache, LatentSampler, TrainingDataset
-from lib_training.errors import UserError
+from lib_training.errors import ConfigError, UserError
 from lib_training.formats.atomic import write_text
 from lib_training.formats.fingerprint import weights_fingerprint
 from lib_training.model.diffusion import Conditioning, DiffusionModel, SizeConditioning
@@ -42,9 +42,10 @@ from lib_training.training.optim import all_finite, build_optimizer, clip_gradie
 from lib_training.training.outputs import LossRecord, RunFolder
 from lib_training.training.peak_memory import peak_memory, reset_peak_memory
 from lib_training.training.progress import Progress, RateMeter
+from lib_training.training.text_cache import TextOutputCache
 
 ProgressCallback = Callable[[Progress], None]
-_TEXT_CACHE_LIMIT = 4096  # prompts whose text-encoder outputs are kept (frozen text encoders)
+MAX_CACHED_PROMPTS = 100_000  # prompts whose text outputs `cache_text_outputs` may keep (SD1: ~120 kB each)
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
@@ -94,7 +95,7 @@ class Trainer:
         settings: dict[str, Any] | None = None,
         on_progress: ProgressCallback | None = None,
         should_stop: Callable[[], bool] | None = None,
-        latent_cache_dir: Path | None = None,
+        cache_dir: Path | None = None,
         file_metadata: dict[str, str] | None = None,
     ) -> None:
         self.model = model
@@ -105,7 +106,7 @@ class Trainer:
         self.settings = settings or {}
         self.on_progress = on_progress or (lambda progress: None)
         self.should_stop = should_stop or (lambda: False)
-        self.latent_cache_dir = latent_cache_dir
+        self.cache_dir = cache_dir  # where the disk caches that `loop` turns on live
         self.file_metadata = file_metadata or {}  # written into every saved file (e.g. the model's name and hash)
         self.autocast = autocast_dtype(loop.precision, model.device, model.dtype)
         self.lr_schedule: StepSchedule = self._lr_schedule(loop.lr)
@@ -117,7 +118,7 @@ class Trainer:
         self._saved = False  # this run has written a result or a numbered copy
         self.speed: dict[str, Any] = {}  # what the run used: channels_last, compile (see _fast_path)
         self._latest_preview: Path | None = None
-        self._text_cache: dict[str, tuple[Tensor, Tensor | None]] = {}  # prompt -> its text encoders' output
+        self._texts: TextOutputCache | None = None  # frozen text encoders' outputs (set up by the run)
         self._class_sampler = None  # batches of the regularization images, if any
         self.validation: list[tuple[int, float]] = []  # (step, loss of the held-out images)
 
@@ -167,8 +168,11 @@ class Trainer:
     def _run(self, resume: bool) -> TrainingResult:
         self.method.begin_run(self.dataset, self.loop)
         self._report("preparing", 0)
+        prompts = self._prompts_to_cache()  # checked before the slow work
         cache = LatentCache(
-            self._encode, weights_fingerprint({"vae": self.model.modules["vae"]}), self.latent_cache_dir
+            self._encode,
+            weights_fingerprint({"vae": self.model.modules["vae"]}),
+            self.cache_dir if self.loop.cache_latents_to_disk else None,
         )
         self._report("caching latents", 0, message=f"encoding {len(self.dataset.views())} images with the VAE")
         cache.fill(
@@ -177,12 +181,19 @@ class Trainer:
             batch_size=max(1, self.loop.batch_size),
             progress=lambda done, total: self._report("caching latents", done, total=total),
         )
+        if not self.method.trains_text_encoders:
+            disk = self.cache_dir if self.loop.cache_text_outputs_to_disk else None
+            self._texts = TextOutputCache(self.model, disk)
+        if prompts is not None and self._texts is not None:
+            self._report("caching text", 0, message=f"encoding {len(prompts)} prompts with the text encoders")
+            with self._autocast():
+                self._texts.fill(prompts, lambda done, total: self._report("caching text", done, total=total))
         latents_for = LatentSampler(self.loop.latent_sampling, self.loop.seed)
         sampler = self.dataset.sampler(self.loop.batch_size)
         class_data = self.dataset.class_data
         self._class_sampler = class_data.sampler(self.loop.batch_size) if class_data is not None else None
 
-        with self.method.attached(self.model), self._gradient_checkpointing():
+        with self.method.attached(self.model), self._gradient_checkpointing(), self._text_encoders_away():
             groups = self.method.param_groups()
             params = [p for group in groups for p in group.params]
             schedules = [self.lr_schedule if g.lr is None else self._lr_schedule(g.lr) for g in groups]
@@ -348,30 +359,44 @@ class Trainer:
     def _conditioning(self, prompts: list[str], sizes: list[SizeConditioning] | None) -> Conditioning:
         """The batch's conditioning; with frozen text encoders each prompt is encoded once, alone, and its
         output reused (so a resumed run computes the same values as an uninterrupted one)."""
-        model = self.model
-        if self.method.trains_text_encoders:
-            return model.encode_prompts(prompts, self.method.prompt_embeddings(), sizes)
-        parts = []
-        for prompt in prompts:
-            found = self._text_cache.get(prompt)
-            if found is None:
-                with torch.no_grad():
-                    encoded = model.encode_prompts([prompt])
-                found = (encoded.context, encoded.pooled)  # [1, 77 * chunks, C], [1, P] or None
-                if len(self._text_cache) < _TEXT_CACHE_LIMIT:
-                    self._text_cache[prompt] = found
-            parts.append(found)
-        if len({context.shape[1] for context, _ in parts}) > 1:  # prompts of different lengths: pad together
-            with torch.no_grad():
-                return model.encode_prompts(prompts, None, sizes)
-        context = torch.cat([context for context, _ in parts])
-        if not model.family.is_sdxl:
-            return Conditioning(context)
-        pooled = torch.cat([p for _, p in parts if p is not None])
-        if sizes is None:
-            side = model.family.default_size
-            sizes = [SizeConditioning((side, side))] * len(prompts)
-        return Conditioning(context, model.size_vector(pooled, sizes), pooled)
+        if self._texts is None:
+            return self.model.encode_prompts(prompts, self.method.prompt_embeddings(), sizes)
+        return self._texts.conditioning(prompts, sizes)
+
+    def _generation_conditioning(
+        self, prompts: list[str], embeddings: dict[str, Any], sizes: list[SizeConditioning] | None = None
+    ) -> Conditioning | None:
+        """Conditioning of prompts at a preview or validation, from the text outputs' cache when it can
+        serve them (None: encode them)."""
+        if self._texts is None or embeddings:
+            return None
+        return self._texts.conditioning(prompts, sizes)
+
+    # --- text caching -----------------------------------------------------------------------------
+    def _prompts_to_cache(self) -> list[str] | None:
+        """With `cache_text_outputs`: every prompt of the run (previews' included), checked quickly; else None."""
+        loop, data = self.loop, self.dataset.config
+        if not (loop.cache_text_outputs or loop.cache_text_outputs_to_disk):
+            return None
+        problem = text_caching_problem(self.method.trains_text_encoders, data.shuffle_tags, data.tag_dropout)
+        if problem:
+            raise ConfigError(problem)
+        prompts = self.dataset.all_prompts()
+        if loop.preview_every:
+            prompts += [self.preview_prompt(), loop.preview_negative]
+        if len(prompts) > MAX_CACHED_PROMPTS:
+            raise ConfigError(
+                f"the run can draw {len(prompts):,} different prompts (captions x template lines), more than the "
+                f"{MAX_CACHED_PROMPTS:,} whose text outputs can be cached; use a template with fewer lines, or turn "
+                "cache_text_outputs off"
+            )
+        return prompts
+
+    def _text_encoders_away(self) -> contextlib.AbstractContextManager[None]:
+        """The text encoders off the GPU while training on their cached outputs (back on exit)."""
+        if self._texts is None or not self._texts.complete:
+            return contextlib.nullcontext()
+        return self.model.text_encoders_offloaded()
 
     def _validate(self, step: int, cache: LatentCache) -> None:
         """The held-out images' mean loss, each at a fixed noise and timestep (the same at every
@@ -387,7 +412,7 @@ class Trainer:
                 timesteps = torch.randint(0, model.schedule.num_steps, (1,), generator=generator).to(model.device)
                 x_t = model.schedule.add_noise(latents, noise, timesteps)
                 target = model.schedule.target(latents, noise, timesteps)
-                cond = model.encode_prompts([prompt], embeddings)
+                cond = self._generation_conditioning([prompt], embeddings) or model.encode_prompts([prompt], embeddings)
                 prediction = model.predict(x_t.to(model.dtype), timesteps, cond)
                 losses.append(torch.nn.functional.mse_loss(prediction.float(), target.float()).item())
         value = sum(losses) / len(losses)
@@ -540,7 +565,9 @@ class Trainer:
             sampler=self.loop.preview_sampler,
         )
         with torch.no_grad(), self._autocast(), self.method.apply_for_generation(self.model) as embeddings:
-            image = generate(self.model, settings, embeddings)
+            side = SizeConditioning((size, size))
+            cond = self._generation_conditioning([settings.prompt, settings.negative_prompt], embeddings, [side, side])
+            image = generate(self.model, settings, embeddings, cond=cond)
         path = self.folder.preview(step)
         text = (
             f"{settings.prompt}\nNegative prompt: {settings.negative_prompt}\nSteps: {settings.steps}, "
@@ -575,3 +602,18 @@ class Trainer:
                 message=message,
             )
         )
+
+
+def text_caching_problem(trains_text_encoders: bool, shuffle_tags: bool, tag_dropout: float) -> str | None:
+    """Why a run with these settings cannot cache its text encoders' outputs, or None."""
+    if trains_text_encoders:
+        return (
+            "cache_text_outputs needs frozen text encoders, and these settings train them (text-encoder LoRA, "
+            "a pivotal token or an embedding); turn one or the other off"
+        )
+    if shuffle_tags or tag_dropout > 0:
+        return (
+            "cache_text_outputs needs fixed prompts, and tag shuffle or tag dropout makes new ones every step; "
+            "turn those off, or cache_text_outputs off"
+        )
+    return None

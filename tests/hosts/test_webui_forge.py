@@ -107,3 +107,37 @@ def test_the_embedding_is_listed_by_forges_http_api_without_a_refresh(forge, sta
 
     assert job.state == "finished", job.error
     assert "zqx" in client.get("/sdapi/v1/embeddings").json()["loaded"]
+
+
+def test_with_cached_text_outputs_forge_unloads_the_text_encoders_for_the_steps(
+    forge, standalone, red_ball, monkeypatch
+) -> None:
+    engine = forge.load(standalone["sd1"])
+    memory = forge.module("backend.memory_management")
+    objects = engine.forge_objects_original
+    memory.load_models_gpu([objects.unet, objects.clip.patcher])  # a generation: sampling, then decoding
+    memory.load_models_gpu([objects.vae.patcher])
+    before = [loaded.model for loaded in memory.current_loaded_models]
+    memory.load_calls.clear()
+    held: list[list] = []  # what Forge held at each load call
+    load = memory.load_models_gpu
+    monkeypatch.setattr(
+        memory,
+        "load_models_gpu",
+        lambda models: held.append([m.model for m in memory.current_loaded_models]) or load(models),
+    )
+    body = {
+        "method": {"name": "zqx", "rank": 4},
+        "data": {"path": str(red_ball), "size": 64, "template": "subject"},
+        "loop": {"steps": 3, "save_every": 0, "preview_every": 0, "cache_text_outputs": True},
+    }
+
+    job = finish(extension.service().start_training("lora", body))
+
+    assert job.state == "finished", job.error
+    calls = memory.load_calls
+    first = calls.index([objects.unet])  # the first step: only the UNet is asked for
+    assert sum(call == [objects.unet] for call in calls) >= 3
+    assert not any(objects.clip.patcher in call for call in calls[first:-1])  # until the job loads it again
+    assert objects.clip.patcher not in held[first]  # unloaded, not just not asked for
+    assert [loaded.model for loaded in memory.current_loaded_models] == before

@@ -76,3 +76,18 @@ def test_interrupt_from_the_webui_leaves_the_model_as_it_was(kind, arch, request
     assert job.state == "interrupted", job.error
     assert Path(job.result["result"]).is_file()
     assert webui.snapshot() == before
+
+
+@pytest.mark.parametrize(("kind", "arch"), [("a1111", "sd1"), ("a1111", "sdxl"), ("forge", "sdxl")])
+def test_cached_text_outputs_leave_the_webui_model_as_it_was(kind, arch, request, standalone, red_ball) -> None:
+    webui = request.getfixturevalue(kind)
+    webui.load(standalone[arch])
+    before = webui.snapshot()
+    body = _body(red_ball, steps=3)
+    body["method"]["train_text_encoder"] = False
+    body["loop"]["cache_text_outputs"] = True
+
+    job = finish(extension.service().start_training("lora", body))
+
+    assert job.state == "finished", job.error
+    assert webui.snapshot() == before

@@ -1,0 +1,232 @@
+"""Text-encoder outputs cached before training (cache_text_outputs): every prompt of the run encoded once up
+front, the encoders away from the GPU while training, the same result as encoding prompt by prompt, and
+the outputs kept on disk for the next run when asked."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from lora_support import FAST, data, make_red_balls, small_lora
+from torch import nn
+
+from lib_training.dataset import DatasetConfig, TrainingDataset
+from lib_training.errors import ConfigError
+from lib_training.formats.tensor_files import open_tensors
+from lib_training.methods import spec_for
+from lib_training.model.placement import moved_to
+from lib_training.options import SettingsError
+from lib_training.training.request import parse_request
+from lib_training.training.run import train
+from lib_training.training.text_cache import TextOutputCache, encoders_fingerprint
+
+CACHED = dataclasses.replace(FAST, steps=4, cache_text_outputs=True)
+
+
+@pytest.fixture(scope="module")
+def red_ball(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_red_balls(tmp_path_factory.mktemp("red-ball"))
+
+
+@pytest.fixture
+def encoder_calls(tiny_sdxl, monkeypatch) -> list[bool]:
+    """One entry per text-encoder call on tiny_sdxl: whether the encoders were offloaded at the time."""
+    calls: list[bool] = []
+    away = [False]
+    for encoder in tiny_sdxl.text_encoders:
+        original = encoder.encode_embeddings
+
+        def counting(embeds, ids, original=original):
+            calls.append(away[0])
+            return original(embeds, ids)
+
+        monkeypatch.setattr(encoder, "encode_embeddings", counting)
+    offload = tiny_sdxl.text_encoders_offloaded
+
+    @contextlib.contextmanager
+    def recorded():
+        with offload():
+            away[0] = True
+            try:
+                yield
+            finally:
+                away[0] = False
+
+    monkeypatch.setattr(tiny_sdxl, "text_encoders_offloaded", recorded)
+    return calls
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    with open_tensors(a) as first, open_tensors(b) as second:
+        keys = first.keys()
+        return keys == second.keys() and all(torch.equal(first.get(key), second.get(key)) for key in keys)
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+
+def test_cached_text_outputs_train_the_same_lora_as_encoding_on_the_way(tiny_sdxl, red_ball, tmp_path) -> None:
+    lazily = dataclasses.replace(CACHED, cache_text_outputs=False)
+    lazily = train(tiny_sdxl, small_lora(), data(red_ball), lazily, tmp_path / "a")
+    up_front = train(tiny_sdxl, small_lora(), data(red_ball), CACHED, tmp_path / "b")
+    assert _same_tensors(lazily.result, up_front.result)
+
+
+def test_no_text_encoder_runs_while_training_on_cached_outputs(tiny_sdxl, red_ball, tmp_path, encoder_calls) -> None:
+    """Previews and the validation loss are conditioned from the cache too."""
+    loop = dataclasses.replace(
+        CACHED, preview_every=2, preview_steps=2, preview_prompt="zqx", preview_negative="blurry"
+    )
+    train(tiny_sdxl, small_lora(), data(red_ball, validation_images=1), loop, tmp_path)
+    assert encoder_calls and not any(encoder_calls)  # every call came before the encoders went away
+    prompts = 2 + 1 + 2 + 1  # two training captions, the held-out one, the preview's two, the empty padding
+    assert len(encoder_calls) == prompts * len(tiny_sdxl.text_encoders)
+
+
+def test_the_text_encoders_are_offloaded_for_the_steps_and_back_afterwards(
+    tiny_sdxl, red_ball, tmp_path, monkeypatch
+) -> None:
+    seen = []
+    original = tiny_sdxl.text_encoders_offloaded
+
+    @contextlib.contextmanager
+    def recorded():
+        seen.append("away")
+        with original():
+            yield
+        seen.append("back")
+
+    monkeypatch.setattr(tiny_sdxl, "text_encoders_offloaded", recorded)
+    train(tiny_sdxl, small_lora(), data(red_ball), CACHED, tmp_path / "cached")
+    assert seen == ["away", "back"]
+    lazily = dataclasses.replace(CACHED, cache_text_outputs=False)
+    train(tiny_sdxl, small_lora(), data(red_ball), lazily, tmp_path / "b")
+    assert seen == ["away", "back"]  # not without the option
+
+
+def test_outputs_on_disk_serve_the_next_run_without_encoding(tiny_sdxl, red_ball, tmp_path, encoder_calls) -> None:
+    loop = dataclasses.replace(CACHED, cache_text_outputs_to_disk=True)
+    first = train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path / "a", cache_dir=tmp_path / "cache")
+    encoded = len(encoder_calls)
+    second = train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path / "b", cache_dir=tmp_path / "cache")
+    assert encoded > 0 and len(encoder_calls) == encoded
+    assert [p.name for p in (tmp_path / "cache").glob("text-*.safetensors")] != []
+    assert _same_tensors(first.result, second.result)
+
+
+def test_a_damaged_cache_file_is_encoded_again(tiny_sdxl, red_ball, tmp_path, encoder_calls) -> None:
+    loop = dataclasses.replace(CACHED, cache_text_outputs_to_disk=True, steps=1)
+    train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path / "a", cache_dir=tmp_path / "cache")
+    (file,) = (tmp_path / "cache").glob("text-*.safetensors")
+    file.write_bytes(b"not a safetensors file")
+    encoded = len(encoder_calls)
+    train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path / "b", cache_dir=tmp_path / "cache")
+    assert len(encoder_calls) == 2 * encoded
+    assert TextOutputCache(tiny_sdxl, tmp_path / "cache")._read_disk(["zqx, red ball, blue background"])
+
+
+def test_other_clip_skip_is_another_cache(tiny_sd1) -> None:
+    encoder = tiny_sd1.text_encoders[0]
+    before = encoders_fingerprint(tiny_sd1)
+    encoder.clip_skip = 2
+    try:
+        assert encoders_fingerprint(tiny_sd1) != before
+    finally:
+        encoder.clip_skip = 1
+    assert encoders_fingerprint(tiny_sd1) == before
+
+
+# --- what the cache computes -------------------------------------------------------------------------------------
+
+
+def test_prompts_of_different_lengths_are_padded_as_encoding_them_together(tiny_sdxl) -> None:
+    prompts = ["a red ball", ", ".join(f"tag{i}" for i in range(60))]  # one chunk, and several
+    cache = TextOutputCache(tiny_sdxl)
+    cache.fill(prompts)
+    cached = cache.conditioning(prompts)
+    with torch.no_grad():
+        together = tiny_sdxl.encode_prompts(prompts)
+    assert cached.context.shape == together.context.shape and cached.context.shape[1] > 77
+    assert torch.allclose(cached.context, together.context, atol=1e-5)
+    assert torch.allclose(cached.y, together.y, atol=1e-5)
+
+
+def test_a_filled_cache_refuses_prompts_it_was_not_given(tiny_sd1) -> None:
+    cache = TextOutputCache(tiny_sd1)
+    cache.fill(["a red ball"])
+    with pytest.raises(RuntimeError, match="not among the prompts cached"):
+        cache.conditioning(["a blue ball"])
+
+
+def test_every_prompt_a_run_can_draw_is_listed(red_ball, tmp_path) -> None:
+    template = tmp_path / "two-lines.txt"
+    template.write_text("a photo of [name], [filewords]\n[filewords] by [name]\n")
+    config = DatasetConfig(path=str(red_ball), size=64, template=str(template), caption_dropout=0.5)
+    dataset = TrainingDataset(config, "zqx")
+    prompts = dataset.all_prompts()
+    assert len(prompts) == 3 * 2 + 2  # three captions and the dropped caption, on two lines
+    assert "a photo of zqx" in prompts and "zqx, red ball, green background by zqx" in prompts
+
+
+# --- what is refused, before any work --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "data_settings", "message"),
+    [
+        ({"train_text_encoder": True}, {}, "frozen text encoders"),
+        ({"pivotal_token": "zqx"}, {}, "frozen text encoders"),
+        ({}, {"shuffle_tags": True}, "fixed prompts"),
+        ({}, {"tag_dropout": 0.1}, "fixed prompts"),
+    ],
+)
+def test_requests_that_cannot_cache_text_outputs_are_refused(red_ball, method, data_settings, message) -> None:
+    body = {
+        "method": {"name": "zqx", **method},
+        "data": {"path": str(red_ball), "size": 64, **data_settings},
+        "loop": {"steps": 10, "cache_text_outputs": True},
+    }
+    with pytest.raises(SettingsError) as caught:
+        parse_request(spec_for("lora"), body)
+    assert message in caught.value.errors["loop.cache_text_outputs"]
+
+
+def test_textual_inversion_cannot_cache_its_text_outputs(red_ball) -> None:
+    body = {
+        "method": {"name": "zqx"},
+        "data": {"path": str(red_ball), "size": 64},
+        "loop": {"cache_text_outputs": True},
+    }
+    with pytest.raises(SettingsError, match="frozen text encoders"):
+        parse_request(spec_for("embedding"), body)
+
+
+def test_the_trainer_refuses_changing_prompts_before_encoding_any_image(
+    tiny_sd1, red_ball, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(tiny_sd1, "encode_images", lambda *a, **k: pytest.fail("the VAE ran"))
+    with pytest.raises(ConfigError, match="fixed prompts"):
+        train(tiny_sd1, small_lora(), data(red_ball, shuffle_tags=True), CACHED, tmp_path)
+
+
+# --- moving modules ---------------------------------------------------------------------------------------------
+
+
+def test_moved_to_moves_each_module_and_returns_it_where_it_was() -> None:
+    calls: list[tuple[str, torch.device]] = []
+    modules = {"a": nn.Linear(2, 2), "b": nn.Linear(2, 2), "none": nn.ReLU()}
+    for name, module in modules.items():
+        module.to = lambda device, name=name: calls.append((name, device))  # records instead of moving
+    with moved_to(modules.values(), torch.device("meta")):
+        assert calls == [("a", torch.device("meta")), ("b", torch.device("meta"))]
+    assert calls[2:] == [("a", torch.device("cpu")), ("b", torch.device("cpu"))]
+
+
+def test_moved_to_leaves_modules_already_there_alone() -> None:
+    module = nn.Linear(2, 2)
+    module.to = lambda device: pytest.fail("moved")
+    with moved_to([module], torch.device("cpu")):
+        pass
