@@ -31,32 +31,47 @@ def red_ball(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_red_balls(tmp_path_factory.mktemp("red-ball"))
 
 
+class Placement:
+    """What happened on tiny_sdxl during a run: offloads and returns by part, and for every text-encoder
+    and VAE call whether that part was offloaded at the time."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []  # "text away", "vae back", ...
+        self.away = {"text": False, "vae": False}
+        self.text_calls: list[bool] = []
+        self.vae_calls: list[bool] = []
+
+
 @pytest.fixture
-def encoder_calls(tiny_sdxl, monkeypatch) -> list[bool]:
-    """One entry per text-encoder call on tiny_sdxl: whether the encoders were offloaded at the time."""
-    calls: list[bool] = []
-    away = [False]
+def placement(tiny_sdxl, monkeypatch) -> Placement:
+    seen = Placement()
+
+    def counted(calls: list[bool], part: str, original):
+        def call(*args, **kwargs):
+            calls.append(seen.away[part])
+            return original(*args, **kwargs)
+
+        return call
+
     for encoder in tiny_sdxl.text_encoders:
-        original = encoder.encode_embeddings
-
-        def counting(embeds, ids, original=original):
-            calls.append(away[0])
-            return original(embeds, ids)
-
-        monkeypatch.setattr(encoder, "encode_embeddings", counting)
-    offload = tiny_sdxl.text_encoders_offloaded
+        monkeypatch.setattr(encoder, "encode_embeddings", counted(seen.text_calls, "text", encoder.encode_embeddings))
+    for name in ("encode", "decode"):
+        monkeypatch.setattr(tiny_sdxl.vae, name, counted(seen.vae_calls, "vae", getattr(tiny_sdxl.vae, name)))
+    offloaded = tiny_sdxl.offloaded
 
     @contextlib.contextmanager
-    def recorded():
-        with offload():
-            away[0] = True
+    def recorded(part):
+        with offloaded(part):
+            seen.events.append(f"{part} away")
+            seen.away[part] = True
             try:
                 yield
             finally:
-                away[0] = False
+                seen.away[part] = False
+                seen.events.append(f"{part} back")
 
-    monkeypatch.setattr(tiny_sdxl, "text_encoders_offloaded", recorded)
-    return calls
+    monkeypatch.setattr(tiny_sdxl, "offloaded", recorded)
+    return seen
 
 
 def _same_tensors(a: Path, b: Path) -> bool:
@@ -75,56 +90,52 @@ def test_cached_text_outputs_train_the_same_lora_as_encoding_on_the_way(tiny_sdx
     assert _same_tensors(lazily.result, up_front.result)
 
 
-def test_no_text_encoder_runs_while_training_on_cached_outputs(tiny_sdxl, red_ball, tmp_path, encoder_calls) -> None:
+def test_no_text_encoder_runs_while_training_on_cached_outputs(tiny_sdxl, red_ball, tmp_path, placement) -> None:
     """Previews and the validation loss are conditioned from the cache too."""
     loop = dataclasses.replace(
         CACHED, preview_every=2, preview_steps=2, preview_prompt="zqx", preview_negative="blurry"
     )
     train(tiny_sdxl, small_lora(), data(red_ball, validation_images=1), loop, tmp_path)
-    assert encoder_calls and not any(encoder_calls)  # every call came before the encoders went away
+    assert placement.text_calls and not any(placement.text_calls)  # all came before the encoders went away
     prompts = 2 + 1 + 2 + 1  # two training captions, the held-out one, the preview's two, the empty padding
-    assert len(encoder_calls) == prompts * len(tiny_sdxl.text_encoders)
+    assert len(placement.text_calls) == prompts * len(tiny_sdxl.text_encoders)
 
 
-def test_the_text_encoders_are_offloaded_for_the_steps_and_back_afterwards(
-    tiny_sdxl, red_ball, tmp_path, monkeypatch
+def test_the_text_encoders_are_offloaded_for_the_steps_only_with_the_option(
+    tiny_sdxl, red_ball, tmp_path, placement
 ) -> None:
-    seen = []
-    original = tiny_sdxl.text_encoders_offloaded
-
-    @contextlib.contextmanager
-    def recorded():
-        seen.append("away")
-        with original():
-            yield
-        seen.append("back")
-
-    monkeypatch.setattr(tiny_sdxl, "text_encoders_offloaded", recorded)
     train(tiny_sdxl, small_lora(), data(red_ball), CACHED, tmp_path / "cached")
-    assert seen == ["away", "back"]
+    assert placement.events.count("text away") == placement.events.count("text back") == 1
     lazily = dataclasses.replace(CACHED, cache_text_outputs=False)
     train(tiny_sdxl, small_lora(), data(red_ball), lazily, tmp_path / "b")
-    assert seen == ["away", "back"]  # not without the option
+    assert placement.events.count("text away") == 1
 
 
-def test_outputs_on_disk_serve_the_next_run_without_encoding(tiny_sdxl, red_ball, tmp_path, encoder_calls) -> None:
+def test_the_vae_is_away_for_the_steps_and_back_for_each_preview(tiny_sdxl, red_ball, tmp_path, placement) -> None:
+    loop = dataclasses.replace(FAST, steps=4, preview_every=2, preview_steps=2)
+    train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path)
+    assert placement.events == ["vae away", "vae back"] * 3  # steps 1-2, preview, steps 3-4, preview, the end
+    assert placement.vae_calls and not any(placement.vae_calls)  # caching latents and decoding previews
+
+
+def test_outputs_on_disk_serve_the_next_run_without_encoding(tiny_sdxl, red_ball, tmp_path, placement) -> None:
     loop = dataclasses.replace(CACHED, cache_text_outputs_to_disk=True)
     first = train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path / "a", cache_dir=tmp_path / "cache")
-    encoded = len(encoder_calls)
+    encoded = len(placement.text_calls)
     second = train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path / "b", cache_dir=tmp_path / "cache")
-    assert encoded > 0 and len(encoder_calls) == encoded
+    assert encoded > 0 and len(placement.text_calls) == encoded
     assert [p.name for p in (tmp_path / "cache").glob("text-*.safetensors")] != []
     assert _same_tensors(first.result, second.result)
 
 
-def test_a_damaged_cache_file_is_encoded_again(tiny_sdxl, red_ball, tmp_path, encoder_calls) -> None:
+def test_a_damaged_cache_file_is_encoded_again(tiny_sdxl, red_ball, tmp_path, placement) -> None:
     loop = dataclasses.replace(CACHED, cache_text_outputs_to_disk=True, steps=1)
     train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path / "a", cache_dir=tmp_path / "cache")
     (file,) = (tmp_path / "cache").glob("text-*.safetensors")
     file.write_bytes(b"not a safetensors file")
-    encoded = len(encoder_calls)
+    encoded = len(placement.text_calls)
     train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path / "b", cache_dir=tmp_path / "cache")
-    assert len(encoder_calls) == 2 * encoded
+    assert len(placement.text_calls) == 2 * encoded
     assert TextOutputCache(tiny_sdxl, tmp_path / "cache")._read_disk(["zqx, red ball, blue background"])
 
 

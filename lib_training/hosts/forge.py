@@ -130,7 +130,7 @@ def build_model(sd_model: Any, blocks: ForgeBlocks | None = None) -> HostDiffusi
             f"{family.name}; it cannot be trained here"
         )
 
-    loading = ForgeLoading(unet, clip)
+    loading = ForgeLoading(unet, clip, vae)
 
     def load_vae() -> None:
         memory_management.load_models_gpu([vae.patcher])
@@ -170,18 +170,18 @@ def build_model(sd_model: Any, blocks: ForgeBlocks | None = None) -> HostDiffusi
         modules={"unet": dm, "vae": fsm, **{key: getattr(clip.cond_stage_model, key) for _, key in _ENGINES[arch]}},
         module_roots=module_roots(sd_model),
         checkpointing=None if blocks is None else blocks.set_checkpointing,
-        text_offload=loading.text_offloaded,
+        offloading=loading.offloaded,
     )
 
 
 class ForgeLoading:
     """What the training's calls ask Forge's memory manager to have on the GPU: the UNet and the text
     encoders, or only the UNet while the text encoders are offloaded (their outputs cached). Offloading
-    unloads them as Forge itself does to free memory (to its offload device); Forge loads them again
-    when it next needs them."""
+    a part unloads it as Forge itself does to free memory (to its offload device); Forge loads it again
+    when it is next called (the VAE for a preview)."""
 
-    def __init__(self, unet: Any, clip: Any) -> None:
-        self.unet, self.clip = unet, clip
+    def __init__(self, unet: Any, clip: Any, vae: Any) -> None:
+        self.unet, self.clip, self.vae = unet, clip, vae
         self.with_text = True
 
     def load_unet_and_text(self) -> None:
@@ -195,19 +195,21 @@ class ForgeLoading:
         memory_management.load_models_gpu([self.unet, self.clip.patcher] if self.with_text else [self.unet])
 
     @contextlib.contextmanager
-    def text_offloaded(self) -> Iterator[None]:
+    def offloaded(self, part: str) -> Iterator[None]:
         from backend import memory_management
 
+        patcher = self.clip.patcher if part == "text" else self.vae.patcher
         loaded = memory_management.current_loaded_models
-        self.with_text = False
+        with_text = self.with_text
+        self.with_text = with_text and part != "text"
         try:
             for index in reversed(range(len(loaded))):
-                if loaded[index].model is self.clip.patcher:
+                if loaded[index].model is patcher:
                     loaded.pop(index).model_unload()
             memory_management.soft_empty_cache()
             yield
         finally:
-            self.with_text = True
+            self.with_text = with_text
 
 
 class ForgeUNet:

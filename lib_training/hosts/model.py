@@ -6,16 +6,16 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lib_training.model.diffusion import DiffusionModel
+from lib_training.model.diffusion import DiffusionModel, OffloadPart
 
 
 @dataclass
 class HostDiffusionModel(DiffusionModel):
     """`set_gradient_checkpointing` goes to the session, which installs it on the host's blocks; a host
-    that places models itself (Forge) offloads the text encoders through `text_offload`."""
+    that places models itself (Forge) offloads parts through `offloading`."""
 
     checkpointing: Callable[[bool], None] | None = None
-    text_offload: Callable[[], contextlib.AbstractContextManager[None]] | None = None
+    offloading: Callable[[OffloadPart], contextlib.AbstractContextManager[None]] | None = None
 
     def set_gradient_checkpointing(self, enabled: bool, fraction: float = 1.0) -> None:
         if self.checkpointing is None:
@@ -23,7 +23,7 @@ class HostDiffusionModel(DiffusionModel):
         else:
             self.checkpointing(enabled)  # a host's blocks: all of them (a fraction applies to our UNet)
 
-    def text_encoders_offloaded(self) -> contextlib.AbstractContextManager[None]:
-        if self.text_offload is None:
-            return super().text_encoders_offloaded()
-        return self.text_offload()
+    def offloaded(self, part: OffloadPart) -> contextlib.AbstractContextManager[None]:
+        if self.offloading is None:
+            return super().offloaded(part)
+        return self.offloading(part)

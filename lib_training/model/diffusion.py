@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from lib_training.model.module_map import ModuleMap, ModuleRoot
 
 LatentSampling = Literal["mean", "random"]
+OffloadPart = Literal["text", "vae"]
 
 
 class Tokenizer(Protocol):
@@ -164,13 +165,15 @@ class DiffusionModel:
 
             raise ConfigError("gradient checkpointing is not available for this model")
 
-    def text_encoders_offloaded(self) -> contextlib.AbstractContextManager[None]:
-        """Inside: the text encoders are on the CPU, off the model's device, and must not be called
-        (training on cached text outputs, `lib_training.training.text_cache`); on exit each is back
-        where it was. Adapters of hosts that place models themselves override this."""
+    def offloaded(self, part: OffloadPart) -> contextlib.AbstractContextManager[None]:
+        """Inside: the text encoders ("text") or the VAE ("vae") are on the CPU, off the model's device,
+        and must not be called (training on cached text outputs and latents); on exit they are back
+        where they were. Adapters of hosts that place models themselves override this."""
         from lib_training.model.placement import moved_to
 
-        return moved_to(self.modules[e.key] for e in self.text_encoders if e.key in self.modules)
+        if part == "text":
+            return moved_to(self.modules[e.key] for e in self.text_encoders if e.key in self.modules)
+        return moved_to([self.modules["vae"]] if "vae" in self.modules else [])
 
     def module_map(self) -> ModuleMap:
         """Every hookable layer by kohya name, checkpoint key and kind (built on first call, then cached).

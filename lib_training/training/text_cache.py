@@ -3,7 +3,7 @@
 When a method does not train the text encoders, a prompt's conditioning never changes during a run,
 so each prompt is encoded once, alone, and its output reused. `fill` encodes every prompt a run can
 use before the first step; from then on the encoders are not needed at all, and the trainer moves
-them off the GPU (`DiffusionModel.text_encoders_offloaded`). Without `fill` prompts are encoded as
+them off the GPU (`DiffusionModel.offloaded`). Without `fill` prompts are encoded as
 they come (and kept, up to `limit` of them).
 
 Prompts of one batch that need different numbers of 75-token chunks are padded to the longest with
@@ -71,7 +71,7 @@ class TextOutputCache:
         wanted = list(dict.fromkeys(["", *prompts]))
         missing = [prompt for prompt in wanted if prompt not in self._entries]
         stored = self._read_disk(missing)
-        self._entries.update(stored)
+        self._entries.update({prompt: self._kept(*entry) for prompt, entry in stored.items()})
         missing = [prompt for prompt in missing if prompt not in stored]
         done = len(wanted) - len(missing)
         if progress is not None:
@@ -88,8 +88,18 @@ class TextOutputCache:
     def _encode(self, prompt: str) -> Entry:
         with torch.no_grad():
             encoded = self.model.encode_prompts([prompt])
-        pooled = None if encoded.pooled is None else encoded.pooled.cpu()
-        return encoded.context.cpu(), pooled
+        return self._kept(encoded.context, encoded.pooled)
+
+    def _kept(self, context: Tensor, pooled: Tensor | None) -> Entry:
+        """An entry as kept: in CPU memory (a long run's prompts would crowd the GPU), pinned for a GPU
+        model so that each batch's copy to the GPU runs without waiting."""
+        pin = self.model.device.type == "cuda"
+
+        def kept(tensor: Tensor) -> Tensor:
+            tensor = tensor.detach().cpu()
+            return tensor.pin_memory() if pin else tensor
+
+        return kept(context), None if pooled is None else kept(pooled)
 
     def _entry(self, prompt: str) -> Entry:
         found = self._entries.get(prompt)
@@ -108,22 +118,24 @@ class TextOutputCache:
         model = self.model
         entries = [self._entry(prompt) for prompt in prompts]
         chunks = max(context.shape[1] // CONTEXT_TOKENS for context, _ in entries)
-        contexts = [self._padded(context, chunks) for context, _ in entries]
-        context = torch.cat(contexts).to(model.device)  # [B, 77 * chunks, C]
+        context = torch.cat([self._padded(self._on_device(context), chunks) for context, _ in entries])
         if not model.family.is_sdxl:
-            return Conditioning(context)
-        pooled = torch.cat([p for _, p in entries if p is not None]).to(model.device)  # [B, P]
+            return Conditioning(context)  # [B, 77 * chunks, C]
+        pooled = torch.cat([self._on_device(p) for _, p in entries if p is not None])  # [B, P]
         if sizes is None:
             side = model.family.default_size
             sizes = [SizeConditioning((side, side))] * len(prompts)
         return Conditioning(context, model.size_vector(pooled, sizes), pooled)
+
+    def _on_device(self, tensor: Tensor) -> Tensor:
+        return tensor.to(self.model.device, non_blocking=True)
 
     def _padded(self, context: Tensor, chunks: int) -> Tensor:
         """context [1, 77 * n, C] followed by empty chunks up to [1, 77 * chunks, C]."""
         missing = chunks - context.shape[1] // CONTEXT_TOKENS
         if missing == 0:
             return context
-        empty, _ = self._entry("")  # [1, 77, C]
+        empty = self._on_device(self._entry("")[0])  # [1, 77, C]
         return torch.cat([context, repeat(empty, "1 t c -> 1 (n t) c", n=missing)], dim=1)
 
     # --- disk -------------------------------------------------------------------------------------

@@ -119,6 +119,7 @@ class Trainer:
         self.speed: dict[str, Any] = {}  # what the run used: channels_last, compile (see _fast_path)
         self._latest_preview: Path | None = None
         self._texts: TextOutputCache | None = None  # frozen text encoders' outputs (set up by the run)
+        self._vae_away: contextlib.ExitStack | None = None  # holds the VAE's offload during the steps
         self._class_sampler = None  # batches of the regularization images, if any
         self.validation: list[tuple[int, float]] = []  # (step, loss of the held-out images)
 
@@ -193,7 +194,7 @@ class Trainer:
         class_data = self.dataset.class_data
         self._class_sampler = class_data.sampler(self.loop.batch_size) if class_data is not None else None
 
-        with self.method.attached(self.model), self._gradient_checkpointing(), self._text_encoders_away():
+        with self.method.attached(self.model), self._gradient_checkpointing(), self._unused_parts_away():
             groups = self.method.param_groups()
             params = [p for group in groups for p in group.params]
             schedules = [self.lr_schedule if g.lr is None else self._lr_schedule(g.lr) for g in groups]
@@ -392,11 +393,37 @@ class Trainer:
             )
         return prompts
 
-    def _text_encoders_away(self) -> contextlib.AbstractContextManager[None]:
-        """The text encoders off the GPU while training on their cached outputs (back on exit)."""
-        if self._texts is None or not self._texts.complete:
-            return contextlib.nullcontext()
-        return self.model.text_encoders_offloaded()
+    # --- placement --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _unused_parts_away(self):
+        """For the steps, off the GPU: the text encoders when every prompt's output is cached, and the
+        VAE (latents are cached; it comes back for previews: `_vae_back`) unless an inpainting UNet's
+        neutral image conditioning needs it in every step. Back where they were on exit."""
+        with contextlib.ExitStack() as stack:
+            if self._texts is not None and self._texts.complete:
+                stack.enter_context(self.model.offloaded("text"))
+            if not self.model.family.is_inpainting:
+                vae_away = stack.enter_context(contextlib.ExitStack())
+                vae_away.enter_context(self.model.offloaded("vae"))
+                self._vae_away = vae_away
+            try:
+                yield
+            finally:
+                self._vae_away = None
+
+    @contextlib.contextmanager
+    def _vae_back(self):
+        """The VAE where it was while inside, if it is away for the steps (a preview decodes; an image
+        changed on disk during the run is encoded again)."""
+        away = self._vae_away
+        if away is None:
+            yield
+            return
+        away.close()
+        try:
+            yield
+        finally:
+            away.enter_context(self.model.offloaded("vae"))
 
     def _validate(self, step: int, cache: LatentCache) -> None:
         """The held-out images' mean loss, each at a fixed noise and timestep (the same at every
@@ -422,7 +449,7 @@ class Trainer:
         self._report("validating", step, loss=value, message=f"validation loss {value:.6g} at step {step}")
 
     def _encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.no_grad():
+        with torch.no_grad(), self._vae_back():
             dist = self.model.encode_latent_distribution(images)
         return dist.mean.cpu(), dist.logvar.cpu()
 
@@ -567,7 +594,8 @@ class Trainer:
         with torch.no_grad(), self._autocast(), self.method.apply_for_generation(self.model) as embeddings:
             side = SizeConditioning((size, size))
             cond = self._generation_conditioning([settings.prompt, settings.negative_prompt], embeddings, [side, side])
-            image = generate(self.model, settings, embeddings, cond=cond)
+            with self._vae_back():
+                image = generate(self.model, settings, embeddings, cond=cond)
         path = self.folder.preview(step)
         text = (
             f"{settings.prompt}\nNegative prompt: {settings.negative_prompt}\nSteps: {settings.steps}, "

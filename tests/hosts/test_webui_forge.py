@@ -70,14 +70,20 @@ def test_a_loaded_lora_is_unmerged_for_training_and_merged_again(forge, standalo
     assert any(loaded.model is with_lora for loaded in memory.current_loaded_models)
 
 
-def test_forges_memory_manager_has_the_loaded_models_in_their_order_of_before(forge, standalone, red_ball) -> None:
-    """Forge unloads from the back of `current_loaded_models` when it needs memory, so the order matters."""
+def _after_a_generation(forge, standalone):
+    """Forge with tiny SD1 loaded and used once (sampling, then decoding): its memory manager, the
+    engine's original objects and the models it holds, in order."""
     engine = forge.load(standalone["sd1"])
     memory = forge.module("backend.memory_management")
     objects = engine.forge_objects_original
-    memory.load_models_gpu([objects.unet, objects.clip.patcher])  # a generation: sampling, then decoding
+    memory.load_models_gpu([objects.unet, objects.clip.patcher])
     memory.load_models_gpu([objects.vae.patcher])
-    before = [loaded.model for loaded in memory.current_loaded_models]
+    return memory, objects, [loaded.model for loaded in memory.current_loaded_models]
+
+
+def test_forges_memory_manager_has_the_loaded_models_in_their_order_of_before(forge, standalone, red_ball) -> None:
+    """Forge unloads from the back of `current_loaded_models` when it needs memory, so the order matters."""
+    memory, _, before = _after_a_generation(forge, standalone)
 
     job = finish(extension.service().start_training("embedding", training_body(red_ball, steps=2)))
 
@@ -112,12 +118,7 @@ def test_the_embedding_is_listed_by_forges_http_api_without_a_refresh(forge, sta
 def test_with_cached_text_outputs_forge_unloads_the_text_encoders_for_the_steps(
     forge, standalone, red_ball, monkeypatch
 ) -> None:
-    engine = forge.load(standalone["sd1"])
-    memory = forge.module("backend.memory_management")
-    objects = engine.forge_objects_original
-    memory.load_models_gpu([objects.unet, objects.clip.patcher])  # a generation: sampling, then decoding
-    memory.load_models_gpu([objects.vae.patcher])
-    before = [loaded.model for loaded in memory.current_loaded_models]
+    memory, objects, before = _after_a_generation(forge, standalone)
     memory.load_calls.clear()
     held: list[list] = []  # what Forge held at each load call
     load = memory.load_models_gpu
@@ -140,4 +141,5 @@ def test_with_cached_text_outputs_forge_unloads_the_text_encoders_for_the_steps(
     assert sum(call == [objects.unet] for call in calls) >= 3
     assert not any(objects.clip.patcher in call for call in calls[first:-1])  # until the job loads it again
     assert objects.clip.patcher not in held[first]  # unloaded, not just not asked for
+    assert objects.vae.patcher not in held[first]  # latents are cached: the VAE is unloaded for the steps too
     assert [loaded.model for loaded in memory.current_loaded_models] == before
