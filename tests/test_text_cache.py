@@ -17,6 +17,7 @@ from lib_training.dataset import DatasetConfig, TrainingDataset
 from lib_training.errors import ConfigError
 from lib_training.formats.tensor_files import open_tensors
 from lib_training.methods import spec_for
+from lib_training.methods.lora import LoraMethod
 from lib_training.model.placement import moved_to
 from lib_training.options import SettingsError
 from lib_training.training.request import parse_request
@@ -116,6 +117,32 @@ def test_the_vae_is_away_for_the_steps_and_back_for_each_preview(tiny_sdxl, red_
     train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path)
     assert placement.events == ["vae away", "vae back"] * 3  # steps 1-2, preview, steps 3-4, preview, the end
     assert placement.vae_calls and not any(placement.vae_calls)  # caching latents and decoding previews
+
+
+def test_a_resumed_run_on_cached_outputs_ends_as_an_uninterrupted_one(tiny_sdxl, red_ball, tmp_path) -> None:
+    loop = dataclasses.replace(CACHED, steps=6, batch_size=2, cache_text_outputs_to_disk=True)
+    straight = train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path / "a")
+    calls = iter(range(100))
+    stop = lambda: next(calls) >= 3  # noqa: E731  (checked before each step: stops after 3)
+    first = train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path / "b", should_stop=stop)
+    resumed = train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path / "b", resume=True)
+    assert first.step == 3 and resumed.step == 6
+    assert _same_tensors(straight.result, resumed.result)
+
+
+def test_a_failing_run_brings_every_part_back(tiny_sdxl, red_ball, tmp_path, placement, monkeypatch) -> None:
+    steps = iter(range(100))
+
+    def failing(self, outputs):
+        if next(steps) == 2:
+            raise RuntimeError("a failure in the third step")
+        return outputs.loss
+
+    monkeypatch.setattr(LoraMethod, "objective", failing)
+    with pytest.raises(RuntimeError, match="third step"):
+        train(tiny_sdxl, small_lora(), data(red_ball), CACHED, tmp_path)
+    assert sorted(placement.events) == ["text away", "text back", "vae away", "vae back"]
+    assert placement.events[-2:] == ["vae back", "text back"]  # in the reverse order of going away
 
 
 def test_outputs_on_disk_serve_the_next_run_without_encoding(tiny_sdxl, red_ball, tmp_path, placement) -> None:
