@@ -245,9 +245,18 @@ def test_textual_inversion_cannot_cache_its_text_outputs(red_ball) -> None:
 def test_the_trainer_refuses_changing_prompts_before_encoding_any_image(
     tiny_sd1, red_ball, tmp_path, monkeypatch
 ) -> None:
-    monkeypatch.setattr(tiny_sd1, "encode_images", lambda *a, **k: pytest.fail("the VAE ran"))
+    monkeypatch.setattr(tiny_sd1, "encode_latent_distribution", lambda *a, **k: pytest.fail("the VAE ran"))
     with pytest.raises(ConfigError, match="fixed prompts"):
         train(tiny_sd1, small_lora(), data(red_ball, shuffle_tags=True), CACHED, tmp_path)
+
+
+def test_more_prompts_than_can_be_kept_are_refused_before_encoding_any_image(
+    tiny_sd1, red_ball, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr("lib_training.training.trainer.MAX_PROMPTS", 2)
+    monkeypatch.setattr(tiny_sd1, "encode_latent_distribution", lambda *a, **k: pytest.fail("the VAE ran"))
+    with pytest.raises(ConfigError, match="3 different prompts"):
+        train(tiny_sd1, small_lora(), data(red_ball), CACHED, tmp_path)
 
 
 # --- moving modules ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from lib_training.options import SettingsError, convert, describe, field_errors,
 from lib_training.training.config import LoopConfig
 from lib_training.training.lr_schedule import parse_schedule
 from lib_training.training.method import MethodSettings, MethodSpec, TrainingMethod
-from lib_training.training.trainer import text_caching_problem
+from lib_training.training.text_cache import text_caching_problem
 
 GROUPS = ("method", "data", "loop")
 

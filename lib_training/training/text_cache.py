@@ -37,6 +37,7 @@ from lib_training.model.prompt import CONTEXT_TOKENS
 
 FORMAT_VERSION = 1
 LAZY_LIMIT = 4096  # prompts kept when encoded as they come (a run that draws new prompts forever)
+MAX_PROMPTS = 20_000  # prompts `fill` may be given (kept in CPU memory: SD1 ~120 kB, SDXL ~320 kB each)
 
 Entry = tuple[Tensor, "Tensor | None"]  # context [1, 77 * chunks, C], pooled [1, P] or None; on the CPU
 Progress = Callable[[int, int], None]  # (prompts cached so far, prompts in total)
@@ -185,3 +186,18 @@ def encoders_fingerprint(model: DiffusionModel) -> str:
         parts.append({"type": type(encoder).__name__, "settings": settings, "weights": weights})
     text = json.dumps({"format": FORMAT_VERSION, "family": model.family.name, "encoders": parts}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def text_caching_problem(trains_text_encoders: bool, shuffle_tags: bool, tag_dropout: float) -> str | None:
+    """Why a run with these settings cannot cache its text encoders' outputs, or None."""
+    if trains_text_encoders:
+        return (
+            "cache_text_outputs needs frozen text encoders, and these settings train them (text-encoder LoRA, "
+            "a pivotal token or an embedding); turn one or the other off"
+        )
+    if shuffle_tags or tag_dropout > 0:
+        return (
+            "cache_text_outputs needs fixed prompts, and tag shuffle or tag dropout makes new ones every step; "
+            "turn those off, or cache_text_outputs off"
+        )
+    return None

@@ -42,10 +42,9 @@ from lib_training.training.optim import all_finite, build_optimizer, clip_gradie
 from lib_training.training.outputs import LossRecord, RunFolder
 from lib_training.training.peak_memory import peak_memory, reset_peak_memory
 from lib_training.training.progress import Progress, RateMeter
-from lib_training.training.text_cache import TextOutputCache
+from lib_training.training.text_cache import MAX_PROMPTS, TextOutputCache, text_caching_problem
 
 ProgressCallback = Callable[[Progress], None]
-MAX_CACHED_PROMPTS = 100_000  # prompts whose text outputs `cache_text_outputs` may keep (SD1: ~120 kB each)
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
 
@@ -385,10 +384,10 @@ class Trainer:
         prompts = self.dataset.all_prompts()
         if loop.preview_every:
             prompts += [self.preview_prompt(), loop.preview_negative]
-        if len(prompts) > MAX_CACHED_PROMPTS:
+        if len(prompts) > MAX_PROMPTS:
             raise ConfigError(
                 f"the run can draw {len(prompts):,} different prompts (captions x template lines), more than the "
-                f"{MAX_CACHED_PROMPTS:,} whose text outputs can be cached; use a template with fewer lines, or turn "
+                f"{MAX_PROMPTS:,} whose text outputs can be cached; use a template with fewer lines, or turn "
                 "cache_text_outputs off"
             )
         return prompts
@@ -630,18 +629,3 @@ class Trainer:
                 message=message,
             )
         )
-
-
-def text_caching_problem(trains_text_encoders: bool, shuffle_tags: bool, tag_dropout: float) -> str | None:
-    """Why a run with these settings cannot cache its text encoders' outputs, or None."""
-    if trains_text_encoders:
-        return (
-            "cache_text_outputs needs frozen text encoders, and these settings train them (text-encoder LoRA, "
-            "a pivotal token or an embedding); turn one or the other off"
-        )
-    if shuffle_tags or tag_dropout > 0:
-        return (
-            "cache_text_outputs needs fixed prompts, and tag shuffle or tag dropout makes new ones every step; "
-            "turn those off, or cache_text_outputs off"
-        )
-    return None
