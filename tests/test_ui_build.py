@@ -38,6 +38,7 @@ from lib_training.options import describe
 from lib_training.training.request import GROUPS, group_settings, parse_request
 
 EMBEDDING = registered()["embedding"]
+LORA = registered()["lora"]
 
 
 @pytest.fixture(scope="module")
@@ -426,6 +427,21 @@ def test_latent_caching_and_training_are_shown_as_phases_each_with_its_own_bar(s
     assert 'data-sdwt-phase="training"' in training and "width: 2.5%" in training
     assert 'data-sdwt-phase-status="done">✓ 1. Caching latents' in training
     assert 'data-sdwt-phase-status="now">2. Training' in training
+
+
+def test_text_caching_is_a_phase_of_its_own_when_the_run_asks_for_it(service) -> None:
+    from lib_training.app.jobs import Job
+    from lib_training.training.progress import Progress
+
+    view = RunView(service, LORA, "poll")
+    job = Job("j1", "train/lora", "LoRA: x", {"method": {"name": "x"}, "loop": {"cache_text_outputs": True}})
+    job.progress = Progress("caching text", 3, 4)
+    caching = view.progress_html(job, None, "running")
+    assert "Caching text · 3/4 prompts" in caching
+    assert 'data-sdwt-phase-status="done">✓ 1. Caching latents' in caching
+    assert 'data-sdwt-phase-status="now">2. Caching text' in caching
+    job.progress = Progress("training", 1, 40)
+    assert 'data-sdwt-phase-status="now">3. Training' in view.progress_html(job, None, "running")
 
 
 def test_interrupt_stops_the_running_job_which_keeps_its_result(service, demo) -> None:

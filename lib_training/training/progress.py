@@ -10,7 +10,7 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Progress:
-    phase: str  # "preparing", "caching latents", "training", "saving", "done"
+    phase: str  # "preparing", "caching latents", "caching text", "training", "previewing", "saving", "done"
     step: int
     total: int
     loss: float | None = None

@@ -29,8 +29,21 @@ from lib_training.training.progress import format_duration
 
 _STEP_IN_NAME = re.compile(r"-(\d+)\.png$")
 PHASES = ("caching latents", "training")  # a run's phases, as the progress bar lists them
-BEFORE_TRAINING = ("preparing", "caching latents")  # progress phases of the first one
+TEXT_CACHING_PHASES = ("caching latents", "caching text", "training")  # with cache_text_outputs
+BEFORE_TRAINING = ("preparing", "caching latents", "caching text")  # progress phases of the first one
+_COUNTED = {"caching latents": "images", "caching text": "prompts"}  # what a caching phase counts
 OUTPUTS_TTL = 10.0  # seconds between scans of the results folders while nothing changes
+
+
+def _phases(job: Job) -> tuple[str, ...]:
+    """The phases of this job's run: text caching is one when the request asks for it."""
+    loop = job.settings.get("loop", {}) if isinstance(job.settings, dict) else {}
+    cached = isinstance(loop, dict) and (loop.get("cache_text_outputs") or loop.get("cache_text_outputs_to_disk"))
+    return TEXT_CACHING_PHASES if cached else PHASES
+
+
+def _index(phases: tuple[str, ...], phase: str) -> int:
+    return phases.index(phase) if phase in phases else -1
 
 
 def _load_image(path: Path) -> Image.Image | None:
@@ -143,9 +156,11 @@ class RunView:
             if p is None:
                 parts = ["Starting…" if job.running else ENDED_LABELS.get(job.state, job.state)]
             elif job.running and p.phase in BEFORE_TRAINING:
-                counted = f"{p.step}/{p.total} images" if p.phase == "caching latents" and p.total else ""
+                unit = _COUNTED.get(p.phase)
+                counted = f"{p.step}/{p.total} {unit}" if unit and p.total else ""
                 parts = [p.phase.capitalize(), *([counted] if counted else []), *([p.message] if p.message else [])]
-                return progress_html(state, self.poll_id, p.fraction, parts, PHASES, 0)
+                phases = _phases(job)
+                return progress_html(state, self.poll_id, p.fraction, parts, phases, max(0, _index(phases, p.phase)))
             else:
                 fraction = 1.0 if job.state == "finished" else p.fraction
                 parts = [ENDED_LABELS.get(job.state, p.phase.capitalize()), f"step {p.step}/{p.total}"]
@@ -160,7 +175,8 @@ class RunView:
                     parts.append(f"took {format_duration(job.finished - job.started)}")
                 if p.message and job.running:
                     parts.append(p.message)
-                return progress_html(state, self.poll_id, fraction, parts, PHASES, 1)
+                phases = _phases(job)
+                return progress_html(state, self.poll_id, fraction, parts, phases, len(phases) - 1)
         return progress_html(state, self.poll_id, fraction, parts)
 
     def result_html(self, job: Job | None) -> str:
