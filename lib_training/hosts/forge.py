@@ -111,7 +111,6 @@ def module_roots(sd_model: Any) -> list[ModuleRoot]:
 def build_model(sd_model: Any, blocks: ForgeBlocks | None = None) -> HostDiffusionModel:
     """The interface over Forge's loaded engine (valid while the session that built it is open; a
     session checks the setup first, `check_supported`)."""
-    from backend import memory_management
     from modules import shared
 
     arch = model_arch(sd_model)
@@ -131,10 +130,6 @@ def build_model(sd_model: Any, blocks: ForgeBlocks | None = None) -> HostDiffusi
         )
 
     loading = ForgeLoading(unet, clip, vae)
-
-    def load_vae() -> None:
-        memory_management.load_models_gpu([vae.patcher])
-
     device = torch.device(unet.load_device)
     skip = int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1))
     encoders: list[TextEncoder] = []
@@ -162,7 +157,7 @@ def build_model(sd_model: Any, blocks: ForgeBlocks | None = None) -> HostDiffusi
         family=family,
         unet=ForgeUNet(dm, loading.load_for_unet),
         text_encoders=encoders,
-        vae=HostVAE(fsm, prepare=load_vae),
+        vae=HostVAE(fsm, prepare=loading.load_vae),
         schedule=NoiseSchedule(kmodel.predictor.alphas_cumprod.detach().float().cpu(), prediction),  # type: ignore[arg-type]
         device=device,
         dtype=kmodel.computation_dtype,
@@ -185,23 +180,23 @@ class ForgeLoading:
         self.with_text = True
 
     def load_unet_and_text(self) -> None:
-        from backend import memory_management
-
-        memory_management.load_models_gpu([self.unet, self.clip.patcher])
+        _load([self.unet, self.clip.patcher])
 
     def load_for_unet(self) -> None:
-        from backend import memory_management
+        _load([self.unet, self.clip.patcher] if self.with_text else [self.unet])
 
-        memory_management.load_models_gpu([self.unet, self.clip.patcher] if self.with_text else [self.unet])
+    def load_vae(self) -> None:
+        _load([self.vae.patcher])
 
     @contextlib.contextmanager
     def offloaded(self, part: str) -> Iterator[None]:
         from backend import memory_management
 
-        patcher = self.clip.patcher if part == "text" else self.vae.patcher
+        text = part == "text"
+        patcher = self.clip.patcher if text else self.vae.patcher
         loaded = memory_management.current_loaded_models
-        with_text = self.with_text
-        self.with_text = with_text and part != "text"
+        if text:
+            self.with_text = False
         try:
             for index in reversed(range(len(loaded))):
                 if loaded[index].model is patcher:
@@ -209,7 +204,14 @@ class ForgeLoading:
             memory_management.soft_empty_cache()
             yield
         finally:
-            self.with_text = with_text
+            if text:
+                self.with_text = True
+
+
+def _load(patchers: list[Any]) -> None:
+    from backend import memory_management
+
+    memory_management.load_models_gpu(patchers)
 
 
 class ForgeUNet:
