@@ -22,7 +22,7 @@ from lib_training.model.placement import moved_to
 from lib_training.options import SettingsError
 from lib_training.training.request import parse_request
 from lib_training.training.run import train
-from lib_training.training.text_cache import TextOutputCache, encoders_fingerprint
+from lib_training.training.text_cache import TextOutputCache, encoders_fingerprint, prompt_key
 
 CACHED = dataclasses.replace(FAST, steps=4, cache_text_outputs=True)
 
@@ -163,7 +163,8 @@ def test_a_damaged_cache_file_is_encoded_again(tiny_sdxl, red_ball, tmp_path, pl
     encoded = len(placement.text_calls)
     train(tiny_sdxl, small_lora(), data(red_ball), loop, tmp_path / "b", cache_dir=tmp_path / "cache")
     assert len(placement.text_calls) == 2 * encoded
-    assert TextOutputCache(tiny_sdxl, tmp_path / "cache")._read_disk(["zqx, red ball, blue background"])
+    rewritten = TextOutputCache(tiny_sdxl, tmp_path / "cache")._load_disk()
+    assert f"{prompt_key('zqx, red ball, blue background')}.context" in rewritten
 
 
 def test_other_clip_skip_is_another_cache(tiny_sd1) -> None:

@@ -173,7 +173,8 @@ def _check_text_caching(spec: MethodSpec, values: dict[str, dict[str, Any]], err
     ):
         return
     method = spec.build(spec.settings(**values["method"]))
-    problem = text_caching_problem(method.trains_text_encoders, data["shuffle_tags"], data["tag_dropout"])
+    prompts_vary = DatasetConfig(**{**data, "path": data.get("path") or ""}).prompts_vary
+    problem = text_caching_problem(method.trains_text_encoders, prompts_vary)
     if problem:
         field = "loop.cache_text_outputs" if loop["cache_text_outputs"] else "loop.cache_text_outputs_to_disk"
         errors.setdefault(field, problem)

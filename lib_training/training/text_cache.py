@@ -59,21 +59,18 @@ class TextOutputCache:
         self.complete = False  # filled: every prompt of the run is here, and only these may be asked for
         self._entries: dict[str, Entry] = {}
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, prompt: str) -> bool:
-        return prompt in self._entries
-
     # --- filling ----------------------------------------------------------------------------------
     def fill(self, prompts: Iterable[str], progress: Progress | None = None) -> None:
         """Encode every prompt not cached yet (from disk where it is there), and the empty prompt that
         pads; afterwards only these prompts may be asked for. Call under the run's autocast."""
         wanted = list(dict.fromkeys(["", *prompts]))
         missing = [prompt for prompt in wanted if prompt not in self._entries]
-        stored = self._read_disk(missing)
-        self._entries.update({prompt: self._kept(*entry) for prompt, entry in stored.items()})
-        missing = [prompt for prompt in missing if prompt not in stored]
+        on_disk = self._load_disk() if missing else {}
+        for prompt in missing:
+            key = prompt_key(prompt)
+            if f"{key}.context" in on_disk:
+                self._entries[prompt] = self._kept(on_disk[f"{key}.context"], on_disk.get(f"{key}.pooled"))
+        missing = [prompt for prompt in missing if prompt not in self._entries]
         done = len(wanted) - len(missing)
         if progress is not None:
             progress(done, len(wanted))
@@ -83,7 +80,7 @@ class TextOutputCache:
             if progress is not None and (done % 16 == 0 or done == len(wanted)):
                 progress(done, len(wanted))
         if missing:
-            self._write_disk()
+            self._write_disk(on_disk)
         self.complete = True
 
     def _encode(self, prompt: str) -> Entry:
@@ -140,29 +137,21 @@ class TextOutputCache:
         return torch.cat([context, repeat(empty, "1 t c -> 1 (n t) c", n=missing)], dim=1)
 
     # --- disk -------------------------------------------------------------------------------------
-    def _read_disk(self, prompts: Sequence[str]) -> dict[str, Entry]:
-        if self.disk_path is None or not prompts or not self.disk_path.is_file():
+    def _load_disk(self) -> dict[str, Tensor]:
+        """Every tensor of the disk file; none without one (a damaged file is as good as none: its
+        prompts are encoded again and the file rewritten)."""
+        if self.disk_path is None or not self.disk_path.is_file():
             return {}
         try:
-            tensors = load_file(str(self.disk_path))
-        except Exception:  # a damaged file is as good as none: encode again and overwrite
+            return load_file(str(self.disk_path))
+        except Exception:
             return {}
-        found: dict[str, Entry] = {}
-        for prompt in prompts:
-            key = prompt_key(prompt)
-            if f"{key}.context" in tensors:
-                found[prompt] = (tensors[f"{key}.context"], tensors.get(f"{key}.pooled"))
-        return found
 
-    def _write_disk(self) -> None:
+    def _write_disk(self, on_disk: dict[str, Tensor]) -> None:
+        """The file again: what it held (other runs' prompts stay) and every entry kept here."""
         if self.disk_path is None:
             return
-        tensors: dict[str, Tensor] = {}
-        if self.disk_path.is_file():
-            try:
-                tensors = load_file(str(self.disk_path))  # other runs' prompts stay
-            except Exception:
-                tensors = {}
+        tensors = dict(on_disk)
         for prompt, (context, pooled) in self._entries.items():
             key = prompt_key(prompt)
             tensors[f"{key}.context"] = context.contiguous()
@@ -188,14 +177,15 @@ def encoders_fingerprint(model: DiffusionModel) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def text_caching_problem(trains_text_encoders: bool, shuffle_tags: bool, tag_dropout: float) -> str | None:
-    """Why a run with these settings cannot cache its text encoders' outputs, or None."""
+def text_caching_problem(trains_text_encoders: bool, prompts_vary: bool) -> str | None:
+    """Why a run with these settings cannot cache its text encoders' outputs, or None
+    (`prompts_vary`: `DatasetConfig.prompts_vary`)."""
     if trains_text_encoders:
         return (
             "cache_text_outputs needs frozen text encoders, and these settings train them (text-encoder LoRA, "
             "a pivotal token or an embedding); turn one or the other off"
         )
-    if shuffle_tags or tag_dropout > 0:
+    if prompts_vary:
         return (
             "cache_text_outputs needs fixed prompts, and tag shuffle or tag dropout makes new ones every step; "
             "turn those off, or cache_text_outputs off"

@@ -378,7 +378,7 @@ class Trainer:
         loop, data = self.loop, self.dataset.config
         if not (loop.cache_text_outputs or loop.cache_text_outputs_to_disk):
             return None
-        problem = text_caching_problem(self.method.trains_text_encoders, data.shuffle_tags, data.tag_dropout)
+        problem = text_caching_problem(self.method.trains_text_encoders, data.prompts_vary)
         if problem:
             raise ConfigError(problem)
         prompts = self.dataset.all_prompts()

@@ -42,10 +42,6 @@ def _phases(job: Job) -> tuple[str, ...]:
     return TEXT_CACHING_PHASES if cached else PHASES
 
 
-def _index(phases: tuple[str, ...], phase: str) -> int:
-    return phases.index(phase) if phase in phases else -1
-
-
 def _load_image(path: Path) -> Image.Image | None:
     try:
         with Image.open(path) as image:
@@ -160,7 +156,8 @@ class RunView:
                 counted = f"{p.step}/{p.total} {unit}" if unit and p.total else ""
                 parts = [p.phase.capitalize(), *([counted] if counted else []), *([p.message] if p.message else [])]
                 phases = _phases(job)
-                return progress_html(state, self.poll_id, p.fraction, parts, phases, max(0, _index(phases, p.phase)))
+                now = phases.index(p.phase) if p.phase in phases else 0  # "preparing": the first phase's
+                return progress_html(state, self.poll_id, p.fraction, parts, phases, now)
             else:
                 fraction = 1.0 if job.state == "finished" else p.fraction
                 parts = [ENDED_LABELS.get(job.state, p.phase.capitalize()), f"step {p.step}/{p.total}"]
